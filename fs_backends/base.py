@@ -1,0 +1,265 @@
+"""The Backend protocol and its plain data types.
+
+A Backend serves one file tree. Frontends (the 9P session, the FUSE mount) hold opaque `Node`
+handles (one per 9P fid) and `OpenFile` handles (one per opened fid) and call the async methods
+below. Errors are `FsError` (an `OSError` carrying an errno); any `OSError` a backend lets escape is
+answered with its errno, anything else is a bug and answered EIO.
+
+Contract every backend keeps:
+- Names given to it are single path components, already checked by the frontend to be non-empty,
+  free of '/' and NUL, and not '.' (`..` is passed through from walk and must never climb above
+  the export root).
+- A Node stays valid while the file exists anywhere (rename does not invalidate it) and, for an
+  opened file, after it is unlinked.
+- `release`/`close` are called exactly once per Node/OpenFile handed out and must not raise.
+- No method may block the trio event loop: blocking syscalls run in worker threads.
+
+This module must never import frontend code (session, fuse, transports).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class FsError(OSError):
+    """A filesystem error with an errno, answered to the client as Rlerror/Rerror."""
+
+    def __init__(self, err: int, message: str | None = None) -> None:
+        super().__init__(err, message or _errno.errorcode.get(err, "error"))
+
+
+@dataclass(frozen=True, slots=True)
+class Qid:
+    """The server's unique identity of a file: type (QT* bits), version, path (unique per file)."""
+
+    type: int = 0
+    version: int = 0
+    path: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Cred:
+    """Who a request acts for: the attaching user (n_uname) and, for creates, the group asked for."""
+
+    uid: int
+    gid: int
+    uname: str = ""
+
+
+@dataclass(slots=True)
+class Attr:
+    """Everything Rgetattr carries. `valid` says which fields are meaningful (GETATTR_* bits)."""
+
+    valid: int
+    qid: Qid
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 0
+    rdev: int = 0
+    size: int = 0
+    blksize: int = 0
+    blocks: int = 0
+    atime_sec: int = 0
+    atime_nsec: int = 0
+    mtime_sec: int = 0
+    mtime_nsec: int = 0
+    ctime_sec: int = 0
+    ctime_nsec: int = 0
+    btime_sec: int = 0
+    btime_nsec: int = 0
+    gen: int = 0
+    data_version: int = 0
+
+
+@dataclass(slots=True)
+class SetAttr:
+    """What Tsetattr asks to change; `valid` holds SETATTR_* bits."""
+
+    valid: int
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    atime_sec: int = 0
+    atime_nsec: int = 0
+    mtime_sec: int = 0
+    mtime_nsec: int = 0
+
+
+@dataclass(slots=True)
+class StatFs:
+    type: int = 0
+    bsize: int = 0
+    blocks: int = 0
+    bfree: int = 0
+    bavail: int = 0
+    files: int = 0
+    ffree: int = 0
+    fsid: int = 0
+    namelen: int = 255
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """One readdir entry. `offset` is the cookie that resumes the listing *after* this entry; it
+    must stay usable across calls and after other entries are removed."""
+
+    qid: Qid
+    offset: int
+    type: int  # DT_* value
+    name: str
+
+
+@dataclass(slots=True)
+class Lock:
+    """A POSIX byte-range lock as Tlock/Tgetlock carry it. length 0 means "to end of file"."""
+
+    type: int  # LOCK_TYPE_*
+    start: int = 0
+    length: int = 0
+    proc_id: int = 0
+    client_id: str = ""
+    flags: int = 0  # LOCK_FLAGS_*
+
+
+@dataclass(slots=True)
+class LockOwner:
+    """Who holds a lock: one Linux process on one client connection."""
+
+    connection: int
+    client_id: str
+    proc_id: int
+
+
+@runtime_checkable
+class Node(Protocol):
+    """A backend's handle on one file (held by one fid). `qid` is kept current by the backend."""
+
+    qid: Qid
+
+
+@runtime_checkable
+class OpenFile(Protocol):
+    """An opened file or directory. `fd` is the host fd when there is one (transports may do
+    zero-copy I/O on it with preadv/pwritev), else None."""
+
+    node: Node
+    fd: int | None
+
+
+@dataclass(slots=True)
+class BackendInfo:
+    """Static facts a frontend may want (shown in logs and used for iounit)."""
+
+    name: str
+    readonly: bool = False
+    block_size: int = 4096
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """One exported file tree. See the module docstring for the contract."""
+
+    info: BackendInfo
+
+    async def attach(self, aname: str, cred: Cred) -> Node:
+        """The root of the tree `aname` selects ('' or '/' = the export root; otherwise a
+        subdirectory of the export, resolved like a walk). ENOENT if it does not exist."""
+        ...
+
+    async def walk(self, node: Node, names: Sequence[str]) -> list[Node]:
+        """Walk `names` from `node`, one component at a time, never following symlinks and never
+        climbing above the root. Returns the nodes reached; a shorter list than `names` means the
+        walk stopped there. Raises the error of the first component when none is reached. An
+        empty `names` returns [a new handle on the same file]."""
+        ...
+
+    async def release(self, node: Node) -> None: ...
+
+    async def getattr(self, node: Node, mask: int) -> Attr: ...
+
+    async def setattr(self, node: Node, attr: SetAttr, cred: Cred) -> None: ...
+
+    async def open(self, node: Node, flags: int, cred: Cred) -> OpenFile:
+        """Open with Linux O_* flags (L_O_* in ninep.protocol). Only regular files and
+        directories may be opened; anything else answers an error, never blocks."""
+        ...
+
+    async def create(
+        self, dir: Node, name: str, flags: int, mode: int, cred: Cred
+    ) -> tuple[Node, OpenFile]:
+        """Create and open a regular file (Tlcreate). The new Node is what the fid now refers to."""
+        ...
+
+    async def close(self, f: OpenFile) -> None: ...
+
+    async def read(self, f: OpenFile, offset: int, count: int) -> bytes:
+        """Up to `count` bytes at `offset` (fewer only at end of file)."""
+        ...
+
+    async def write(self, f: OpenFile, offset: int, data: bytes | memoryview) -> int: ...
+
+    async def readdir(self, f: OpenFile, offset: int, max_entries: int) -> list[DirEntry]:
+        """Entries after cookie `offset` (0 = from the start, including '.' and '..'), at most
+        `max_entries`; an empty list means the end."""
+        ...
+
+    async def fsync(self, f: OpenFile, datasync: bool) -> None: ...
+
+    async def mkdir(self, dir: Node, name: str, mode: int, cred: Cred) -> Qid: ...
+
+    async def symlink(self, dir: Node, name: str, target: str, cred: Cred) -> Qid: ...
+
+    async def mknod(
+        self, dir: Node, name: str, mode: int, major: int, minor: int, cred: Cred
+    ) -> Qid: ...
+
+    async def link(self, dir: Node, name: str, target: Node) -> None: ...
+
+    async def readlink(self, node: Node) -> str: ...
+
+    async def rename(self, node: Node, newdir: Node, newname: str) -> None:
+        """Move the file `node` refers to (Trename). The backend knows where `node` lives."""
+        ...
+
+    async def renameat(self, olddir: Node, oldname: str, newdir: Node, newname: str) -> None: ...
+
+    async def unlinkat(self, dir: Node, name: str, flags: int) -> None:
+        """Remove a name; flags may hold AT_REMOVEDIR."""
+        ...
+
+    async def remove(self, node: Node) -> None:
+        """Remove the file `node` refers to (Tremove). The caller releases the node afterwards."""
+        ...
+
+    async def statfs(self, node: Node) -> StatFs: ...
+
+    async def xattr_get(self, node: Node, name: str) -> bytes: ...
+
+    async def xattr_list(self, node: Node) -> list[str]: ...
+
+    async def xattr_set(self, node: Node, name: str, value: bytes, flags: int) -> None: ...
+
+    async def xattr_remove(self, node: Node, name: str) -> None: ...
+
+    async def lock(self, f: OpenFile, lock: Lock, owner: LockOwner) -> int:
+        """Try once to take/release a byte-range lock for `owner`, never blocking: returns
+        LOCK_SUCCESS or LOCK_BLOCKED (the frontend retries for blocking requests)."""
+        ...
+
+    async def getlock(self, f: OpenFile, lock: Lock, owner: LockOwner) -> Lock:
+        """The first lock that would conflict with `lock`, or `lock` with type UNLCK."""
+        ...
+
+    async def release_locks(self, f: OpenFile, owner: LockOwner | None) -> None:
+        """Drop the locks `owner` (all owners if None) holds through `f` (clunk, disconnect)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything the backend holds (server shutdown)."""
+        ...

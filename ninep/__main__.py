@@ -1,0 +1,5 @@
+"""`python -m ninep` is the `ninep` command."""
+
+from ninep.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The transport interface: a `Listener` hands out `Channel`s, a `Channel` carries whole messages.
+
+A Channel moves complete 9P messages (size[4] type[1] tag[2] body) in both directions; it knows
+nothing of their meaning beyond the 7-byte header. The server receives T-messages and sends
+R-messages on it; `ninep.client` does the opposite on the same interface, so every transport has
+a client end (for tests, FUSE and benchmarks) and a server end.
+
+Rules every Channel keeps:
+- `receive` returns one whole message as a private buffer (never a view into shared memory the
+  peer can still write). It raises `trio.EndOfChannel` on a clean close and `FramingError` when the
+  byte stream can no longer be trusted (size < 7 or > the negotiated msize); the server then logs
+  and drops the connection.
+- `send` writes one whole message given as parts (header and payload may be separate buffers, so
+  Rread data is not copied); concurrent `send` calls never interleave.
+- `aclose` is idempotent and wakes a pending `receive`.
+
+This module must never import the codec, the session or any backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+import trio
+
+Buffer = bytes | bytearray | memoryview
+
+
+class FramingError(Exception):
+    """The peer sent something that breaks message framing; the channel must be closed."""
+
+
+class Channel(Protocol):
+    #: Largest message this transport can carry; the session clamps msize to it.
+    max_message_size: int
+    #: A human-readable peer identity for logs ("tcp:127.0.0.1:40122", "fd:3,4", ...).
+    peer: str
+
+    async def receive(self) -> memoryview: ...
+
+    async def send(self, parts: Sequence[Buffer]) -> None: ...
+
+    def set_msize(self, msize: int) -> None:
+        """Called after Tversion: messages larger than `msize` are framing errors from now on."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+ChannelHandler = Callable[[Channel], Awaitable[None]]
+
+
+class Listener(Protocol):
+    #: The address as given on the command line ("tcp:127.0.0.1:5640", "unix:/run/x.sock").
+    address: str
+
+    async def serve(
+        self,
+        handler: ChannelHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections until cancelled, running `handler(channel)` for each in its own task
+        (the listener closes the channel when the handler returns). Calls `task_status.started()`
+        once it is accepting."""
+        ...
