@@ -1,0 +1,47 @@
+/*
+ * Shared pieces of the compiled ring extension (transports._ring).
+ *
+ * Every index, length and offset that comes from shared memory is read exactly once, into a
+ * local variable, through ring_load_* (a volatile access the compiler may not repeat), then
+ * checked, then used. Nothing here may ever dereference guest-controlled memory without a bounds
+ * check against a mapping the extension owns.
+ */
+#ifndef NINEP_RING_H
+#define NINEP_RING_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stddef.h>
+
+/* Memory barriers matching the Linux/Xen ring protocols (x86-64 and aarch64 via builtins). */
+#define ring_mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define ring_rmb() __atomic_thread_fence(__ATOMIC_ACQUIRE)
+#define ring_wmb() __atomic_thread_fence(__ATOMIC_RELEASE)
+
+static inline uint16_t ring_load16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
+static inline uint32_t ring_load32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED); }
+static inline uint64_t ring_load64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED); }
+static inline void ring_store16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
+static inline void ring_store32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED); }
+
+/* True when [off, off+len) lies inside a region of `size` bytes, without overflow. */
+static inline int ring_in_bounds(uint64_t off, uint64_t len, uint64_t size)
+{
+    return off <= size && len <= size - off;
+}
+
+/*
+ * Method tables contributed by each part of the extension. A part that is not compiled in leaves
+ * its (weak) table NULL; module.c assembles whatever is present into one module.
+ */
+extern PyMethodDef ring_common_methods[] __attribute__((weak));
+extern PyMethodDef ring_virtq_methods[] __attribute__((weak));
+extern PyMethodDef ring_xen_methods[] __attribute__((weak));
+
+/* Optional per-part initialisers (types, constants); return 0 on success, -1 with an exception. */
+extern int ring_common_init(PyObject *module) __attribute__((weak));
+extern int ring_virtq_init(PyObject *module) __attribute__((weak));
+extern int ring_xen_init(PyObject *module) __attribute__((weak));
+
+#endif
