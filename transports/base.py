@@ -65,3 +65,15 @@ class Listener(Protocol):
         (the listener closes the channel when the handler returns). Calls `task_status.started()`
         once it is accepting."""
         ...
+
+
+class ZeroCopyReads(Protocol):
+    """Optional Channel capability (ring transports): answer a Tread by reading the file straight
+    into the reply buffer the peer provided, with no intermediate copy.
+
+    The session calls it instead of `send` when the channel has it and the open file has a host
+    fd. It reads at most `count` bytes at `offset` from `fd` into the reply area and sends an
+    Rread carrying exactly the bytes read, returning that number. If the read fails it raises the
+    OSError before anything was sent, so the session can answer Rlerror."""
+
+    async def send_rread(self, tag: int, fd: int, offset: int, count: int) -> int: ...
