@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno as _errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 
 class FsError(OSError):
@@ -32,9 +32,12 @@ class FsError(OSError):
         super().__init__(err, message or _errno.errorcode.get(err, "error"))
 
 
-@dataclass(frozen=True, slots=True)
-class Qid:
-    """The server's unique identity of a file: type (QT* bits), version, path (unique per file)."""
+class Qid(NamedTuple):
+    """The server's unique identity of a file: type (QT* bits), version, path (unique per file).
+
+    A NamedTuple rather than a frozen dataclass because the codec creates one per decoded qid and
+    per reply, and tuple construction is several times cheaper; it is immutable and hashable all
+    the same."""
 
     type: int = 0
     version: int = 0
