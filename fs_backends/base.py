@@ -226,8 +226,9 @@ class Backend(Protocol):
 
     async def readlink(self, node: Node) -> str: ...
 
-    async def rename(self, node: Node, newdir: Node, newname: str) -> None:
-        """Move the file `node` refers to (Trename). The backend knows where `node` lives."""
+    async def rename(self, node: Node, newdir: Node | None, newname: str) -> None:
+        """Move the file `node` refers to (Trename). The backend knows where `node` lives;
+        `newdir` None means "in the directory it is in now" (9P2000 wstat renames)."""
         ...
 
     async def renameat(self, olddir: Node, oldname: str, newdir: Node, newname: str) -> None: ...
