@@ -88,11 +88,7 @@ class LockTable:
         for r in mine:
             if merged:
                 last = merged[-1]
-                if (
-                    last.type == r.type
-                    and last.end is not None
-                    and last.end >= r.start
-                ):
+                if last.type == r.type and last.end is not None and last.end >= r.start:
                     if r.end is None or r.end > last.end:
                         last.end = r.end
                     continue

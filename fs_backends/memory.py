@@ -200,9 +200,7 @@ class MemoryBackend:
         d.touch_m()
         return ino
 
-    def _create_inode(
-        self, d: _Inode, name: str, mode: int, cred: Cred, rdev: int = 0
-    ) -> _Inode:
+    def _create_inode(self, d: _Inode, name: str, mode: int, cred: Cred, rdev: int = 0) -> _Inode:
         _check_name(name)
         self._ro()
         if name in d.entries:
