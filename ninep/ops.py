@@ -29,7 +29,6 @@ from ninep.protocol import (
     L_O_TRUNC,
     LOCK_BLOCKED,
     LOCK_FLAGS_BLOCK,
-    LOCK_SUCCESS,
     LOCK_TYPE_UNLCK,
     MAXWELEM,
     NOFID,
@@ -42,7 +41,7 @@ from ninep.protocol import (
     XATTR_SIZE_MAX,
     T,
 )
-from ninep.session import SENT, Handler, Session, Sent
+from ninep.session import SENT, Handler, Sent, Session
 
 log = logging.getLogger("ninep.ops")
 
@@ -307,7 +306,7 @@ async def readdir(s: Session, msg: m.Treaddir) -> m.Message:
         out += d
     if entries and not out and count:
         raise OSError(errno.EINVAL, "readdir count too small for one entry")
-    return m.Rreaddir(out)
+    return m.Rreaddir(bytes(out))
 
 
 async def fsync(s: Session, msg: m.Tfsync) -> m.Message:
