@@ -269,6 +269,7 @@ async def read(s: Session, msg: m.Tread) -> m.Message | Sent:
         return m.Rread(await read_dir(s, fid, msg.offset, count))
     zc = getattr(s.channel, "send_rread", None)
     if zc is not None and fid.open.fd is not None:
+        s.mark_answered(msg.tag)  # the channel replies itself; the tag is free once it has
         await zc(msg.tag, fid.open.fd, msg.offset, count)
         return SENT
     return m.Rread(await s.backend.read(fid.open, msg.offset, count))
