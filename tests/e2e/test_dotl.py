@@ -567,7 +567,7 @@ def test_readdir_offsets_are_cookies(serve) -> None:  # type: ignore[no-untyped-
                     break
                 assert sum(24 + len(e[3].encode()) for e in batch) <= 200
                 calls += 1
-                for qid, off, dtype, name in batch:
+                for qid, _off, dtype, name in batch:
                     seen.append(name)
                     if name == "subdir":
                         assert dtype == 4 and qid.type & QTDIR
