@@ -12,7 +12,7 @@ done through this backend; Tremove/Trename check the entry still names the node'
 before acting and fail rather than touch another file.
 
 This module must never join path strings, follow a symlink, or block the trio loop: each backend
-call makes one hop to a worker thread (`trio.to_thread.run_sync`) and does all its syscalls there.
+call makes one hop to a worker thread (`fs_backends.offload.run_sync`) and does all its syscalls there.
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, TypeVar
 
-import trio
-
-from fs_backends import _linux
+from fs_backends import _linux, offload
 from fs_backends._locktable import LockTable, span
 from fs_backends.base import (
     Attr,
@@ -203,7 +201,7 @@ class LocalBackend:
 
     @staticmethod
     async def _run(fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(partial(fn, *args))
+        return await offload.run_sync(partial(fn, *args))
 
     def _ro(self) -> None:
         if self.info.readonly:

@@ -11,6 +11,7 @@ import errno
 import logging
 import pwd
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -154,7 +155,7 @@ async def attach(s: Session, msg: m.Tattach) -> m.Message:
 async def flush(s: Session, msg: m.Tflush) -> m.Message:
     req = s.inflight.get(msg.oldtag)
     if req is not None and msg.oldtag != msg.tag:
-        req.scope.cancel()
+        s.interrupt(req)
         await req.done.wait()
     return m.Rflush()
 
@@ -479,9 +480,9 @@ async def lock(s: Session, msg: m.Tlock) -> m.Message:
         status = await s.backend.lock(fid.open, lk, owner)
         if status != LOCK_BLOCKED or not msg.flags & LOCK_FLAGS_BLOCK:
             return m.Rlock(status)
-        # A blocking request waits here, cancellable by Tflush, instead of making the client
+        # A blocking request waits here, interruptible by Tflush, instead of making the client
         # poll; the backend call itself never blocks.
-        await trio.sleep(delay)
+        await s.interruptible(msg.tag, partial(trio.sleep, delay))
         delay = min(delay * 2, 0.1)
 
 
