@@ -802,7 +802,14 @@ class LocalBackend:
             self._register(node)
         return ph, found
 
-    def _find_name(self, dirfd: int, h: _Fd) -> bytes:
+    def _find_name(self, pathfd: int, h: _Fd) -> bytes:
+        dirfd = os.open(_proc(pathfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return self._find_name_in(dirfd, h)
+        finally:
+            os.close(dirfd)
+
+    def _find_name_in(self, dirfd: int, h: _Fd) -> bytes:
         off = 0
         candidates: list[bytes] = []
         while True:
