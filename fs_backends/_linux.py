@@ -281,3 +281,13 @@ def fstatfs(fd: int) -> tuple[int, int, int, int, int, int, int, int, int]:
     )
     fsid = (fs0 & 0xFFFFFFFF) | ((fs1 & 0xFFFFFFFF) << 32)
     return t & 0xFFFFFFFF, bsize, blocks, bfree, bavail, files, ffree, fsid, namelen
+
+
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
+
+
+def inode_generation(fd: int) -> int:
+    """The inode generation number (FS_IOC_GETVERSION) of an opened file; OSError (ENOTTY)
+    where the filesystem has none."""
+    r = fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 8)
+    return int(struct.unpack("<q", r)[0]) & 0xFFFFFFFFFFFFFFFF

@@ -127,6 +127,7 @@ class LocalNode:
     parent: _Fd | None  # the directory this node was reached through, None if unknown/root
     name: bytes
     released: bool = False
+    gen: int | None = None  # FS_IOC_GETVERSION, fetched once; -1 where the fs has none
 
 
 @dataclass(eq=False)
@@ -438,15 +439,22 @@ class LocalBackend:
 
     async def getattr(self, node: LocalNode, mask: int) -> Attr:
         h = self._alive(node)
-        return await self._run(self._getattr_sync, node, h)
+        return await self._run(self._getattr_sync, node, h, mask)
 
-    def _getattr_sync(self, node: LocalNode, h: _Fd) -> Attr:
+    def _getattr_sync(self, node: LocalNode, h: _Fd, mask: int) -> Attr:
         sx = self.creds.map_stat(h.fd, _linux.statx(h.fd))
         qid = self._qid(sx.mode, sx.dev, sx.ino, sx.mtime, sx.size)
         node.qid = qid
         valid = P.GETATTR_BASIC
         if sx.mask & _linux.STATX_BTIME:
             valid |= P.GETATTR_BTIME
+        gen = 0
+        if mask & P.GETATTR_GEN:
+            if node.gen is None:
+                node.gen = self._generation(h, node.fmt)
+            if node.gen >= 0:
+                gen = node.gen
+                valid |= P.GETATTR_GEN
         return Attr(
             valid=valid,
             qid=qid,
@@ -466,7 +474,26 @@ class LocalBackend:
             ctime_nsec=sx.ctime[1],
             btime_sec=sx.btime[0] if valid & P.GETATTR_BTIME else 0,
             btime_nsec=sx.btime[1] if valid & P.GETATTR_BTIME else 0,
+            gen=gen,
         )
+
+    @staticmethod
+    def _generation(h: _Fd, fmt: int) -> int:
+        # The ioctl needs a real open file; only regular files and directories are opened.
+        if fmt not in (stat.S_IFREG, stat.S_IFDIR):
+            return -1
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOATIME
+        try:
+            try:
+                fd = os.open(_proc(h.fd), flags)
+            except PermissionError:
+                fd = os.open(_proc(h.fd), flags & ~os.O_NOATIME)
+            try:
+                return _linux.inode_generation(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return -1
 
     async def setattr(self, node: LocalNode, attr: SetAttr, cred: Cred) -> None:
         h = self._alive(node)

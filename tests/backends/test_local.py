@@ -479,6 +479,13 @@ def test_btime_and_getattr_fields(lfs: Sync, layout: tuple[Path, Path]) -> None:
     assert a.mtime_sec * 10**9 + a.mtime_nsec == st.st_mtime_ns
     assert a.blocks == st.st_blocks and a.blksize == st.st_blksize
     assert a.qid.path == st.st_ino
+    # The inode generation, where the filesystem keeps one (ext4 does; tmpfs does not).
+    lsattr = subprocess.run(["lsattr", "-v", str(export / "f")], capture_output=True, text=True)
+    if lsattr.returncode == 0:
+        assert a.valid & P.GETATTR_GEN and a.gen == int(lsattr.stdout.split()[0])
+    else:
+        assert not a.valid & P.GETATTR_GEN
+    assert not lfs.getattr(n, P.GETATTR_BASIC).valid & P.GETATTR_GEN
 
 
 def count_fds() -> int:
