@@ -291,3 +291,17 @@ def inode_generation(fd: int) -> int:
     where the filesystem has none."""
     r = fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 8)
     return int(struct.unpack("<q", r)[0]) & 0xFFFFFFFFFFFFFFFF
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the resulting soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft

@@ -172,6 +172,7 @@ class LocalBackend:
             raise RuntimeError("LocalBackend needs /proc mounted (fd reopening)")
         self.creds = credentials if credentials is not None else default_credentials()
         self.creds.check_usable()
+        _linux.raise_nofile_limit()  # one O_PATH fd per fid: the default soft limit is low
         self.multidevs = multidevs
         fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
@@ -194,6 +195,7 @@ class LocalBackend:
         self._at: dict[tuple[int, int, bytes], set[LocalNode]] = {}
         self._live: set[LocalNode] = set()
         self._open: set[LocalOpenFile] = set()
+        self._open_by_ident: dict[tuple[int, int], set[LocalOpenFile]] = {}
         self._locks: dict[tuple[int, int], _FileLocks] = {}
         self._dev_prefix: dict[int, int] = {self._root.dev: 0}
         self._fullmap: dict[tuple[int, int], int] = {}
@@ -477,6 +479,13 @@ class LocalBackend:
             gen=gen,
         )
 
+    def _writable_fd(self, h: _Fd) -> int | None:
+        with self._mu:
+            for f in self._open_by_ident.get(h.ident, ()):
+                if f.fd is not None and f.flags & P.L_O_ACCMODE in (P.L_O_WRONLY, P.L_O_RDWR):
+                    return f.fd
+        return None
+
     @staticmethod
     def _generation(h: _Fd, fmt: int) -> int:
         # The ioctl needs a real open file; only regular files and directories are opened.
@@ -517,8 +526,13 @@ class LocalBackend:
                 raise FsError(errno.EISDIR)
             if fmt != stat.S_IFREG or attr.size < 0:
                 raise FsError(errno.EINVAL)
-            # truncate(2) through the magic link works on unlinked files and O_PATH fds.
-            os.truncate(_proc(h.fd), attr.size)
+            wfd = self._writable_fd(h)
+            if wfd is not None:
+                # The client may hold the only write permission through its open file.
+                os.ftruncate(wfd, attr.size)
+            else:
+                # truncate(2) through the magic link works on unlinked files and O_PATH fds.
+                os.truncate(_proc(h.fd), attr.size)
         if v & (P.SETATTR_ATIME | P.SETATTR_MTIME):
             omit = (0, _linux.UTIME_OMIT)
             now = (0, _linux.UTIME_NOW)
@@ -577,9 +591,13 @@ class LocalBackend:
             with contextlib.suppress(OSError):
                 node.qid = self._qid_st(os.fstat(fd))
         f = LocalOpenFile(node, fd, flags, self._incref(h), node.fmt == stat.S_IFDIR)
+        self._add_open(f)
+        return f
+
+    def _add_open(self, f: LocalOpenFile) -> None:
         with self._mu:
             self._open.add(f)
-        return f
+            self._open_by_ident.setdefault(f.h.ident, set()).add(f)
 
     async def create(
         self, dir: LocalNode, name: str, flags: int, mode: int, cred: Cred
@@ -616,8 +634,7 @@ class LocalBackend:
             raise
         node = self._make_node(_Fd(pfd, st.st_dev, st.st_ino), st, dh, bname)
         f = LocalOpenFile(node, fd, flags, self._incref(node.h), False)
-        with self._mu:
-            self._open.add(f)
+        self._add_open(f)
         return node, f
 
     async def close(self, f: LocalOpenFile) -> None:
@@ -635,6 +652,11 @@ class LocalBackend:
         finally:
             with self._mu:
                 self._open.discard(f)
+                same = self._open_by_ident.get(f.h.ident)
+                if same is not None:
+                    same.discard(f)
+                    if not same:
+                        del self._open_by_ident[f.h.ident]
                 if f.fd is not None:
                     os.close(f.fd)
                     f.fd = None
