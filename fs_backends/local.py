@@ -125,6 +125,7 @@ class LocalNode:
     parent: _Fd | None  # the directory this node was reached through, None if unknown/root
     name: bytes
     released: bool = False
+    gen: int | None = None  # FS_IOC_GETVERSION, fetched once; -1 where the fs has none
 
 
 @dataclass(eq=False)
@@ -169,6 +170,7 @@ class LocalBackend:
             raise RuntimeError("LocalBackend needs /proc mounted (fd reopening)")
         self.creds = credentials if credentials is not None else default_credentials()
         self.creds.check_usable()
+        _linux.raise_nofile_limit()  # one O_PATH fd per fid: the default soft limit is low
         self.multidevs = multidevs
         fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
@@ -191,6 +193,7 @@ class LocalBackend:
         self._at: dict[tuple[int, int, bytes], set[LocalNode]] = {}
         self._live: set[LocalNode] = set()
         self._open: set[LocalOpenFile] = set()
+        self._open_by_ident: dict[tuple[int, int], set[LocalOpenFile]] = {}
         self._locks: dict[tuple[int, int], _FileLocks] = {}
         self._dev_prefix: dict[int, int] = {self._root.dev: 0}
         self._fullmap: dict[tuple[int, int], int] = {}
@@ -436,15 +439,22 @@ class LocalBackend:
 
     async def getattr(self, node: LocalNode, mask: int) -> Attr:
         h = self._alive(node)
-        return await self._run(self._getattr_sync, node, h)
+        return await self._run(self._getattr_sync, node, h, mask)
 
-    def _getattr_sync(self, node: LocalNode, h: _Fd) -> Attr:
+    def _getattr_sync(self, node: LocalNode, h: _Fd, mask: int) -> Attr:
         sx = self.creds.map_stat(h.fd, _linux.statx(h.fd))
         qid = self._qid(sx.mode, sx.dev, sx.ino, sx.mtime, sx.size)
         node.qid = qid
         valid = P.GETATTR_BASIC
         if sx.mask & _linux.STATX_BTIME:
             valid |= P.GETATTR_BTIME
+        gen = 0
+        if mask & P.GETATTR_GEN:
+            if node.gen is None:
+                node.gen = self._generation(h, node.fmt)
+            if node.gen >= 0:
+                gen = node.gen
+                valid |= P.GETATTR_GEN
         return Attr(
             valid=valid,
             qid=qid,
@@ -464,7 +474,33 @@ class LocalBackend:
             ctime_nsec=sx.ctime[1],
             btime_sec=sx.btime[0] if valid & P.GETATTR_BTIME else 0,
             btime_nsec=sx.btime[1] if valid & P.GETATTR_BTIME else 0,
+            gen=gen,
         )
+
+    def _writable_fd(self, h: _Fd) -> int | None:
+        with self._mu:
+            for f in self._open_by_ident.get(h.ident, ()):
+                if f.fd is not None and f.flags & P.L_O_ACCMODE in (P.L_O_WRONLY, P.L_O_RDWR):
+                    return f.fd
+        return None
+
+    @staticmethod
+    def _generation(h: _Fd, fmt: int) -> int:
+        # The ioctl needs a real open file; only regular files and directories are opened.
+        if fmt not in (stat.S_IFREG, stat.S_IFDIR):
+            return -1
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOATIME
+        try:
+            try:
+                fd = os.open(_proc(h.fd), flags)
+            except PermissionError:
+                fd = os.open(_proc(h.fd), flags & ~os.O_NOATIME)
+            try:
+                return _linux.inode_generation(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return -1
 
     async def setattr(self, node: LocalNode, attr: SetAttr, cred: Cred) -> None:
         h = self._alive(node)
@@ -488,8 +524,13 @@ class LocalBackend:
                 raise FsError(errno.EISDIR)
             if fmt != stat.S_IFREG or attr.size < 0:
                 raise FsError(errno.EINVAL)
-            # truncate(2) through the magic link works on unlinked files and O_PATH fds.
-            os.truncate(_proc(h.fd), attr.size)
+            wfd = self._writable_fd(h)
+            if wfd is not None:
+                # The client may hold the only write permission through its open file.
+                os.ftruncate(wfd, attr.size)
+            else:
+                # truncate(2) through the magic link works on unlinked files and O_PATH fds.
+                os.truncate(_proc(h.fd), attr.size)
         if v & (P.SETATTR_ATIME | P.SETATTR_MTIME):
             omit = (0, _linux.UTIME_OMIT)
             now = (0, _linux.UTIME_NOW)
@@ -548,9 +589,13 @@ class LocalBackend:
             with contextlib.suppress(OSError):
                 node.qid = self._qid_st(os.fstat(fd))
         f = LocalOpenFile(node, fd, flags, self._incref(h), node.fmt == stat.S_IFDIR)
+        self._add_open(f)
+        return f
+
+    def _add_open(self, f: LocalOpenFile) -> None:
         with self._mu:
             self._open.add(f)
-        return f
+            self._open_by_ident.setdefault(f.h.ident, set()).add(f)
 
     async def create(
         self, dir: LocalNode, name: str, flags: int, mode: int, cred: Cred
@@ -587,8 +632,7 @@ class LocalBackend:
             raise
         node = self._make_node(_Fd(pfd, st.st_dev, st.st_ino), st, dh, bname)
         f = LocalOpenFile(node, fd, flags, self._incref(node.h), False)
-        with self._mu:
-            self._open.add(f)
+        self._add_open(f)
         return node, f
 
     async def close(self, f: LocalOpenFile) -> None:
@@ -606,6 +650,11 @@ class LocalBackend:
         finally:
             with self._mu:
                 self._open.discard(f)
+                same = self._open_by_ident.get(f.h.ident)
+                if same is not None:
+                    same.discard(f)
+                    if not same:
+                        del self._open_by_ident[f.h.ident]
                 if f.fd is not None:
                     os.close(f.fd)
                     f.fd = None
@@ -800,7 +849,14 @@ class LocalBackend:
             self._register(node)
         return ph, found
 
-    def _find_name(self, dirfd: int, h: _Fd) -> bytes:
+    def _find_name(self, pathfd: int, h: _Fd) -> bytes:
+        dirfd = os.open(_proc(pathfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return self._find_name_in(dirfd, h)
+        finally:
+            os.close(dirfd)
+
+    def _find_name_in(self, dirfd: int, h: _Fd) -> bytes:
         off = 0
         candidates: list[bytes] = []
         while True:
