@@ -281,7 +281,9 @@ class Session:
         if dialect == V9P2000_L:
             msg: m.Message = m.Rlerror(err, tag=tag)
         else:
-            msg = m.Rerror(os.strerror(err) if dialect == V9P2000_U else text, err, tag=tag)
+            # Always the standard strerror text: 9P2000 clients (Linux, plan9port) map the string
+            # back to an errno with a table of exactly these strings; `text` stays in the logs.
+            msg = m.Rerror(os.strerror(err), err, tag=tag)
         await self.channel.send(codec_for(dialect).encode(msg))
 
     # --- version ------------------------------------------------------------------------------
