@@ -77,12 +77,18 @@ class XenListener:
         self.device: XenBackendDevice | None = None
 
     async def serve(
-        self, handler: ChannelHandler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        handler: ChannelHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         platform: XenPlatform = await EmuPlatform.connect(self.addr.xenstore, domid=0)
         try:
             cfg = BackendConfig(
-                self.addr.domid, self.addr.devid, max_msize=self.options.max_msize, tag=self.options.tag
+                self.addr.domid,
+                self.addr.devid,
+                max_msize=self.options.max_msize,
+                tag=self.options.tag,
             )
             self.device = XenBackendDevice(platform, cfg)
             await self.device.run(handler, task_status=task_status)
@@ -97,7 +103,9 @@ def listener_from_address(address: str, options: ListenOptions) -> XenListener:
 
 async def connect_address(address: str, options: ConnectOptions) -> XenFrontend:
     addr = parse_address(address)
-    platform = await EmuPlatform.connect(addr.xenstore, domid=addr.domid, arena_pages=FRONTEND_ARENA_PAGES)
+    platform = await EmuPlatform.connect(
+        addr.xenstore, domid=addr.domid, arena_pages=FRONTEND_ARENA_PAGES
+    )
     try:
         front = await XenFrontend.connect(platform, addr.devid, owns_platform=True)
     except BaseException:

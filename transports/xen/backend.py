@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from transports.base import Buffer, ChannelHandler, FramingError
+from transports.xen._ext import ring_ext
 from transports.xen.doorbell import Doorbell
 from transports.xen.emu import backend_dir, frontend_dir, toolstack_create_device
 from transports.xen.platform import (
@@ -273,13 +274,20 @@ class XenBackendDevice:
             await watch.wait()
 
     async def run(
-        self, handler: ChannelHandler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        handler: ChannelHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         p = self.platform
         if await read_or(p, f"{self.be}/frontend") is None:
             # Emulation: nobody played the toolstack yet.
             await toolstack_create_device(
-                p, self.config.domid, self.config.devid, back_domid=self.config.back_domid, tag=self.config.tag
+                p,
+                self.config.domid,
+                self.config.devid,
+                back_domid=self.config.back_domid,
+                tag=self.config.tag,
             )
         fe = await read_or(p, f"{self.be}/frontend")
         if fe:
@@ -301,9 +309,19 @@ class XenBackendDevice:
                 except HandshakeError as e:
                     log.warning("%s: refusing frontend: %s", self.peer, e)
                     await self._set_state(XenbusState.Closing)
-                    await self._wait_frontend(watch, {XenbusState.Closing, XenbusState.Closed, XenbusState.Initialising, XenbusState.Unknown})
+                    await self._wait_frontend(
+                        watch,
+                        {
+                            XenbusState.Closing,
+                            XenbusState.Closed,
+                            XenbusState.Initialising,
+                            XenbusState.Unknown,
+                        },
+                    )
                     await self._set_state(XenbusState.Closed)
-                    await self._wait_frontend(watch, {XenbusState.Initialising, XenbusState.Unknown})
+                    await self._wait_frontend(
+                        watch, {XenbusState.Initialising, XenbusState.Unknown}
+                    )
                     continue
                 await self._serve(rings, handler, watch)
                 await self._wait_frontend(watch, {XenbusState.Initialising, XenbusState.Unknown})
@@ -315,7 +333,9 @@ class XenBackendDevice:
         chan = XenBackendChannel(rings, self.peer, self.config.max_msize)
         try:
             await self._set_state(XenbusState.Connected)
-            log.info("%s: connected, %d ring(s) of %d bytes", self.peer, len(rings), rings[0].ring.size)
+            log.info(
+                "%s: connected, %d ring(s) of %d bytes", self.peer, len(rings), rings[0].ring.size
+            )
             async with trio.open_nursery() as nursery:
                 for r in rings:
                     nursery.start_soon(chan.pump, r)
@@ -329,7 +349,15 @@ class XenBackendDevice:
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(run_handler)
-                await self._wait_frontend(watch, {XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown, XenbusState.Initialising})
+                await self._wait_frontend(
+                    watch,
+                    {
+                        XenbusState.Closing,
+                        XenbusState.Closed,
+                        XenbusState.Unknown,
+                        XenbusState.Initialising,
+                    },
+                )
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -340,13 +368,13 @@ class XenBackendDevice:
                         await r.evtchn.aclose()
         # Frontend Closing → we unmapped and unbound → Closing → frontend Closed → Closed.
         await self._set_state(XenbusState.Closing)
-        await self._wait_frontend(watch, {XenbusState.Closed, XenbusState.Unknown, XenbusState.Initialising})
+        await self._wait_frontend(
+            watch, {XenbusState.Closed, XenbusState.Unknown, XenbusState.Initialising}
+        )
         await self._set_state(XenbusState.Closed)
 
     async def _connect(self) -> list[BackendRing]:
         """Reads and validates the frontend's nodes and rings; maps and binds them."""
-        from transports import _ring
-
         p, fe, cfg = self.platform, self.fe, self.config
         version = await read_or(p, f"{fe}/version")
         if version != "1":
@@ -358,7 +386,9 @@ class XenBackendDevice:
         ports: list[int] = []
         for i in range(num_rings):
             intf_refs.append(parse_uint(await read_or(p, f"{fe}/ring-ref{i}"), f"ring-ref{i}"))
-            ports.append(parse_uint(await read_or(p, f"{fe}/event-channel-{i}"), f"event-channel-{i}"))
+            ports.append(
+                parse_uint(await read_or(p, f"{fe}/event-channel-{i}"), f"event-channel-{i}")
+            )
         seen: set[int] = set()
         for ref in intf_refs:
             if ref in seen:
@@ -377,8 +407,11 @@ class XenBackendDevice:
                 # One read of the order and one of the ref list, into private memory.
                 order = le32(intf, 128)
                 if not 1 <= order <= cfg.max_ring_order:
-                    raise HandshakeError(f"ring {i}: ring_order {order} out of range 1..{cfg.max_ring_order}")
-                refs = list(struct.unpack_from(f"<{1 << order}I", intf, 132))
+                    raise HandshakeError(
+                        f"ring {i}: ring_order {order} out of range 1..{cfg.max_ring_order}"
+                    )
+                with memoryview(intf) as page:  # type: ignore[arg-type]
+                    refs = list(struct.unpack_from(f"<{1 << order}I", page, 132))
                 for ref in refs:
                     if ref in seen:
                         raise HandshakeError(f"ring {i}: duplicate grant ref {ref}")
@@ -391,9 +424,11 @@ class XenBackendDevice:
                 try:
                     ch = await p.bind_interdomain(cfg.domid, ports[i])
                 except XenstoreError as e:
-                    raise HandshakeError(f"ring {i}: cannot bind event channel {ports[i]}: {e}") from None
+                    raise HandshakeError(
+                        f"ring {i}: cannot bind event channel {ports[i]}: {e}"
+                    ) from None
                 channels.append(ch)
-                ring = _ring.XenRing(intf, data, order, False)
+                ring = ring_ext().XenRing(intf, data, order, False)
                 rings.append(BackendRing(i, ring, ch, Doorbell([ch]), [intf, data]))
         except BaseException:
             with trio.CancelScope(shield=True):

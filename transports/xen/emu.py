@@ -100,7 +100,11 @@ class Tree:
         if path not in self.nodes:
             raise OpError(errno.ENOENT, path)
         prefix = path.rstrip("/") + "/"
-        return sorted(p[len(prefix) :] for p in self.nodes if p.startswith(prefix) and "/" not in p[len(prefix) :])
+        return sorted(
+            p[len(prefix) :]
+            for p in self.nodes
+            if p.startswith(prefix) and "/" not in p[len(prefix) :]
+        )
 
 
 @dataclass
@@ -267,7 +271,9 @@ class Daemon:
         # gets to send this reply.
         self._queue(conn, {"id": rid, "ok": True, "value": value}, [os.dup(fd) for fd in out_fds])
 
-    def op_introduce(self, conn: Conn, obj: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+    def op_introduce(
+        self, conn: Conn, obj: dict[str, Any], fds: list[int]
+    ) -> tuple[Any, list[int]]:
         domid = int(obj["domid"])
         if conn.domid is not None:
             raise OpError(errno.EEXIST, "already introduced")
@@ -303,7 +309,9 @@ class Daemon:
             return tx.tree.read(path), []
         return self.tree.read(path), []
 
-    def op_directory(self, conn: Conn, obj: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+    def op_directory(
+        self, conn: Conn, obj: dict[str, Any], fds: list[int]
+    ) -> tuple[Any, list[int]]:
         path = _check_path(obj["path"])
         tx = self._tx(conn, obj)
         if tx is not None:
@@ -390,7 +398,9 @@ class Daemon:
             raise OpError(errno.ESRCH, f"domain {obj['domid']} has no grantable memory")
         return dom.pages, [dom.memfd]
 
-    def op_evtchn_alloc(self, conn: Conn, obj: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+    def op_evtchn_alloc(
+        self, conn: Conn, obj: dict[str, Any], fds: list[int]
+    ) -> tuple[Any, list[int]]:
         assert conn.domid is not None
         if sum(1 for p in self.ports.values() if p.owner_conn is conn) >= 256:
             raise OpError(errno.ENOSPC, "too many event channels")
@@ -402,16 +412,22 @@ class Daemon:
         # Handed over as dups: the daemon keeps its copies until the owner closes the port.
         return port.port, [a, b]
 
-    def op_evtchn_bind(self, conn: Conn, obj: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+    def op_evtchn_bind(
+        self, conn: Conn, obj: dict[str, Any], fds: list[int]
+    ) -> tuple[Any, list[int]]:
         port = self.ports.get(int(obj["port"]))
         if port is None or port.owner != int(obj["domid"]) or port.remote != conn.domid:
-            raise OpError(errno.EINVAL, f"no unbound port {obj['port']} of domain {obj['domid']} for us")
+            raise OpError(
+                errno.EINVAL, f"no unbound port {obj['port']} of domain {obj['domid']} for us"
+            )
         if port.bound_by is not None:
             raise OpError(errno.EBUSY, f"port {port.port} already bound")
         port.bound_by = conn
         return port.port, [port.to_remote, port.to_owner]
 
-    def op_evtchn_close(self, conn: Conn, obj: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+    def op_evtchn_close(
+        self, conn: Conn, obj: dict[str, Any], fds: list[int]
+    ) -> tuple[Any, list[int]]:
         port = self.ports.get(int(obj["port"]))
         if port is None:
             return None, []
@@ -455,8 +471,14 @@ def backend_dir(back_domid: int, domid: int, devid: int) -> str:
 
 
 async def toolstack_create_device(
-    platform: XenPlatform, domid: int, devid: int, *, back_domid: int = 0, tag: str = "ninep",
-    path: str = "", security_model: str = "none",
+    platform: XenPlatform,
+    domid: int,
+    devid: int,
+    *,
+    back_domid: int = 0,
+    tag: str = "ninep",
+    path: str = "",
+    security_model: str = "none",
 ) -> None:
     """What libxl does for a `p9=[...]` entry: both directories in state Initialising, each
     pointing at the other. Idempotent for the fixed nodes; states are reset."""
@@ -480,7 +502,11 @@ async def toolstack_create_device(
 def main(argv: list[str] | None = None) -> int:
     """`ninep xenstore-emu [--socket PATH]`: run the emulated Xen platform daemon."""
     ap = argparse.ArgumentParser(prog="ninep xenstore-emu", description=main.__doc__)
-    ap.add_argument("--socket", default=default_socket(), help="unix socket path (default: %(default)s, or $NINEP_XENSTORE)")
+    ap.add_argument(
+        "--socket",
+        default=default_socket(),
+        help="unix socket path (default: %(default)s, or $NINEP_XENSTORE)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)

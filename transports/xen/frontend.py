@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from transports.base import Buffer, FramingError
+from transports.xen._ext import ring_ext
 from transports.xen.backend import XenbusState, header_tag, ring_bytes
 from transports.xen.doorbell import Doorbell
 from transports.xen.emu import frontend_dir
@@ -125,15 +126,15 @@ class XenFrontend:
             raise XenConnectError(f"{self.peer}: backend offers versions {versions!r}, not 1")
         max_rings = int(await read_or(p, f"{be}/max-rings", "0") or 0)
         if max_rings < num_rings:
-            raise XenConnectError(f"{self.peer}: backend allows {max_rings} rings, need {num_rings}")
+            raise XenConnectError(
+                f"{self.peer}: backend allows {max_rings} rings, need {num_rings}"
+            )
         order = min(int(await read_or(p, f"{be}/max-ring-page-order", "0") or 0), max_ring_order)
         if order < 1:
             raise XenConnectError(f"{self.peer}: backend ring order {order} unusable")
         size = ring_bytes(order)
-        self.max_message_size = LINUX_MAXSIZE if LINUX_MAXSIZE <= size else size // 2
+        self.max_message_size = LINUX_MAXSIZE if size >= LINUX_MAXSIZE else size // 2
         self._msize = self.max_message_size
-
-        from transports import _ring
 
         for _ in range(num_rings):
             intf = await p.share_pages(self.backend_id, 1)
@@ -141,7 +142,7 @@ class XenFrontend:
             struct.pack_into("<I", intf.view, 128, order)
             struct.pack_into(f"<{1 << order}I", intf.view, 132, *data.refs)
             ch = await p.alloc_unbound(self.backend_id)
-            ring = _ring.XenRing(intf.view, data.view, order, True)
+            ring = ring_ext().XenRing(intf.view, data.view, order, True)
             self.rings.append(FrontRing(ring, ch, intf, data))
         self._bell = Doorbell([r.evtchn for r in self.rings])
         while True:
@@ -223,7 +224,13 @@ class XenFrontend:
                 if self._watch is not None:
                     with trio.move_on_after(5):
                         await self._wait_backend(
-                            {XenbusState.Closing, XenbusState.Closed, XenbusState.InitWait, XenbusState.Unknown}, set()
+                            {
+                                XenbusState.Closing,
+                                XenbusState.Closed,
+                                XenbusState.InitWait,
+                                XenbusState.Unknown,
+                            },
+                            set(),
                         )
         for r in self.rings:
             r.ring.close()

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import trio
 
+from transports.xen._ext import ring_ext
 from transports.xen.wire import FrameSocket, WireError
 
 PAGE = 4096
@@ -315,7 +316,7 @@ class EmuPlatform:
             return
         rid = obj.get("id")
         if not isinstance(rid, int) or rid in self._abandoned:
-            self._abandoned.discard(rid)  # type: ignore[arg-type]
+            self._abandoned.discard(rid)
             for fd in fds:
                 os.close(fd)
             return
@@ -390,8 +391,6 @@ class EmuPlatform:
     # -- grants -------------------------------------------------------------------------------
 
     async def map_grants(self, domid: int, refs: Sequence[int]) -> GrantMapping:
-        from transports import _ring
-
         value, fds = await self._request("grant_fd", domid=domid)
         try:
             if len(fds) != 1:
@@ -399,8 +398,10 @@ class EmuPlatform:
             pages = int(value)
             for ref in refs:
                 if not isinstance(ref, int) or not 1 <= ref < pages:
-                    raise XenstoreError(errno.EINVAL, f"grant ref {ref!r} of domain {domid} out of range")
-            mapping: GrantMapping = _ring.xen_map_grants(fds[0], list(refs))
+                    raise XenstoreError(
+                        errno.EINVAL, f"grant ref {ref!r} of domain {domid} out of range"
+                    )
+            mapping: GrantMapping = ring_ext().xen_map_grants(fds[0], list(refs))
             return mapping
         finally:
             for fd in fds:
