@@ -276,10 +276,23 @@ class EmuPlatform:
         arena = _Arena(arena_pages) if arena_pages > 0 else None
         plat = cls(FrameSocket(sock), domid, arena)
         try:
-            if arena is not None:
-                await plat._request("introduce", [arena.fd], domid=domid, pages=arena.pages)
-            else:
-                await plat._request("introduce", domid=domid)
+            # A previous connection of the same domain may still be going away: retry briefly.
+            introduced = False
+            with trio.move_on_after(2):
+                while True:
+                    try:
+                        if arena is not None:
+                            await plat._request("introduce", [arena.fd], domid=domid, pages=arena.pages)
+                        else:
+                            await plat._request("introduce", domid=domid)
+                        introduced = True
+                        break
+                    except XenstoreError as e:
+                        if e.errno != errno.EEXIST:
+                            raise
+                        await trio.sleep(0.01)
+            if not introduced:
+                raise XenstoreError(errno.EEXIST, f"domain {domid} is already connected")
         except BaseException:
             await plat.aclose()
             raise
