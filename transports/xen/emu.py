@@ -277,7 +277,12 @@ class Daemon:
         domid = int(obj["domid"])
         if conn.domid is not None:
             raise OpError(errno.EEXIST, "already introduced")
+        conn.domid = domid
+        if not fds:
+            # A control-domain style client (a backend, a tool): any number may share a domid.
+            return domid, []
         if domid in self.domains:
+            conn.domid = None
             raise OpError(errno.EEXIST, f"domain {domid} is already connected")
         dom = Domain(domid, conn)
         if fds:
@@ -288,7 +293,6 @@ class Daemon:
             pages = os.fstat(fd).st_size // PAGE
             dom.memfd = os.dup(fd)
             dom.pages = pages
-        conn.domid = domid
         self.domains[domid] = dom
         return domid, []
 
