@@ -120,8 +120,14 @@ BAD = {
     "data ref out of range": (dict(intf_hook=_ref_out_of_range), "cannot map data pages"),
     "duplicate interface refs": (dict(nodes=_dup_intf), "duplicate grant ref"),
     "duplicate data refs": (dict(intf_hook=_dup_data_ref), "duplicate grant ref"),
-    "data ref aliases an interface page": (dict(intf_hook=_data_ref_is_intf_page), "duplicate grant ref"),
-    "unknown event channel": (dict(nodes=_set("event-channel-0", "4242")), "cannot bind event channel"),
+    "data ref aliases an interface page": (
+        dict(intf_hook=_data_ref_is_intf_page),
+        "duplicate grant ref",
+    ),
+    "unknown event channel": (
+        dict(nodes=_set("event-channel-0", "4242")),
+        "cannot bind event channel",
+    ),
 }
 
 
@@ -135,7 +141,7 @@ def test_bad_frontend_values_are_refused(
         async with environment(sock_path) as env:
             lst = await env.serve(1)
             kwargs, expected = BAD[case]
-            raw = await raw_handshake(env, 1, **kwargs)  # type: ignore[arg-type]
+            raw = await raw_handshake(env, 1, **kwargs)
             assert await raw.wait_backend({S.Connected, S.Closing}) == S.Closing
             assert any(
                 "refusing frontend" in r.getMessage() and expected in r.getMessage()

@@ -57,7 +57,9 @@ async def others_still_work(raw: RawFront, good: Any, ring: int = 1) -> None:
 
 async def ring_stopped(caplog: pytest.LogCaptureFixture, i: int) -> None:
     async def seen() -> bool:
-        return any(f"ring {i}:" in r.getMessage() and "stopped" in r.getMessage() for r in caplog.records)
+        return any(
+            f"ring {i}:" in r.getMessage() and "stopped" in r.getMessage() for r in caplog.records
+        )
 
     await wait_until(seen)
 
@@ -67,7 +69,9 @@ def _log(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="ninep.xen")
 
 
-def test_producer_index_jumping_past_the_ring(sock_path: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_producer_index_jumping_past_the_ring(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def main() -> None:
         async with environment(sock_path) as env:
             raw, good = await setup(env)
@@ -123,7 +127,9 @@ def test_header_size_rewritten_after_first_read_frames_by_the_first(sock_path: s
             raw.rings[0].evtchn.notify()
             await wait_until(lambda: _true(len(got) == 1))
             assert len(got[0]) == 100
-            assert struct.unpack_from("<I", got[0])[0] == 100  # the private copy says what was framed
+            assert (
+                struct.unpack_from("<I", got[0])[0] == 100
+            )  # the private copy says what was framed
             assert got[0][7:] == body
             # Framing is intact: the reply is whole and ring 0 goes on with the next message.
             from transports.xen._ext import ring_ext
@@ -155,7 +161,9 @@ async def _true(v: bool) -> bool:
     ],
     ids=["size<7", "size>msize", "size>ring", "noise"],
 )
-def test_garbage_in_the_ring(sock_path: str, caplog: pytest.LogCaptureFixture, garbage: bytes) -> None:
+def test_garbage_in_the_ring(
+    sock_path: str, caplog: pytest.LogCaptureFixture, garbage: bytes
+) -> None:
     async def main() -> None:
         async with environment(sock_path) as env:
             raw, good = await setup(env)
@@ -168,7 +176,9 @@ def test_garbage_in_the_ring(sock_path: str, caplog: pytest.LogCaptureFixture, g
     run(main)
 
 
-def test_consumer_index_written_by_the_wrong_side(sock_path: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_consumer_index_written_by_the_wrong_side(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def main() -> None:
         async with environment(sock_path) as env:
             raw, good = await setup(env)
@@ -246,7 +256,7 @@ def test_missing_doorbells(sock_path: str) -> None:
             # ... until the next doorbell, which must make the backend take everything queued.
             assert r.ring.put([msg(4)])
             r.evtchn.notify()
-            tags = []
+            tags: list[int] = []
             with trio.fail_after(5):
                 while len(tags) < 4:
                     m = r.ring.take(RING)
@@ -284,7 +294,7 @@ def test_responses_wait_for_space_and_never_overwrite(sock_path: str) -> None:
             await wait_until(lambda: _true(raw.get_idx(0, IN_PROD) == 4000))
             await trio.sleep(0.1)
             assert raw.get_idx(0, IN_PROD) == 4000
-            got = []
+            got: list[bytes] = []
             with trio.fail_after(5):
                 while len(got) < 3:
                     m = r.ring.take(RING)

@@ -26,7 +26,10 @@ def _ensure_extension() -> None:
     except ImportError:
         pass
     subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, check=True, capture_output=True
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
 
 
@@ -67,7 +70,9 @@ async def echo(chan: Any) -> None:
         await chan.send([bytes(b[:7]), bytes(b[7:])])
 
 
-async def wait_until(pred: Callable[[], Awaitable[bool]], timeout: float = 5, what: str = "") -> None:
+async def wait_until(
+    pred: Callable[[], Awaitable[bool]], timeout: float = 5, what: str = ""
+) -> None:
     with trio.fail_after(timeout):
         while not await pred():
             await trio.sleep(0.005)
@@ -100,7 +105,9 @@ class Env:
     async def backend_state(self, domid: int, devid: int = 0) -> int:
         p = await self.platform(0x7000 + domid)
         try:
-            return int(await read_or(p, f"/local/domain/0/backend/9pfs/{domid}/{devid}/state", "-1") or -1)
+            return int(
+                await read_or(p, f"/local/domain/0/backend/9pfs/{domid}/{devid}/state", "-1") or -1
+            )
         finally:
             await p.aclose()
 
@@ -138,7 +145,7 @@ class RawFront:
     order: int
 
     def intf(self, i: int) -> memoryview:
-        return self.rings[i].intf.view  # type: ignore[no-any-return]
+        return self.rings[i].intf.view
 
     def set_idx(self, i: int, off: int, value: int) -> None:
         struct.pack_into("<I", self.intf(i), off, value & 0xFFFFFFFF)
@@ -182,7 +189,9 @@ async def raw_handshake(
     frontend publishes and `intf_hook` the interface pages, to play a hostile guest."""
     from transports.xen._ext import ring_ext
 
-    plat = await env.platform(domid, arena_pages=max(64, num_rings * (1 + (1 << min(order, 9))) + 16))
+    plat = await env.platform(
+        domid, arena_pages=max(64, num_rings * (1 + (1 << min(order, 9))) + 16)
+    )
     fe = f"/local/domain/{domid}/device/9pfs/{devid}"
     be = await plat.read(f"{fe}/backend")
     raw = RawFront(plat, fe, be, [], order)

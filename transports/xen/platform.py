@@ -282,7 +282,9 @@ class EmuPlatform:
                 while True:
                     try:
                         if arena is not None:
-                            await plat._request("introduce", [arena.fd], domid=domid, pages=arena.pages)
+                            await plat._request(
+                                "introduce", [arena.fd], domid=domid, pages=arena.pages
+                            )
                         else:
                             await plat._request("introduce", domid=domid)
                         introduced = True
