@@ -96,6 +96,8 @@ class Client:
                 await channel.aclose()
 
     async def version(self, msize: int, version: str) -> tuple[int, str]:
+        # As Linux's p9_client_create: never ask for more than the transport can carry.
+        msize = min(msize, self.channel.max_message_size)
         reply = await self.rpc(m.Tversion(msize, version), tag=NOTAG)
         assert isinstance(reply, m.Rversion)
         if reply.version == VERSION_UNKNOWN:
