@@ -123,6 +123,8 @@ class Frontend:
         self.protocol = 0
         self.tag = ""
         self.kicks = 0
+        self.last_head = -1
+        self.last_layout: list[tuple[int, int]] = []  # (len, flags) of the last request placed
         self.interrupts = 0
         self._receive_lock = trio.Lock()
         self._closed = False
@@ -148,6 +150,7 @@ class Frontend:
 
     def publish(self, head: int, *, kick: bool = True) -> None:
         """Adds `head` to the available ring and kicks if the device asked for it."""
+        self.last_head = head
         struct.pack_into("<H", self.mem, self.offset(self.avail + 4 + 2 * (self.avail_idx % self.num)), head)
         old = self.avail_idx
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
@@ -354,6 +357,7 @@ class Frontend:
             inn = _pages(slot.inb, self.msize)
         slot.segments = inn
         descs = [(a, n, 0) for a, n in out] + [(a, n, F_WRITE) for a, n in inn]
+        self.last_layout = [(n, f) for _, n, f in descs]
         if self.features & vu.VIRTIO_RING_F_INDIRECT_DESC:
             for i, (a, n, f) in enumerate(descs):
                 last = i == len(descs) - 1
