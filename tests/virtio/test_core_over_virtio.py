@@ -39,7 +39,7 @@ def test_server_and_client_over_vhost_user() -> None:
                 assert {f"d{i}" for i in range(40)} | {"big"} <= names
                 # Many requests in flight at once on the one queue.
                 async with trio.open_nursery() as n:
-                    for i in range(100):
+                    for _ in range(100):
                         n.start_soon(c.getattr, root)
 
     trio.run(main)
