@@ -819,4 +819,3 @@ async def serve(ops: FuseOperations, mountpoint: str, options: set[str]) -> None
         with trio.CancelScope(shield=True):
             pyfuse3.close(unmount=not unmounted_cleanly)
             await ops.forget_all()
-

@@ -52,7 +52,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="host directory, 9p://HOST:PORT/ANAME, unix:PATH, tcp:H:P, memory:")
+    p.add_argument(
+        "source", help="host directory, 9p://HOST:PORT/ANAME, unix:PATH, tcp:H:P, memory:"
+    )
     p.add_argument("mountpoint", help="an existing directory to mount on")
     p.add_argument(
         "--security-model",

@@ -251,7 +251,9 @@ def open_kind(kind: str, base: Path) -> Mount:
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def mount(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+def mount(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mount]:
     base = tmp_path_factory.mktemp(f"fuse-{request.param}")
     m = open_kind(request.param, base)
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,9 @@ from .conftest import Mount, close_mount, open_kind
 
 
 @pytest.fixture(scope="module", params=["memory", "local"])
-def mnt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+def mnt(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mount]:
     m = open_kind(request.param, tmp_path_factory.mktemp(f"inodes-{request.param}"))
     try:
         yield m

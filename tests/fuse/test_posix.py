@@ -31,7 +31,11 @@ def sh(*cmd: str, **kw: object) -> str:
 
 
 def xattrs(p: Path) -> dict[str, bytes]:
-    return {n: os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False) if n.startswith("user.")}
+    return {
+        n: os.getxattr(p, n, follow_symlinks=False)
+        for n in os.listxattr(p, follow_symlinks=False)
+        if n.startswith("user.")
+    }
 
 
 def test_ls_l(work: Work) -> None:
@@ -41,7 +45,9 @@ def test_ls_l(work: Work) -> None:
     (d / "sub").mkdir(mode=0o750)
     os.symlink("file", d / "link")
     out = sh("ls", "-l", "--time-style=+", str(d))
-    lines = {ln.split()[-1] if "->" not in ln else ln.split()[-3]: ln for ln in out.splitlines()[1:]}
+    lines = {
+        ln.split()[-1] if "->" not in ln else ln.split()[-3]: ln for ln in out.splitlines()[1:]
+    }
     assert lines["file"].startswith("-rw-r-----") and " 1234 " in lines["file"]
     assert lines["sub"].startswith("drwxr-x---")
     assert lines["link"].startswith("lrwxrwxrwx") and lines["link"].endswith("link -> file")
@@ -67,7 +73,11 @@ def _make_tree(src: Path) -> None:
     os.chmod(src / "dir" / "deeper", 0o711)
     stamp = 981173106  # 2001-02-03
     for i, p in enumerate(sorted(src.rglob("*"))):
-        os.utime(p, ns=((stamp + i) * 10**9 + 123456789, (stamp + 2 * i) * 10**9 + 987654321), follow_symlinks=False)
+        os.utime(
+            p,
+            ns=((stamp + i) * 10**9 + 123456789, (stamp + 2 * i) * 10**9 + 987654321),
+            follow_symlinks=False,
+        )
 
 
 def _snapshot(root: Path) -> dict[str, tuple[object, ...]]:
@@ -382,7 +392,7 @@ def test_mmap_read_write(work: Work) -> None:
     f.write_bytes(bytes(i % 251 for i in range(size)))
     with open(f, "r+b") as fp:
         m = mmap.mmap(fp.fileno(), 0)
-        assert m[: 5] == bytes(range(5)) and m[size - 1] == (size - 1) % 251
+        assert m[:5] == bytes(range(5)) and m[size - 1] == (size - 1) % 251
         m[10:20] = b"ABCDEFGHIJ"
         m[2 * mmap.PAGESIZE : 2 * mmap.PAGESIZE + 4] = b"page"
         m.flush()
