@@ -35,7 +35,6 @@ from fs_backends.base import Backend, Cred, Node
 
 log = logging.getLogger("ninep.mount")
 
-SECURITY_MODELS = ("passthrough", "none", "mapped-xattr", "mapped-file", "mapped")
 DEFAULT_9P_PORT = 564
 REMOTE_SCHEMES = ("tcp:", "unix:", "fd:", "vhost-user:", "xen:")
 
@@ -48,6 +47,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     configure_parser(p)
+    p.set_defaults(func=run)
     return p
 
 
@@ -56,13 +56,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "source", help="host directory, 9p://HOST:PORT/ANAME, unix:PATH, tcp:H:P, memory:"
     )
     p.add_argument("mountpoint", help="an existing directory to mount on")
-    p.add_argument(
-        "--security-model",
-        choices=SECURITY_MODELS,
-        default=None,
-        help="credential model for a host directory (default: passthrough as root, else none)",
-    )
-    p.add_argument("--readonly", action="store_true", help="mount read-only")
+    from ninep.cli import add_backend_arguments
+
+    add_backend_arguments(p)  # --readonly, --security-model, --multidevs (host directories)
     p.add_argument(
         "-o",
         dest="options",
@@ -91,7 +87,7 @@ class Source:
 def parse_source(source: str, aname: str | None = None) -> Source:
     """Classify SOURCE (see the module docstring)."""
     if source.startswith("9p://"):
-        u = urlsplit(source)
+        u = urlsplit("ninep" + source[2:])  # urlsplit wants a scheme starting with a letter
         if not u.hostname:
             raise ValueError(f"no host in {source!r}")
         host = u.hostname
@@ -124,31 +120,25 @@ def raise_fd_limit() -> None:
             continue
 
 
-async def open_backend(args: argparse.Namespace) -> tuple[Backend, Node]:
+async def open_backend(
+    args: argparse.Namespace, stack: contextlib.AsyncExitStack
+) -> tuple[Backend, Node]:
     """The Backend SOURCE names and its attached root."""
     src = parse_source(args.source, args.aname)
     uname = args.uname or os.environ.get("USER") or "root"
     cred = Cred(uid=os.geteuid(), gid=os.getegid(), uname=uname)
     backend: Backend
-    if src.kind == "local":
-        from fs_backends.local import LocalBackend
+    if src.kind in ("local", "memory"):
+        from ninep.cli import make_backend
 
-        model = args.security_model or ("passthrough" if os.geteuid() == 0 else "none")
-        if model == "mapped":
-            model = "mapped-xattr"
-        if not os.path.isdir(src.path):
-            raise ValueError(f"{src.path}: not a directory")
-        backend = LocalBackend(src.path, security_model=model, readonly=args.readonly)  # type: ignore[call-arg]
-        aname = ""
-    elif src.kind == "memory":
-        from fs_backends.memory import MemoryBackend
-
-        backend = MemoryBackend()
+        backend = make_backend(src.path if src.kind == "local" else "memory:", args)
         aname = ""
     else:
         from fs_backends.remote import RemoteBackend
 
-        backend = await RemoteBackend.connect(src.address, msize=args.msize, uname=uname)
+        backend = await stack.enter_async_context(
+            RemoteBackend.connect(src.address, msize=args.msize, uname=uname)
+        )
         aname = src.aname
     try:
         root = await backend.attach(aname, cred)
@@ -172,12 +162,19 @@ async def _signals(ops: Any, cancel: trio.CancelScope) -> None:
 
 
 async def amain(args: argparse.Namespace, ready: Callable[[], None]) -> None:
+    raise_fd_limit()
+    async with contextlib.AsyncExitStack() as stack:
+        await _mount(args, ready, stack)
+
+
+async def _mount(
+    args: argparse.Namespace, ready: Callable[[], None], stack: contextlib.AsyncExitStack
+) -> None:
     import pyfuse3
 
     from ninep.fuse import FuseOperations, mount_options
 
-    raise_fd_limit()
-    backend, root = await open_backend(args)
+    backend, root = await open_backend(args, stack)
     ops = FuseOperations(
         backend,
         root,
@@ -239,10 +236,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.mountpoint}: not a directory", file=sys.stderr)
         return 2
     try:
-        parse_source(args.source, args.aname)
+        src = parse_source(args.source, args.aname)
     except ValueError as e:
         print(f"ninep mount: {e}", file=sys.stderr)
         return 2
+    # Absolute paths: the daemon changes to / before mounting.
+    args.mountpoint = os.path.abspath(args.mountpoint)
+    if src.kind == "local":
+        args.source = os.path.abspath(args.source)
     if args.daemon:
         return _run_daemon(args)
     _setup_logging(args)
