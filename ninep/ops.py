@@ -192,7 +192,8 @@ async def walk(s: Session, msg: m.Twalk) -> m.Message:
         except OSError:
             await s.backend.release(target)
             raise
-    return m.Rwalk([n.qid for n in nodes])
+    # A clone (no names) answers no qids: nwqid is one per name walked.
+    return m.Rwalk([n.qid for n in nodes] if msg.wname else [])
 
 
 async def clunk(s: Session, msg: m.Tclunk) -> m.Message:
@@ -269,6 +270,7 @@ async def read(s: Session, msg: m.Tread) -> m.Message | Sent:
         return m.Rread(await read_dir(s, fid, msg.offset, count))
     zc = getattr(s.channel, "send_rread", None)
     if zc is not None and fid.open.fd is not None:
+        s.mark_answered(msg.tag)  # the channel replies itself; the tag is free once it has
         await zc(msg.tag, fid.open.fd, msg.offset, count)
         return SENT
     return m.Rread(await s.backend.read(fid.open, msg.offset, count))

@@ -71,6 +71,8 @@ class Request:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     started: float = 0.0
+    #: Set just before the reply goes out: from then on the client may reuse the tag.
+    answered: bool = False
 
 
 class Session:
@@ -155,6 +157,11 @@ class Session:
     def cred_for(self, fid: Fid, gid: int | None = None) -> Cred:
         return fid.cred if gid is None else Cred(fid.cred.uid, gid, fid.cred.uname)
 
+    def mark_answered(self, tag: int) -> None:
+        req = self.inflight.get(tag)
+        if req is not None:
+            req.answered = True
+
     def check_writable(self) -> None:
         if self.options.readonly or self.backend.info.readonly:
             raise OSError(errno.EROFS, "read-only export")
@@ -175,7 +182,8 @@ class Session:
         if self._closing:
             await self.send_error(tag, errno.ESHUTDOWN)
             return
-        if tag in self.inflight:
+        old = self.inflight.get(tag)
+        if old is not None and not old.answered:
             raise FramingError(f"tag {tag} reused while still in flight")
         await self._slots.acquire()
         req = Request(tag, msgtype, started=time.perf_counter())
@@ -209,6 +217,7 @@ class Session:
             # Outside the scope: a reply that was computed is always sent whole, even if a flush
             # arrives meanwhile; a request cancelled before it had a reply sends nothing.
             with trio.CancelScope(shield=True):
+                req.answered = reply is not None or err is not None
                 if isinstance(reply, m.Message):
                     reply.tag = req.tag
                     await self.send(reply)
@@ -221,7 +230,8 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection is going away; run() cleans up
         finally:
-            self.inflight.pop(req.tag, None)
+            if self.inflight.get(req.tag) is req:
+                del self.inflight[req.tag]
             req.done.set()
             self._slots.release()
 
