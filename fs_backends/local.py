@@ -909,15 +909,16 @@ class LocalBackend:
                 self._decref_locked(n.parent)
                 n.parent, n.name = None, b""
 
-    async def rename(self, node: LocalNode, newdir: LocalNode, newname: str) -> None:
+    async def rename(self, node: LocalNode, newdir: LocalNode | None, newname: str) -> None:
         self._alive(node)
-        nh = self._dir(newdir)
+        given = self._dir(newdir) if newdir is not None else None
         nname = self._bname(newname, creating=True)
         self._ro()
 
         def run() -> None:
             with self._ns:
                 ph, oname = self._locate(node)
+                nh = given if given is not None else ph  # None: stay in the same directory
                 try:
                     os.rename(oname, nname, src_dir_fd=ph.fd, dst_dir_fd=nh.fd)
                     self._moved(ph.ident, oname, nh, nname, node.h.ident)
