@@ -911,9 +911,10 @@ class LocalBackend:
                 self._decref_locked(n.parent)
                 n.parent, n.name = None, b""
 
-    async def rename(self, node: LocalNode, newdir: LocalNode, newname: str) -> None:
+    async def rename(self, node: LocalNode, newdir: LocalNode | None, newname: str) -> None:
+        """Trename; `newdir` None renames within the directory the node is in now."""
         self._alive(node)
-        nh = self._dir(newdir)
+        nh0 = self._dir(newdir) if newdir is not None else None
         nname = self._bname(newname, creating=True)
         self._ro()
 
@@ -921,6 +922,7 @@ class LocalBackend:
             with self._ns:
                 ph, oname = self._locate(node)
                 try:
+                    nh = nh0 if nh0 is not None else ph
                     os.rename(oname, nname, src_dir_fd=ph.fd, dst_dir_fd=nh.fd)
                     self._moved(ph.ident, oname, nh, nname, node.h.ident)
                 finally:

@@ -611,3 +611,18 @@ def test_errors_are_fserror_or_oserror(fs: Sync) -> None:
         fs.walk(root, ["missing"])
     assert isinstance(ei.value, OSError)
     assert isinstance(FsError(errno.ENOENT), OSError)
+
+
+def test_rename_in_place(fs: Sync) -> None:
+    """Trename with no new directory (9P2000 wstat rename) stays in the current directory."""
+    root = fs.attach("", ROOT)
+    fs.mkdir(root, "d", 0o755, ROOT)
+    d = fs.walk(root, ["d"])[0]
+    n = mkfile(fs, d, "a", b"1")
+    fs.rename(n, None, "b")
+    assert fs.walk(root, ["d", "b"])[-1].qid.path == n.qid.path
+    fs.renameat(root, "d", root, "e")
+    fs.rename(n, None, "c")
+    assert fs.walk(root, ["e", "c"])[-1].qid.path == n.qid.path
+    with pytest.raises(OSError):
+        fs.rename(root, None, "x")
