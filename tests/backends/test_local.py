@@ -189,15 +189,22 @@ def test_dir_swapped_for_symlink_race(lfs: Sync, layout: tuple[Path, Path]) -> N
             os.unlink(d)
             os.rename(export / "d.real", d)
             flips += 1
+            time.sleep(0.0002)  # leave the real directory in place for a moment too
 
     t = threading.Thread(target=flipper)
     t.start()
     root = lfs.attach("", ROOT)
     reads: list[bytes] = []
-    deadline = time.monotonic() + 1.0
+    t0 = time.monotonic()
     n = saw_symlink = 0
+
+    def go_on() -> bool:
+        # About a second, longer (up to 8 s) until both states were actually met.
+        t = time.monotonic() - t0
+        return t < 1.0 or (t < 8.0 and not (saw_symlink and b"inside" in reads))
+
     try:
-        while time.monotonic() < deadline:
+        while go_on():
             n += 1
             try:
                 nodes = lfs.walk(root, ["d", "secret"])
