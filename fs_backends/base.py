@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno as _errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 
 class FsError(OSError):
@@ -32,9 +32,12 @@ class FsError(OSError):
         super().__init__(err, message or _errno.errorcode.get(err, "error"))
 
 
-@dataclass(frozen=True, slots=True)
-class Qid:
-    """The server's unique identity of a file: type (QT* bits), version, path (unique per file)."""
+class Qid(NamedTuple):
+    """The server's unique identity of a file: type (QT* bits), version, path (unique per file).
+
+    A NamedTuple rather than a frozen dataclass because the codec creates one per decoded qid and
+    per reply, and tuple construction is several times cheaper; it is immutable and hashable all
+    the same."""
 
     type: int = 0
     version: int = 0
@@ -223,8 +226,9 @@ class Backend(Protocol):
 
     async def readlink(self, node: Node) -> str: ...
 
-    async def rename(self, node: Node, newdir: Node, newname: str) -> None:
-        """Move the file `node` refers to (Trename). The backend knows where `node` lives."""
+    async def rename(self, node: Node, newdir: Node | None, newname: str) -> None:
+        """Move the file `node` refers to (Trename). The backend knows where `node` lives;
+        `newdir` None means "in the directory it is in now" (9P2000 wstat renames)."""
         ...
 
     async def renameat(self, olddir: Node, oldname: str, newdir: Node, newname: str) -> None: ...

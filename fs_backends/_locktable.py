@@ -1,0 +1,110 @@
+"""POSIX byte-range lock bookkeeping for one file, keyed by lock owner.
+
+Used by the memory backend as the lock implementation and by the local backend as a mirror of
+the OFD locks it holds on the host (to name the owner of a conflicting lock in Tgetlock).
+Ranges are half-open [start, end) with end None meaning "to end of file" (9P length 0).
+This module must never block or do I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from ninep.protocol import LOCK_TYPE_RDLCK, LOCK_TYPE_UNLCK, LOCK_TYPE_WRLCK
+
+MAX_OFFSET = 2**63 - 1
+
+
+@dataclass(slots=True)
+class Range:
+    owner: Hashable
+    type: int  # LOCK_TYPE_RDLCK or LOCK_TYPE_WRLCK
+    start: int
+    end: int | None  # exclusive; None = to end of file
+
+
+def span(start: int, length: int) -> tuple[int, int | None]:
+    """9P (start, length) to a half-open range; length 0 means to end of file."""
+    if length == 0:
+        return start, None
+    end = start + length
+    return start, (end if end <= MAX_OFFSET else None)
+
+
+def _overlaps(a_start: int, a_end: int | None, b_start: int, b_end: int | None) -> bool:
+    if a_end is not None and a_end <= b_start:
+        return False
+    return not (b_end is not None and b_end <= a_start)
+
+
+def _conflicts(a: int, b: int) -> bool:
+    return a == LOCK_TYPE_WRLCK or b == LOCK_TYPE_WRLCK
+
+
+class LockTable:
+    """All locks on one file."""
+
+    __slots__ = ("ranges",)
+
+    def __init__(self) -> None:
+        self.ranges: list[Range] = []
+
+    def conflict(self, owner: Hashable, type: int, start: int, end: int | None) -> Range | None:
+        """The first lock of another owner that a `type` lock on [start, end) would conflict with."""
+        if type == LOCK_TYPE_UNLCK:
+            return None
+        for r in self.ranges:
+            if (
+                r.owner != owner
+                and _conflicts(r.type, type)
+                and _overlaps(r.start, r.end, start, end)
+            ):
+                return r
+        return None
+
+    def apply(self, owner: Hashable, type: int, start: int, end: int | None) -> None:
+        """Set (or with UNLCK clear) `owner`'s lock on [start, end), splitting and merging the
+        owner's existing ranges as POSIX fcntl does. The caller checked for conflicts."""
+        kept: list[Range] = []
+        mine: list[Range] = []
+        for r in self.ranges:
+            if r.owner != owner:
+                kept.append(r)
+                continue
+            if not _overlaps(r.start, r.end, start, end):
+                mine.append(r)
+                continue
+            # Keep the parts of r outside [start, end).
+            if r.start < start:
+                mine.append(Range(owner, r.type, r.start, start))
+            if end is not None and (r.end is None or r.end > end):
+                mine.append(Range(owner, r.type, end, r.end))
+        if type != LOCK_TYPE_UNLCK:
+            mine.append(Range(owner, type, start, end))
+        # Merge touching ranges of the same type.
+        mine.sort(key=lambda r: r.start)
+        merged: list[Range] = []
+        for r in mine:
+            if merged:
+                last = merged[-1]
+                if last.type == r.type and last.end is not None and last.end >= r.start:
+                    if r.end is None or r.end > last.end:
+                        last.end = r.end
+                    continue
+                if last.type == r.type and last.end is None:
+                    continue
+            merged.append(r)
+        self.ranges = kept + merged
+
+    def drop(self, owner: Hashable) -> None:
+        self.ranges = [r for r in self.ranges if r.owner != owner]
+
+    def owners(self) -> set[Hashable]:
+        return {r.owner for r in self.ranges}
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+
+__all__ = ["LOCK_TYPE_RDLCK", "LockTable", "Range", "span"]

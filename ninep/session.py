@@ -1,0 +1,287 @@
+"""One 9P connection: dialect and msize negotiation, the fid table, requests in flight, flush.
+
+The session reads whole messages from a Channel, runs each request as its own trio task (many in
+flight, answered as they finish), and hands decoded T-messages to the handlers in `ninep.ops`.
+Tflush cancels the request's cancel scope and is answered after it; a cancelled request gets no
+reply. When the connection ends every in-flight request is cancelled and every fid clunked, so a
+client dying mid-request leaks nothing.
+
+This module must never touch the host filesystem or a socket directly: files go through the
+Backend, bytes through the Channel.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from fs_backends.base import Backend, Cred, Node
+from ninep import messages as m
+from ninep.codec import HEADER, Codec, DecodeError, codec_for
+from ninep.fids import Fid
+from ninep.protocol import (
+    IOHDRSZ,
+    MIN_MSIZE,
+    V9P2000,
+    V9P2000_L,
+    V9P2000_U,
+    VERSION_UNKNOWN,
+    T,
+)
+from transports.base import Channel, FramingError
+
+log = logging.getLogger("ninep.session")
+trace_log = logging.getLogger("ninep.trace")
+
+_connection_ids = itertools.count(1)
+
+
+class Sent:
+    """Returned by a handler that already sent its reply itself (zero-copy reads)."""
+
+
+SENT = Sent()
+
+Handler = Callable[["Session", Any], Awaitable[m.Message | Sent]]
+
+
+@dataclass(slots=True)
+class SessionOptions:
+    readonly: bool = False
+    max_msize: int = 512 * 1024
+    max_fids: int = 65536
+    max_inflight: int = 256
+    trace: bool = False
+    #: Grace period for in-flight requests at shutdown.
+    drain_seconds: float = 3.0
+
+
+@dataclass(slots=True)
+class Request:
+    tag: int
+    msgtype: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    started: float = 0.0
+
+
+class Session:
+    def __init__(self, backend: Backend, channel: Channel, options: SessionOptions | None = None) -> None:
+        self.backend = backend
+        self.channel = channel
+        self.options = options or SessionOptions()
+        self.conn_id = next(_connection_ids)
+        self.dialect: str | None = None
+        self.codec: Codec = codec_for(V9P2000_L)
+        self.msize = 0
+        self.fids: dict[int, Fid] = {}
+        self.inflight: dict[int, Request] = {}
+        self._slots = trio.Semaphore(self.options.max_inflight)
+        self._handlers: dict[int, Handler] = {}
+        self._closing = False
+
+    # --- public --------------------------------------------------------------------------------
+
+    @property
+    def iounit(self) -> int:
+        bs = max(self.backend.info.block_size, 512)
+        unit = self.msize - IOHDRSZ
+        return unit - unit % bs if unit >= bs else unit
+
+    async def run(self) -> None:
+        """Serve the channel until the peer goes away; then cancel what is in flight and clunk
+        every fid."""
+        peer = self.channel.peer
+        log.info("connection %d from %s", self.conn_id, peer)
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    while True:
+                        buf = await self.channel.receive()
+                        await self._dispatch(buf, nursery)
+                except trio.EndOfChannel:
+                    log.info("connection %d from %s closed", self.conn_id, peer)
+                except FramingError as e:
+                    log.warning("connection %d from %s: dropping, framing lost: %s", self.conn_id, peer, e)
+                except trio.BrokenResourceError as e:
+                    log.info("connection %d from %s broken: %s", self.conn_id, peer, e)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.clunk_all()
+
+    async def drain(self) -> None:
+        """Graceful shutdown: stop taking requests, let in-flight ones finish for a while, then
+        cancel them."""
+        self._closing = True
+        with trio.move_on_after(self.options.drain_seconds):
+            for req in list(self.inflight.values()):
+                await req.done.wait()
+        for req in list(self.inflight.values()):
+            req.scope.cancel()
+
+    async def clunk_all(self) -> None:
+        from ninep.ops import release_fid
+
+        fids, self.fids = self.fids, {}
+        for fid in fids.values():
+            await release_fid(self, fid)
+
+    # --- fids ---------------------------------------------------------------------------------
+
+    def fid(self, number: int) -> Fid:
+        f = self.fids.get(number)
+        if f is None:
+            raise OSError(errno.EBADF, f"unknown fid {number}")
+        return f
+
+    def new_fid(self, number: int, fid: Fid) -> None:
+        if number in self.fids:
+            raise OSError(errno.EBADF, f"fid {number} already in use")
+        if len(self.fids) >= self.options.max_fids:
+            log.warning("connection %d: fid limit %d reached", self.conn_id, self.options.max_fids)
+            raise OSError(errno.EMFILE, "too many fids on this connection")
+        self.fids[number] = fid
+
+    def cred_for(self, fid: Fid, gid: int | None = None) -> Cred:
+        return fid.cred if gid is None else Cred(fid.cred.uid, gid, fid.cred.uname)
+
+    def check_writable(self) -> None:
+        if self.options.readonly or self.backend.info.readonly:
+            raise OSError(errno.EROFS, "read-only export")
+
+    async def release_node(self, node: Node) -> None:
+        await self.backend.release(node)
+
+    # --- dispatch -----------------------------------------------------------------------------
+
+    async def _dispatch(self, buf: memoryview, nursery: trio.Nursery) -> None:
+        _, msgtype, tag = HEADER.unpack_from(buf, 0)
+        if msgtype == T.Tversion:
+            await self._version(buf, tag)
+            return
+        if self.dialect is None:
+            await self._send_error_raw(tag, errno.EPROTO, "Tversion must come first", V9P2000)
+            return
+        if self._closing:
+            await self.send_error(tag, errno.ESHUTDOWN)
+            return
+        if tag in self.inflight:
+            raise FramingError(f"tag {tag} reused while still in flight")
+        await self._slots.acquire()
+        req = Request(tag, msgtype, started=time.perf_counter())
+        self.inflight[tag] = req
+        nursery.start_soon(self._run_request, buf, req)
+
+    async def _run_request(self, buf: memoryview, req: Request) -> None:
+        reply: m.Message | Sent | None = None
+        err: tuple[int, str] | None = None
+        try:
+            with req.scope:
+                try:
+                    msg = self.codec.decode(buf)
+                    if self.options.trace:
+                        trace_log.info("%d <- %s", self.conn_id, msg)
+                    handler = self._handlers.get(req.msgtype)
+                    if handler is None:
+                        raise OSError(errno.EOPNOTSUPP, f"{T(req.msgtype).name if req.msgtype in T._value2member_map_ else req.msgtype} not supported in {self.dialect}")
+                    reply = await handler(self, msg)
+                except DecodeError as e:
+                    log.info("connection %d: malformed message (type %s tag %s): %s", self.conn_id, req.msgtype, req.tag, e)
+                    err = (e.errno, str(e))
+                except OSError as e:
+                    err = (e.errno or errno.EIO, e.strerror or os.strerror(e.errno or errno.EIO))
+                except (ValueError, OverflowError) as e:
+                    # Values a backend refused outright (a name with NUL, an out-of-range number).
+                    err = (errno.EINVAL, str(e))
+                except Exception:
+                    log.exception("connection %d: request %s failed", self.conn_id, T(req.msgtype).name)
+                    err = (errno.EIO, "internal error")
+            # Outside the scope: a reply that was computed is always sent whole, even if a flush
+            # arrives meanwhile; a request cancelled before it had a reply sends nothing.
+            with trio.CancelScope(shield=True):
+                if isinstance(reply, m.Message):
+                    reply.tag = req.tag
+                    await self.send(reply)
+                elif err is not None:
+                    await self.send_error(req.tag, err[0], err[1])
+                if self.options.trace:
+                    ms = (time.perf_counter() - req.started) * 1000
+                    what = reply if reply is not None else (f"error {err[0]} {err[1]}" if err else "flushed, no reply")
+                    trace_log.info("%d -> %s (%.3f ms)", self.conn_id, what, ms)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the connection is going away; run() cleans up
+        finally:
+            self.inflight.pop(req.tag, None)
+            req.done.set()
+            self._slots.release()
+
+    # --- replies ------------------------------------------------------------------------------
+
+    async def send(self, msg: m.Message) -> None:
+        await self.channel.send(self.codec.encode(msg))
+
+    async def send_error(self, tag: int, err: int, text: str | None = None) -> None:
+        await self._send_error_raw(tag, err, text or os.strerror(err), self.dialect or V9P2000)
+
+    async def _send_error_raw(self, tag: int, err: int, text: str, dialect: str) -> None:
+        if dialect == V9P2000_L:
+            msg: m.Message = m.Rlerror(err, tag=tag)
+        else:
+            msg = m.Rerror(os.strerror(err) if dialect == V9P2000_U else text, err, tag=tag)
+        await self.channel.send(codec_for(dialect).encode(msg))
+
+    # --- version ------------------------------------------------------------------------------
+
+    async def _version(self, buf: memoryview, tag: int) -> None:
+        try:
+            tv = codec_for(V9P2000).decode(buf)
+            assert isinstance(tv, m.Tversion)
+        except DecodeError as e:
+            raise FramingError(f"malformed Tversion: {e}") from None
+        # Tversion aborts everything outstanding and resets the fid table.
+        for req in list(self.inflight.values()):
+            req.scope.cancel()
+        for req in list(self.inflight.values()):
+            await req.done.wait()
+        await self.clunk_all()
+        requested = tv.version
+        if requested in (V9P2000, V9P2000_U, V9P2000_L):
+            version = requested
+        elif requested.startswith(V9P2000):
+            version = V9P2000
+        else:
+            version = VERSION_UNKNOWN
+        if self.options.trace:
+            trace_log.info("%d <- %s", self.conn_id, tv)
+        if version != VERSION_UNKNOWN and tv.msize < MIN_MSIZE:
+            log.info("connection %d: msize %d below the minimum %d", self.conn_id, tv.msize, MIN_MSIZE)
+            await self._send_error_raw(tag, errno.EMSGSIZE, "msize too small", version)
+            return
+        msize = min(tv.msize, self.options.max_msize, self.channel.max_message_size)
+        reply = m.Rversion(msize, version, tag=tag)
+        await self.channel.send(codec_for(V9P2000).encode(reply))
+        if self.options.trace:
+            trace_log.info("%d -> %s", self.conn_id, reply)
+        if version == VERSION_UNKNOWN:
+            self.dialect = None
+            return
+        from ninep.ops import handlers_for
+
+        self.dialect = version
+        self.codec = codec_for(version)
+        self.msize = msize
+        self.channel.set_msize(msize)
+        self._handlers = handlers_for(version)
+        log.info("connection %d: %s, msize %d", self.conn_id, version, msize)
+
+

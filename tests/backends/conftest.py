@@ -1,0 +1,65 @@
+"""Fixtures for the backend suite: every behavioural test runs against each backend."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from fs_backends.base import Cred
+
+ROOT = Cred(0, 0, "root")
+
+
+class Sync:
+    """Calls a backend's async methods synchronously (one trio.run per call) to keep tests flat."""
+
+    def __init__(self, backend: Any) -> None:
+        self.b = backend
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        meth = getattr(self.b, name)
+        if not callable(meth):
+            return meth
+
+        @functools.wraps(meth)
+        def call(*args: Any, **kw: Any) -> Any:
+            return trio.run(functools.partial(meth, *args, **kw))
+
+        return call
+
+
+def make_backend(kind: str, root: Path, **kw: Any) -> Any:
+    if kind == "memory":
+        from fs_backends.memory import MemoryBackend
+
+        return MemoryBackend(**kw)
+    from fs_backends.local import LocalBackend
+
+    return LocalBackend(str(root), **kw)
+
+
+BACKENDS = ["memory", "local"]
+
+
+@pytest.fixture(params=BACKENDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Path:
+    p = tmp_path / "export"
+    p.mkdir()
+    return p
+
+
+@pytest.fixture
+def fs(kind: str, export: Path) -> Iterator[Sync]:
+    b = Sync(make_backend(kind, export))
+    yield b
+    b.aclose()

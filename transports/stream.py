@@ -1,0 +1,320 @@
+"""Byte-stream transports: TCP, unix sockets and inherited fd pairs, framed by the 9P size field.
+
+`tcp:HOST:PORT` and `unix:PATH` listen (server) or connect (client); `fd:RFD,WFD` wraps one
+already-connected pair of fds (what QEMU chardevs and Linux `trans=fd` use; `fd:0,1` is
+stdin/stdout), served as a single connection.
+
+Framing: every message starts with its little-endian u32 size, which counts itself. A size below 7
+or above the negotiated msize means the stream can no longer be trusted: `FramingError`, and the
+server drops the connection. This module must never interpret anything past the 7-byte header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Sequence
+
+import trio
+
+from transports.address import AddressError, ConnectOptions, ListenOptions
+from transports.base import Buffer, Channel, ChannelHandler, FramingError
+
+log = logging.getLogger("ninep.transport")
+
+_SIZE = struct.Struct("<I")
+#: Linux's fd/tcp transports cap msize at 1 MiB (MAX_SOCK_BUF); we allow the server's hard cap.
+STREAM_MAX_MESSAGE = 4 * 1024 * 1024
+_RECV_CHUNK = 256 * 1024
+
+
+class _Framer:
+    """Splits a byte stream into whole messages. `fill(n)` must append at least one byte or raise
+    EndOfChannel."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = bytearray()
+        self.pos = 0
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+
+    def take(self) -> memoryview | None:
+        """A whole message out of the buffer, copied (private), or None if not all there yet."""
+        avail = len(self.buf) - self.pos
+        if avail < 4:
+            return None
+        (size,) = _SIZE.unpack_from(self.buf, self.pos)
+        if size < 7 or size > self.limit:
+            raise FramingError(f"message size {size} outside 7..{self.limit}")
+        if avail < size:
+            return None
+        msg = memoryview(bytes(self.buf[self.pos:self.pos + size]))
+        self.pos += size
+        if self.pos == len(self.buf):
+            self.buf.clear()
+            self.pos = 0
+        elif self.pos > 1 << 20:
+            del self.buf[:self.pos]
+            self.pos = 0
+        return msg
+
+
+class SocketChannel:
+    """A Channel over a connected trio socket (TCP or unix), usable by server and client."""
+
+    def __init__(self, sock: trio.socket.SocketType, peer: str, max_message_size: int = STREAM_MAX_MESSAGE) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.max_message_size = max_message_size
+        self._framer = _Framer(max_message_size)
+        self._send_lock = trio.Lock()
+        self._closed = False
+
+    def set_msize(self, msize: int) -> None:
+        self._framer.set_limit(msize)
+
+    async def receive(self) -> memoryview:
+        f = self._framer
+        while True:
+            msg = f.take()
+            if msg is not None:
+                return msg
+            need = 4
+            if len(f.buf) - f.pos >= 4:
+                (need,) = _SIZE.unpack_from(f.buf, f.pos)
+            if need > _RECV_CHUNK and len(f.buf) - f.pos >= 4:
+                await self._receive_large(need)
+                continue
+            try:
+                data = await self.sock.recv(_RECV_CHUNK)
+            except (OSError, trio.ClosedResourceError) as e:
+                raise trio.EndOfChannel(str(e)) from None
+            if not data:
+                if len(f.buf) - f.pos:
+                    raise FramingError("connection closed in the middle of a message")
+                raise trio.EndOfChannel
+            f.buf += data
+
+    async def _receive_large(self, size: int) -> None:
+        """Reads the rest of a large message straight into its final buffer (one copy less)."""
+        f = self._framer
+        have = len(f.buf) - f.pos
+        out = bytearray(size)
+        out[:have] = f.buf[f.pos:]
+        view = memoryview(out)
+        while have < size:
+            try:
+                n = await self.sock.recv_into(view[have:])
+            except (OSError, trio.ClosedResourceError) as e:
+                raise trio.EndOfChannel(str(e)) from None
+            if n == 0:
+                raise FramingError("connection closed in the middle of a message")
+            have += n
+        f.buf = out
+        f.pos = 0
+
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        async with self._send_lock:
+            views = [memoryview(p).cast("B") for p in parts if len(p)]
+            try:
+                while views:
+                    n = await self.sock.sendmsg(views)
+                    while n and views:
+                        if n >= len(views[0]):
+                            n -= len(views[0])
+                            views.pop(0)
+                        else:
+                            views[0] = views[0][n:]
+                            n = 0
+            except OSError as e:
+                raise trio.BrokenResourceError(str(e)) from e
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+            await trio.lowlevel.checkpoint()
+
+
+class FdPairChannel:
+    """A Channel over a read fd and a write fd (pipes, a socketpair end twice, a character device)."""
+
+    def __init__(self, rfd: int, wfd: int, max_message_size: int = STREAM_MAX_MESSAGE) -> None:
+        self.peer = f"fd:{rfd},{wfd}"
+        self.max_message_size = max_message_size
+        self._r = trio.lowlevel.FdStream(os.dup(rfd))
+        self._w = self._r if rfd == wfd else trio.lowlevel.FdStream(os.dup(wfd))
+        self._framer = _Framer(max_message_size)
+        self._send_lock = trio.Lock()
+
+    def set_msize(self, msize: int) -> None:
+        self._framer.set_limit(msize)
+
+    async def receive(self) -> memoryview:
+        f = self._framer
+        while True:
+            msg = f.take()
+            if msg is not None:
+                return msg
+            try:
+                data = await self._r.receive_some(_RECV_CHUNK)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise trio.EndOfChannel(str(e)) from None
+            if not data:
+                if len(f.buf) - f.pos:
+                    raise FramingError("stream closed in the middle of a message")
+                raise trio.EndOfChannel
+            f.buf += data
+
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        async with self._send_lock:
+            await self._w.send_all(b"".join(parts))
+
+    async def aclose(self) -> None:
+        await self._r.aclose()
+        if self._w is not self._r:
+            await self._w.aclose()
+
+
+# --- listeners ---------------------------------------------------------------------------------
+
+
+async def _serve_channel(handler: ChannelHandler, channel: Channel) -> None:
+    try:
+        await handler(channel)
+    finally:
+        with trio.CancelScope(shield=True):
+            await channel.aclose()
+
+
+class SocketListener:
+    def __init__(self, address: str, family: int, sockaddr: object, max_message_size: int) -> None:
+        self.address = address
+        self.family = family
+        self.sockaddr = sockaddr
+        self.max_message_size = max_message_size
+        self.bound: object = None
+
+    async def serve(self, handler: ChannelHandler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(self.family, socket.SOCK_STREAM)
+        with sock:
+            if self.family == socket.AF_UNIX:
+                path = str(self.sockaddr)
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(os.lstat(path).st_mode):
+                        os.unlink(path)
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await sock.bind(self.sockaddr)
+            sock.listen(128)
+            self.bound = sock.getsockname()
+            log.info("listening on %s", self.address if self.family == socket.AF_UNIX else f"tcp:{self.bound[0]}:{self.bound[1]}")
+            task_status.started()
+            try:
+                async with trio.open_nursery() as nursery:
+                    while True:
+                        conn, addr = await sock.accept()
+                        if self.family != socket.AF_UNIX:
+                            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                            peer = f"tcp:{addr[0]}:{addr[1]}"
+                        else:
+                            peer = f"unix:{self.sockaddr}"
+                        nursery.start_soon(_serve_channel, handler, SocketChannel(conn, peer, self.max_message_size))
+            finally:
+                if self.family == socket.AF_UNIX:
+                    with contextlib.suppress(OSError):
+                        os.unlink(str(self.sockaddr))
+
+
+class FdListener:
+    """Serves exactly one connection: the inherited fd pair. Returns when the peer closes."""
+
+    def __init__(self, address: str, rfd: int, wfd: int, max_message_size: int) -> None:
+        self.address = address
+        self.rfd, self.wfd = rfd, wfd
+        self.max_message_size = max_message_size
+
+    async def serve(self, handler: ChannelHandler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        channel = FdPairChannel(self.rfd, self.wfd, self.max_message_size)
+        task_status.started()
+        await _serve_channel(handler, channel)
+
+
+def _parse_tcp(rest: str) -> tuple[str, int]:
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        raise AddressError(f"tcp address must be tcp:HOST:PORT, not tcp:{rest}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_fds(rest: str) -> tuple[int, int]:
+    r, sep, w = rest.partition(",")
+    if not sep or not r.isdigit() or not w.isdigit():
+        raise AddressError(f"fd address must be fd:RFD,WFD, not fd:{rest}")
+    return int(r), int(w)
+
+
+def listener_from_address(address: str, options: ListenOptions) -> SocketListener | FdListener:
+    scheme, _, rest = address.partition(":")
+    limit = min(options.max_msize, STREAM_MAX_MESSAGE)
+    if scheme == "tcp":
+        host, port = _parse_tcp(rest)
+        if not _is_loopback(host) and not options.insecure:
+            raise AddressError(f"refusing to serve unencrypted 9P on non-loopback {host}; pass --insecure to do it anyway")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return SocketListener(address, family, (host, port), limit)
+    if scheme == "unix":
+        if not rest:
+            raise AddressError("unix address must be unix:PATH")
+        return SocketListener(address, socket.AF_UNIX, rest, limit)
+    if scheme == "fd":
+        r, w = _parse_fds(rest)
+        return FdListener(address, r, w, limit)
+    raise AddressError(f"not a stream address: {address}")
+
+
+async def connect_address(address: str, options: ConnectOptions) -> Channel:
+    scheme, _, rest = address.partition(":")
+    limit = min(options.max_msize, STREAM_MAX_MESSAGE)
+    if scheme == "tcp":
+        host, port = _parse_tcp(rest)
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await sock.connect(sockaddr)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return SocketChannel(sock, address, limit)
+    if scheme == "unix":
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(rest)
+        except BaseException:
+            sock.close()
+            raise
+        return SocketChannel(sock, address, limit)
+    if scheme == "fd":
+        r, w = _parse_fds(rest)
+        return FdPairChannel(r, w, limit)
+    raise AddressError(f"not a stream address: {address}")
