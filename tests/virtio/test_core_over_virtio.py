@@ -43,3 +43,22 @@ def test_server_and_client_over_vhost_user() -> None:
                         n.start_soon(c.getattr, root)
 
     trio.run(main)
+
+
+def test_local_backend_reads_go_straight_into_guest_buffers(tmp_path) -> None:  # noqa: ANN001
+    from fs_backends.local import LocalBackend
+
+    data = os.urandom(700_000)
+    (tmp_path / "f").write_bytes(data)
+
+    async def main() -> None:
+        server = Server(LocalBackend(str(tmp_path)))
+        async with serving(server.handle, max_msize=512 * 1024) as (path, listener):
+            channel = await connect_address("vhost-user:" + path, ConnectOptions(max_msize=512 * 1024))
+            async with Client.connect(channel, msize=512 * 1024) as c:
+                root = await c.attach()
+                assert await c.read_file(root, "f") == data
+                queue_channel = listener.devices[0].vrings[0].channel
+                assert queue_channel is not None and queue_channel.zero_copy_reads >= 2
+
+    trio.run(main)

@@ -348,6 +348,7 @@ def test_random_driver_never_crashes(descs, heads, idx) -> None:
             r.offer(h)
         if idx > 10:
             r.set_avail_idx(idx)
+        before = bytes(r.mem)
         while True:
             try:
                 chain = r.queue.pop()
@@ -359,5 +360,24 @@ def test_random_driver_never_crashes(descs, heads, idx) -> None:
             n = chain.capacity
             chain.write([b"\xaa" * n])
             chain.complete(n)
+        # The device changed nothing but the used ring and device-writable buffers.
+        after = bytes(r.mem)
+        allowed = [(r.used, 6 + 8 * r.num)]
+        allowed += [(a, n) for a, n, f, _ in descs if f & WRITE and not f & INDIRECT]
+        expected = bytearray(before)
+        for a, n in allowed:
+            lo, hi = max(a, GPA_BASE), min(a + n, GPA_BASE + MEM_SIZE)
+            if lo < hi:
+                expected[lo - GPA_BASE : hi - GPA_BASE] = after[lo - GPA_BASE : hi - GPA_BASE]
+        assert expected == after, "the device wrote outside the used ring and writable buffers"
     finally:
         r.close()
+
+
+def test_driver_writing_the_used_index_does_not_move_the_device(ring: Ring) -> None:
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 8, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    struct.pack_into("<H", ring.mem, ring.off(ring.used + 2), 40)  # the wrong side writes used.idx
+    chain.complete(2)
+    assert ring.used_idx() == 1 and ring.used_elem(0) == (0, 2)

@@ -353,3 +353,30 @@ def test_zero_copy_twrite_layout_reaches_server_as_one_message() -> None:
 
     run(main)
 
+
+
+def test_missing_doorbells_and_doorbell_storms() -> None:
+    async def main() -> None:
+        echo = Echo()
+        async with serving(echo) as (path, _):
+            fe = Frontend(path, msize=65536, event_idx=False)
+            ch = await fe.connect()
+            # Two requests published with only one kick between them: both are served.
+            for tag in (1, 2):
+                slot = fe.slots[fe.free.pop()]
+                await fe.slot_sem.acquire()
+                head = fe.place(slot, HDR.pack(7, 100, tag))
+                fe.publish(head, kick=(tag == 2))
+            tags = set()
+            for _ in range(2):
+                tags.add(HDR.unpack_from(await ch.receive())[2])
+            assert tags == {1, 2}
+            # A storm of kicks with nothing queued changes nothing.
+            for _ in range(5000):
+                fe.kick()
+            await trio.sleep(0.05)
+            assert await roundtrip(ch, 3, b"calm") == b"calm"
+            assert len(echo.received) == 3
+            await ch.aclose()
+
+    run(main)

@@ -55,6 +55,7 @@ class QueueChannel:
         self._inflight: dict[int, deque[Chain]] = {}
         self._flushes: dict[int, int] = {}  # tag of a Tflush -> the tag it flushes
         self._closed = False
+        self.zero_copy_reads = 0  # Rreads that went file -> guest buffers directly
 
     # -- fed by the back-end ------------------------------------------------------------------
     def deliver(self, chain: Chain) -> None:
@@ -137,6 +138,7 @@ class QueueChannel:
             if not self._closed:
                 self._inflight.setdefault(tag, deque()).appendleft(chain)
             raise
+        self.zero_copy_reads += 1
         if not self._closed:
             chain.write([RREAD_HEADER.pack(RREAD_HEADER.size + n, RREAD, tag, n)])
             self._complete(chain, RREAD_HEADER.size + n)

@@ -89,8 +89,11 @@ class Frontend:
         self.want_event_idx = event_idx
         self.want_indirect = indirect
         self.expected_tag = expected_tag
-        per_slot_descs = 2 * (msize // PAGE + 2) + 4
-        self.nslots = slots or (queue_size if indirect else queue_size // 4)
+        self.in_base = msize // PAGE + 3  # index of the first in descriptor in a slot's table
+        per_slot_descs = 2 * self.in_base
+        self.reply_capacity = msize
+        self._in_tables: dict[tuple[int, int], bytearray] = {}
+        self.nslots = slots or min(queue_size if indirect else queue_size // 4, max(8, (128 << 20) // msize))
         if not indirect:
             self.nslots = min(self.nslots, queue_size // 4)
         self.table_bytes = max(16 * per_slot_descs, 64)
@@ -339,9 +342,11 @@ class Frontend:
         out: list[tuple[int, int]]
         inn: list[tuple[int, int]]
         zc_count = struct.unpack_from("<I", msg, 19)[0] if size >= 23 and mtype in (TREAD, TREADDIR, TWRITE) else 0
+        capacity = self.reply_capacity
+        normal_reply = False
         if mtype in (TREAD, TREADDIR) and zc_count > ZC_THRESHOLD:
             self.write(slot.out, msg)
-            count = min(zc_count, self.msize - READ_HDR)
+            count = min(zc_count, capacity - READ_HDR)
             out = _pages(slot.out, size)
             payload = slot.inb + PAGE  # user pages, apart from the header area
             inn = [(slot.inb, READ_HDR)] + _pages(payload, count)
@@ -354,16 +359,31 @@ class Frontend:
         else:
             self.write(slot.out, msg)
             out = _pages(slot.out, size)
-            inn = _pages(slot.inb, self.msize)
+            inn = _pages(slot.inb, capacity)
+            normal_reply = True
         slot.segments = inn
-        descs = [(a, n, 0) for a, n in out] + [(a, n, F_WRITE) for a, n in inn]
-        self.last_layout = [(n, f) for _, n, f in descs]
+        self.last_layout = [(n, 0) for _, n in out] + [(n, F_WRITE) for _, n in inn]
         if self.features & vu.VIRTIO_RING_F_INDIRECT_DESC:
-            for i, (a, n, f) in enumerate(descs):
-                last = i == len(descs) - 1
-                self.put_desc(slot.table, i, a, n, f | (0 if last else F_NEXT), 0 if last else i + 1)
-            self.put_desc(self.desc, slot.index, slot.table, 16 * len(descs), F_INDIRECT)
+            # The chain runs through the out descriptors (from index 0), then jumps to the in
+            # descriptors at a fixed index, so a slot's usual reply area is laid out only once.
+            in_base = self.in_base
+            table = bytearray(16 * len(out))
+            for i, (a, n) in enumerate(out):
+                DESC.pack_into(table, 16 * i, a, n, F_NEXT, i + 1 if i + 1 < len(out) else in_base)
+            self.write(slot.table, table)
+            key = (slot.index, capacity)
+            in_table = self._in_tables.get(key) if normal_reply else None
+            if in_table is None:
+                in_table = bytearray(16 * len(inn))
+                for i, (a, n) in enumerate(inn):
+                    last = i + 1 == len(inn)
+                    DESC.pack_into(in_table, 16 * i, a, n, F_WRITE | (0 if last else F_NEXT), 0 if last else in_base + i + 1)
+                if normal_reply:
+                    self._in_tables[key] = in_table
+            self.write(slot.table + 16 * in_base, in_table)
+            self.put_desc(self.desc, slot.index, slot.table, 16 * (in_base + len(inn)), F_INDIRECT)
             return slot.index
+        descs = [(a, n, 0) for a, n in out] + [(a, n, F_WRITE) for a, n in inn]
         # Direct: 4 descriptors per slot, so merge page splits back into contiguous runs.
         descs = _merge(descs)
         if len(descs) > 4:
@@ -377,7 +397,8 @@ class Frontend:
     def collect(self, slot: Slot, length: int) -> bytes:
         """The reply bytes: the first `length` bytes of the slot's writable stream."""
         chunks = []
-        for gpa, n in slot.segments or []:
+        runs = [(a, n) for a, n, _ in _merge([(a, n, 0) for a, n in slot.segments or []])]
+        for gpa, n in runs:
             if length <= 0:
                 break
             take = min(n, length)
@@ -447,6 +468,7 @@ class FrontendChannel:
 
     def set_msize(self, msize: int) -> None:
         self._msize = min(msize, self.max_message_size)
+        self.frontend.reply_capacity = self._msize
 
     async def aclose(self) -> None:
         await self.frontend.aclose()
