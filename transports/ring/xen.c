@@ -210,6 +210,7 @@ typedef struct {
     uint32_t pending; /* framed size of a message whose header was read, 0 if none */
     int broken;
     int busy; /* a producer operation runs with the GIL released */
+    uint32_t staged; /* bytes written by put_pread(publish=False), not yet published */
 } XenRing;
 
 static void xenring_release(XenRing *self)
@@ -281,6 +282,7 @@ static int xenring_init(XenRing *self, PyObject *args, PyObject *kwds)
     self->pending = 0;
     self->broken = 0;
     self->busy = 0;
+    self->staged = 0;
     return 0;
 fail:
     PyBuffer_Release(&intf);
@@ -402,7 +404,7 @@ static PyObject *xenring_put(XenRing *self, PyObject *parts_obj)
 {
     if (xenring_check(self) < 0)
         return NULL;
-    if (self->busy) {
+    if (self->busy || self->staged) {
         PyErr_SetString(PyExc_RuntimeError, "concurrent producer operation on a ring");
         return NULL;
     }
@@ -457,20 +459,23 @@ out:
 }
 
 /*
- * put_pread(tag, fd, offset, count) -> int | None: an Rread whose data comes straight from the
- * file into the ring. None when 11+count bytes are not free yet. Raises OSError before anything
- * becomes visible to the peer if the read fails.
+ * put_pread(tag, fd, offset, count, publish=True) -> int | None: an Rread whose data comes
+ * straight from the file into the ring. None when 11+count bytes are not free yet. Raises OSError
+ * before anything becomes visible to the peer if the read fails. With publish=False the message
+ * is written but the producer index does not move until publish() (so a caller that read in a
+ * worker thread makes the reply visible from its own thread, in order with its bookkeeping).
  */
 static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
 {
     unsigned int tag, count;
     int fd;
     long long offset;
-    if (!PyArg_ParseTuple(args, "IiLI:put_pread", &tag, &fd, &offset, &count))
+    int publish = 1;
+    if (!PyArg_ParseTuple(args, "IiLI|p:put_pread", &tag, &fd, &offset, &count, &publish))
         return NULL;
     if (xenring_check(self) < 0)
         return NULL;
-    if (self->busy) {
+    if (self->busy || self->staged) {
         PyErr_SetString(PyExc_RuntimeError, "concurrent producer operation on a ring");
         return NULL;
     }
@@ -526,10 +531,30 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
         (unsigned char)((n >> 16) & 0xff), (unsigned char)(n >> 24),
     };
     ring_copy_in(self, self->p_data, start, (const char *)hdr, P9_RREAD_HDR);
+    if (!publish) {
+        self->staged = size;
+        return PyLong_FromUnsignedLong(n);
+    }
     ring_wmb();
     self->prod += size;
     ring_store32((char *)self->intf.buf + self->p_prod, self->prod);
     return PyLong_FromUnsignedLong(n);
+}
+
+/* publish(): make a put_pread(publish=False) message visible. */
+static PyObject *xenring_publish(XenRing *self, PyObject *Py_UNUSED(ignored))
+{
+    if (xenring_check(self) < 0)
+        return NULL;
+    if (self->busy || self->staged == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "nothing staged");
+        return NULL;
+    }
+    ring_wmb();
+    self->prod += self->staged;
+    self->staged = 0;
+    ring_store32((char *)self->intf.buf + self->p_prod, self->prod);
+    Py_RETURN_NONE;
 }
 
 static PyObject *xenring_free_space(XenRing *self, PyObject *Py_UNUSED(ignored))
@@ -590,6 +615,8 @@ static PyMethodDef xenring_methods[] = {
      "put(parts) -> bool: write one whole message if it fits now (False: wait for space)."},
     {"put_pread", (PyCFunction)xenring_put_pread, METH_VARARGS,
      "put_pread(tag, fd, offset, count) -> int | None: Rread straight from fd into the ring."},
+    {"publish", (PyCFunction)xenring_publish, METH_NOARGS,
+     "publish(): move the producer index past a message staged by put_pread(publish=False)."},
     {"free_space", (PyCFunction)xenring_free_space, METH_NOARGS, "free bytes for our messages"},
     {"has_input", (PyCFunction)xenring_has_input, METH_NOARGS,
      "True if take() may make progress."},
