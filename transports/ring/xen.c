@@ -47,20 +47,33 @@ typedef struct {
     char *base;
     size_t len;
     Py_ssize_t exports;
+    PyObject *unmap; /* NULL: munmap; else called as unmap(address, length) (real Xen) */
 } GrantMap;
 
-static void grantmap_unmap(GrantMap *self)
+static int grantmap_unmap(GrantMap *self)
 {
+    int rc = 0;
     if (self->base != NULL) {
-        munmap(self->base, self->len);
+        if (self->unmap != NULL) {
+            PyObject *r = PyObject_CallFunction(self->unmap, "Kn", (unsigned long long)(uintptr_t)self->base,
+                                                (Py_ssize_t)self->len);
+            if (r == NULL)
+                rc = -1;
+            Py_XDECREF(r);
+        } else {
+            munmap(self->base, self->len);
+        }
         self->base = NULL;
         self->len = 0;
     }
+    Py_CLEAR(self->unmap);
+    return rc;
 }
 
 static void grantmap_dealloc(GrantMap *self)
 {
-    grantmap_unmap(self);
+    if (grantmap_unmap(self) < 0)
+        PyErr_WriteUnraisable((PyObject *)self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -88,7 +101,8 @@ static PyObject *grantmap_close(GrantMap *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_BufferError, "grant mapping still has exported buffers");
         return NULL;
     }
-    grantmap_unmap(self);
+    if (grantmap_unmap(self) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -184,11 +198,37 @@ static PyObject *xen_map_grants(PyObject *Py_UNUSED(module), PyObject *args)
     gm->base = base;
     gm->len = len;
     gm->exports = 0;
+    gm->unmap = NULL;
     return (PyObject *)gm;
 fail:
     Py_DECREF(refs);
     munmap(base, len);
     return NULL;
+}
+
+/*
+ * xen_wrap_mapping(address, length, unmap) -> GrantMap: memory someone else mapped (a real
+ * xengnttab mapping), with the same export accounting; close() calls unmap(address, length).
+ */
+static PyObject *xen_wrap_mapping(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    unsigned long long addr;
+    Py_ssize_t len;
+    PyObject *unmap;
+    if (!PyArg_ParseTuple(args, "KnO:xen_wrap_mapping", &addr, &len, &unmap))
+        return NULL;
+    if (addr == 0 || len <= 0 || len % XEN_PAGE != 0 || !PyCallable_Check(unmap)) {
+        PyErr_SetString(PyExc_ValueError, "need a non-NULL page-multiple mapping and a callable");
+        return NULL;
+    }
+    GrantMap *gm = PyObject_New(GrantMap, &GrantMapType);
+    if (gm == NULL)
+        return NULL;
+    gm->base = (char *)(uintptr_t)addr;
+    gm->len = (size_t)len;
+    gm->exports = 0;
+    gm->unmap = Py_NewRef(unmap);
+    return (PyObject *)gm;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -647,6 +687,8 @@ static PyTypeObject XenRingType = {
 PyMethodDef ring_xen_methods[] = {
     {"xen_map_grants", (PyCFunction)xen_map_grants, METH_VARARGS,
      "xen_map_grants(fd, refs) -> GrantMap: pages refs[i] of fd mapped contiguously."},
+    {"xen_wrap_mapping", (PyCFunction)xen_wrap_mapping, METH_VARARGS,
+     "xen_wrap_mapping(address, length, unmap) -> GrantMap over memory mapped elsewhere."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -208,7 +208,9 @@ class XenBackendChannel:
                     if count > THREAD_READ_THRESHOLD:
                         # Read in a worker thread, publish from ours: the reply must not become
                         # visible while the session still counts its tag as in flight.
-                        n = await trio.to_thread.run_sync(r.ring.put_pread, tag, fd, offset, count, False)
+                        n = await trio.to_thread.run_sync(
+                            r.ring.put_pread, tag, fd, offset, count, False
+                        )
                         if n is not None:
                             r.ring.publish()
                     else:
