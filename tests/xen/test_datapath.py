@@ -72,6 +72,24 @@ def test_size_above_limit_breaks_the_ring_for_good() -> None:
         back.take(4096)
 
 
+def test_staged_rread_is_invisible_until_published(tmp_path: Path) -> None:
+    back, front, intf, _ = pair()
+    f = tmp_path / "f"
+    f.write_bytes(b"0123456789")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert back.put_pread(7, fd, 2, 5, False) == 5
+        assert struct.unpack_from("<I", intf, 4)[0] == 0 and front.take(4096) is None
+        with pytest.raises(RuntimeError):
+            back.put([msg(1)])  # nothing may be written behind a staged message
+        back.publish()
+        assert front.take(4096) == struct.pack("<IBHI", 16, 117, 7, 5) + b"23456"
+        with pytest.raises(RuntimeError):
+            back.publish()
+    finally:
+        os.close(fd)
+
+
 def test_grant_map_is_contiguous_and_shared() -> None:
     fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 16 * 4096)
@@ -240,7 +258,7 @@ def test_event_channels_and_grants_between_domains(sock_path: str) -> None:
             pages = await guest.share_pages(0, 2)
             pages.view[:5] = b"hello"
             g = await dom0.map_grants(5, pages.refs)
-            with memoryview(g) as v:  # type: ignore[arg-type]
+            with memoryview(g) as v:
                 assert bytes(v[:5]) == b"hello"
                 v[4096:4099] = b"abc"
             assert bytes(pages.view[4096:4099]) == b"abc"

@@ -48,20 +48,33 @@ typedef struct {
     char *base;
     size_t len;
     Py_ssize_t exports;
+    PyObject *unmap; /* NULL: munmap; else called as unmap(address, length) (real Xen) */
 } GrantMap;
 
-static void grantmap_unmap(GrantMap *self)
+static int grantmap_unmap(GrantMap *self)
 {
+    int rc = 0;
     if (self->base != NULL) {
-        munmap(self->base, self->len);
+        if (self->unmap != NULL) {
+            PyObject *r = PyObject_CallFunction(self->unmap, "Kn", (unsigned long long)(uintptr_t)self->base,
+                                                (Py_ssize_t)self->len);
+            if (r == NULL)
+                rc = -1;
+            Py_XDECREF(r);
+        } else {
+            munmap(self->base, self->len);
+        }
         self->base = NULL;
         self->len = 0;
     }
+    Py_CLEAR(self->unmap);
+    return rc;
 }
 
 static void grantmap_dealloc(GrantMap *self)
 {
-    grantmap_unmap(self);
+    if (grantmap_unmap(self) < 0)
+        PyErr_WriteUnraisable((PyObject *)self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -89,7 +102,8 @@ static PyObject *grantmap_close(GrantMap *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_BufferError, "grant mapping still has exported buffers");
         return NULL;
     }
-    grantmap_unmap(self);
+    if (grantmap_unmap(self) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -185,11 +199,37 @@ static PyObject *xen_map_grants(PyObject *Py_UNUSED(module), PyObject *args)
     gm->base = base;
     gm->len = len;
     gm->exports = 0;
+    gm->unmap = NULL;
     return (PyObject *)gm;
 fail:
     Py_DECREF(refs);
     munmap(base, len);
     return NULL;
+}
+
+/*
+ * xen_wrap_mapping(address, length, unmap) -> GrantMap: memory someone else mapped (a real
+ * xengnttab mapping), with the same export accounting; close() calls unmap(address, length).
+ */
+static PyObject *xen_wrap_mapping(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    unsigned long long addr;
+    Py_ssize_t len;
+    PyObject *unmap;
+    if (!PyArg_ParseTuple(args, "KnO:xen_wrap_mapping", &addr, &len, &unmap))
+        return NULL;
+    if (addr == 0 || len <= 0 || len % XEN_PAGE != 0 || !PyCallable_Check(unmap)) {
+        PyErr_SetString(PyExc_ValueError, "need a non-NULL page-multiple mapping and a callable");
+        return NULL;
+    }
+    GrantMap *gm = PyObject_New(GrantMap, &GrantMapType);
+    if (gm == NULL)
+        return NULL;
+    gm->base = (char *)(uintptr_t)addr;
+    gm->len = (size_t)len;
+    gm->exports = 0;
+    gm->unmap = Py_NewRef(unmap);
+    return (PyObject *)gm;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -211,6 +251,7 @@ typedef struct {
     uint32_t pending; /* framed size of a message whose header was read, 0 if none */
     int broken;
     int busy; /* a producer operation runs with the GIL released */
+    uint32_t staged; /* bytes written by put_pread(publish=False), not yet published */
 } XenRing;
 
 static void xenring_release(XenRing *self)
@@ -282,6 +323,7 @@ static int xenring_init(XenRing *self, PyObject *args, PyObject *kwds)
     self->pending = 0;
     self->broken = 0;
     self->busy = 0;
+    self->staged = 0;
     return 0;
 fail:
     PyBuffer_Release(&intf);
@@ -403,7 +445,7 @@ static PyObject *xenring_put(XenRing *self, PyObject *parts_obj)
 {
     if (xenring_check(self) < 0)
         return NULL;
-    if (self->busy) {
+    if (self->busy || self->staged) {
         PyErr_SetString(PyExc_RuntimeError, "concurrent producer operation on a ring");
         return NULL;
     }
@@ -458,20 +500,23 @@ out:
 }
 
 /*
- * put_pread(tag, fd, offset, count) -> int | None: an Rread whose data comes straight from the
- * file into the ring. None when 11+count bytes are not free yet. Raises OSError before anything
- * becomes visible to the peer if the read fails.
+ * put_pread(tag, fd, offset, count, publish=True) -> int | None: an Rread whose data comes
+ * straight from the file into the ring. None when 11+count bytes are not free yet. Raises OSError
+ * before anything becomes visible to the peer if the read fails. With publish=False the message
+ * is written but the producer index does not move until publish() (so a caller that read in a
+ * worker thread makes the reply visible from its own thread, in order with its bookkeeping).
  */
 static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
 {
     unsigned int tag, count;
     int fd;
     long long offset;
-    if (!PyArg_ParseTuple(args, "IiLI:put_pread", &tag, &fd, &offset, &count))
+    int publish = 1;
+    if (!PyArg_ParseTuple(args, "IiLI|p:put_pread", &tag, &fd, &offset, &count, &publish))
         return NULL;
     if (xenring_check(self) < 0)
         return NULL;
-    if (self->busy) {
+    if (self->busy || self->staged) {
         PyErr_SetString(PyExc_RuntimeError, "concurrent producer operation on a ring");
         return NULL;
     }
@@ -533,10 +578,30 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
         (unsigned char)((n >> 16) & 0xff), (unsigned char)(n >> 24),
     };
     ring_copy_in(self, self->p_data, start, (const char *)hdr, P9_RREAD_HDR);
+    if (!publish) {
+        self->staged = size;
+        return PyLong_FromUnsignedLong(n);
+    }
     ring_wmb();
     self->prod += size;
     ring_store32((char *)self->intf.buf + self->p_prod, self->prod);
     return PyLong_FromUnsignedLong(n);
+}
+
+/* publish(): make a put_pread(publish=False) message visible. */
+static PyObject *xenring_publish(XenRing *self, PyObject *Py_UNUSED(ignored))
+{
+    if (xenring_check(self) < 0)
+        return NULL;
+    if (self->busy || self->staged == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "nothing staged");
+        return NULL;
+    }
+    ring_wmb();
+    self->prod += self->staged;
+    self->staged = 0;
+    ring_store32((char *)self->intf.buf + self->p_prod, self->prod);
+    Py_RETURN_NONE;
 }
 
 static PyObject *xenring_free_space(XenRing *self, PyObject *Py_UNUSED(ignored))
@@ -597,6 +662,8 @@ static PyMethodDef xenring_methods[] = {
      "put(parts) -> bool: write one whole message if it fits now (False: wait for space)."},
     {"put_pread", (PyCFunction)xenring_put_pread, METH_VARARGS,
      "put_pread(tag, fd, offset, count) -> int | None: Rread straight from fd into the ring."},
+    {"publish", (PyCFunction)xenring_publish, METH_NOARGS,
+     "publish(): move the producer index past a message staged by put_pread(publish=False)."},
     {"free_space", (PyCFunction)xenring_free_space, METH_NOARGS, "free bytes for our messages"},
     {"has_input", (PyCFunction)xenring_has_input, METH_NOARGS,
      "True if take() may make progress."},
@@ -627,6 +694,8 @@ static PyTypeObject XenRingType = {
 PyMethodDef ring_xen_methods[] = {
     {"xen_map_grants", (PyCFunction)xen_map_grants, METH_VARARGS,
      "xen_map_grants(fd, refs) -> GrantMap: pages refs[i] of fd mapped contiguously."},
+    {"xen_wrap_mapping", (PyCFunction)xen_wrap_mapping, METH_VARARGS,
+     "xen_wrap_mapping(address, length, unmap) -> GrantMap over memory mapped elsewhere."},
     {NULL, NULL, 0, NULL},
 };
 

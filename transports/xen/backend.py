@@ -50,7 +50,7 @@ MAX_RINGS = 8
 MAX_RING_ORDER = 9
 RREAD_HEADER = 11
 #: Above this many bytes a zero-copy read runs in a worker thread so the event loop keeps going.
-THREAD_READ_THRESHOLD = 256 * 1024
+THREAD_READ_THRESHOLD = 64 * 1024
 
 
 class XenbusState(enum.IntEnum):
@@ -206,7 +206,13 @@ class XenBackendChannel:
             while True:
                 try:
                     if count > THREAD_READ_THRESHOLD:
-                        n = await trio.to_thread.run_sync(r.ring.put_pread, tag, fd, offset, count)
+                        # Read in a worker thread, publish from ours: the reply must not become
+                        # visible while the session still counts its tag as in flight.
+                        n = await trio.to_thread.run_sync(
+                            r.ring.put_pread, tag, fd, offset, count, False
+                        )
+                        if n is not None:
+                            r.ring.publish()
                     else:
                         n = r.ring.put_pread(tag, fd, offset, count)
                 except ValueError as e:

@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from transports.xen.platform import PAGE, XenPlatform, default_socket
+from transports.xen.platform import PAGE, XenPlatform
 from transports.xen.wire import FrameSocket, WireError
 
 log = logging.getLogger("ninep.xen.emu")
@@ -504,16 +504,10 @@ async def toolstack_create_device(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`ninep xenstore-emu [--socket PATH]`: run the emulated Xen platform daemon."""
-    ap = argparse.ArgumentParser(prog="ninep xenstore-emu", description=main.__doc__)
-    ap.add_argument(
-        "--socket",
-        default=default_socket(),
-        help="unix socket path (default: %(default)s, or $NINEP_XENSTORE)",
-    )
-    ap.add_argument("-v", "--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(serve_xenstore, args.socket)
-    return 0
+    """`ninep xenstore-emu [--socket PATH] [-v]`: run the emulated Xen platform daemon."""
+    from transports.xen import cli
+
+    ap = argparse.ArgumentParser(prog="ninep")
+    cli.add_parser(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(["xenstore-emu", *(argv or [])])
+    return int(args.func(args))
