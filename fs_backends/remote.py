@@ -14,8 +14,9 @@ This module must never touch the host filesystem: everything goes over the 9P co
 from __future__ import annotations
 
 import errno
+import functools
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
@@ -39,8 +40,23 @@ from ninep.client import Client, ClientError
 from ninep.codec import unpack_dirents
 from transports.address import ConnectOptions
 
-#: Bytes of a Twrite that are not data (size, type, tag, fid, offset, count).
-_TWRITE_OVERHEAD = 23
+
+async def _gather(fns: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run the calls concurrently; the first failure is raised as itself (not in a group)."""
+    errors: list[BaseException] = []
+
+    async def run(fn: Callable[[], Awaitable[None]], cancel: trio.CancelScope) -> None:
+        try:
+            await fn()
+        except Exception as e:
+            errors.append(e)
+            cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for fn in fns:
+            nursery.start_soon(run, fn, nursery.cancel_scope)
+    if errors:
+        raise errors[0]
 
 
 @dataclass(eq=False, slots=True)
@@ -71,6 +87,8 @@ class RemoteBackend:
             extra={"peer": getattr(client.channel, "peer", "?"), "msize": str(client.msize)},
         )
         self._closed = False
+        self._no_unlinkat = False
+        self._no_renameat = False
 
     @classmethod
     @asynccontextmanager
@@ -94,8 +112,9 @@ class RemoteBackend:
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _chunk(self, f: RemoteOpenFile, write: bool) -> int:
-        limit = self.client.msize - (_TWRITE_OVERHEAD if write else P.READ_HEADER)
+    def _chunk(self, f: RemoteOpenFile) -> int:
+        # msize - IOHDRSZ, the rule Linux and diod apply to both Tread and Twrite counts.
+        limit = self.client.msize - P.IOHDRSZ
         return min(limit, f.iounit) if f.iounit else limit
 
     async def _clunk(self, fid: int) -> None:
@@ -131,7 +150,7 @@ class RemoteBackend:
             fid = await self._clone(node)
             return [RemoteNode(fid, node.qid)]
         # One fid per component reached (the contract), each walked from `node` in parallel.
-        results: list[RemoteNode | BaseException | None] = [None] * len(names)
+        results: list[RemoteNode | BaseException | None] = [None] * min(len(names), P.MAXWELEM)
 
         async def prefix(i: int) -> None:
             fid = self.client.new_fid()
@@ -151,15 +170,18 @@ class RemoteBackend:
         if len(names) == 1:
             await prefix(0)
         else:
-            async with trio.open_nursery() as nursery:
-                for i in range(min(len(names), P.MAXWELEM)):
-                    nursery.start_soon(prefix, i)
+            n = min(len(names), P.MAXWELEM)
+            await _gather([functools.partial(prefix, i) for i in range(n)])
         out: list[RemoteNode] = []
         for res in results:
             if isinstance(res, RemoteNode):
                 out.append(res)
             else:
                 break
+        if len(out) == P.MAXWELEM < len(names):
+            # Twalk carries at most 16 names: go on from the 16th node.
+            with suppress(OSError):
+                out += await self.walk(out[-1], names[P.MAXWELEM :])
         # Release anything reached past the first failure (cannot happen on a sane server).
         for res in results[len(out) :]:
             if isinstance(res, RemoteNode):
@@ -251,7 +273,7 @@ class RemoteBackend:
         await self._clunk(f.ofid)
 
     async def read(self, f: RemoteOpenFile, offset: int, count: int) -> bytes:
-        chunk = self._chunk(f, write=False)
+        chunk = self._chunk(f)
         if count <= chunk:
             r = await self.client.call(m.Tread(f.ofid, offset, count), m.Rread)
             data = bytes(r.data)
@@ -265,9 +287,7 @@ class RemoteBackend:
             r = await self.client.call(m.Tread(f.ofid, offset + i * chunk, n), m.Rread)
             parts[i] = bytes(r.data)
 
-        async with trio.open_nursery() as nursery:
-            for i in range(len(parts)):
-                nursery.start_soon(one, i)
+        await _gather([functools.partial(one, i) for i in range(len(parts))])
         out = bytearray()
         for i, p in enumerate(parts):
             out += p
@@ -281,7 +301,7 @@ class RemoteBackend:
 
     async def write(self, f: RemoteOpenFile, offset: int, data: bytes | memoryview) -> int:
         view = memoryview(data)
-        chunk = self._chunk(f, write=True)
+        chunk = self._chunk(f)
         if len(view) <= chunk or f.append:
             done = 0
             while done < len(view):
@@ -296,9 +316,7 @@ class RemoteBackend:
             part = view[i * chunk : (i + 1) * chunk]
             counts[i] = await self.client.write(f.ofid, offset + i * chunk, part)
 
-        async with trio.open_nursery() as nursery:
-            for i in range(len(counts)):
-                nursery.start_soon(one, i)
+        await _gather([functools.partial(one, i) for i in range(len(counts))])
         done = 0
         for i, n in enumerate(counts):
             done += n
@@ -348,10 +366,35 @@ class RemoteBackend:
     async def renameat(
         self, olddir: RemoteNode, oldname: str, newdir: RemoteNode, newname: str
     ) -> None:
-        await self.client.renameat(olddir.fid, oldname, newdir.fid, newname)
+        if not self._no_renameat:
+            try:
+                await self.client.renameat(olddir.fid, oldname, newdir.fid, newname)
+                return
+            except ClientError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._no_renameat = True  # diod: fall back to walk + Trename, as Linux does
+        node = (await self.walk(olddir, [oldname]))[0]
+        try:
+            await self.client.rename(node.fid, newdir.fid, newname)
+        finally:
+            await self.release(node)
 
     async def unlinkat(self, dir: RemoteNode, name: str, flags: int) -> None:
-        await self.client.unlinkat(dir.fid, name, flags)
+        if not self._no_unlinkat:
+            try:
+                await self.client.unlinkat(dir.fid, name, flags)
+                return
+            except ClientError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._no_unlinkat = True  # diod: fall back to walk + Tremove, as Linux does
+        node = (await self.walk(dir, [name]))[0]
+        is_dir = bool(node.qid.type & P.QTDIR)
+        if bool(flags & P.AT_REMOVEDIR) != is_dir:
+            await self.release(node)
+            raise FsError(errno.ENOTDIR if flags & P.AT_REMOVEDIR else errno.EISDIR)
+        await self.remove(node)
 
     async def remove(self, node: RemoteNode) -> None:
         # Tremove clunks the fid whatever the outcome: the later release has nothing to do.

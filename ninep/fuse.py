@@ -48,6 +48,8 @@ READDIR_BATCH = 512
 RESOLVE_CHUNK = 32
 #: Concurrent walk/getattr calls while resolving directory entries.
 RESOLVE_PARALLEL = 16
+#: Names remembered per inode (hard links) for finding a file again on a path-based server.
+MAX_NAMES = 4
 
 # Host O_* bit -> 9P2000.L (Linux x86) bit. Flags the backend must not see (O_DIRECT: reads land
 # in unaligned Python buffers; O_NOFOLLOW/O_CLOEXEC/O_CREAT/...: meaningless here) are dropped.
@@ -93,10 +95,33 @@ class _Inode:
     qid_type: int
     nlookup: int = 0
     nopen: int = 0
+    #: Where the file was last reached, newest first (directory inode, name): lets a Node that
+    #: went stale on a path-based server (diod: fids are paths) be walked again.
+    names: list[tuple[int, str]] = field(default_factory=list)
+    #: Backend calls in progress on `node`; superseded Nodes wait in `retired` until none is.
+    busy: int = 0
+    retired: list[Node] = field(default_factory=list)
+    dropped: bool = False
+    #: The newest attributes seen: answered (with nlink 0) for an open file whose Node the
+    #: server no longer resolves (an unlinked file on a path-based server such as diod).
+    last_attr: Attr | None = None
+
+    def add_name(self, parent: int, name: str) -> None:
+        if not parent or name in (".", ".."):
+            return
+        key = (parent, name)
+        if self.names and self.names[0] == key:
+            return
+        self.names = [key, *(n for n in self.names if n != key)][:MAX_NAMES]
+
+    def drop_name(self, parent: int, name: str) -> None:
+        self.names = [n for n in self.names if n != (parent, name)]
 
 
 class InodeTable:
-    """inode number ↔ backend Node, with lookup and open counts (see module docstring)."""
+    """inode number ↔ backend Node, with lookup and open counts (see module docstring).
+
+    Methods that make Nodes unneeded return them; the caller releases them (asynchronously)."""
 
     def __init__(self) -> None:
         self.by_ino: dict[int, _Inode] = {}
@@ -152,52 +177,74 @@ class InodeTable:
             return None  # the host reused the number for a different kind of file
         return ent
 
-    def register(self, node: Node, qid: Qid) -> tuple[_Inode, Node | None]:
-        """Count one more kernel reference to the file `node` is a handle on.
-
-        Returns the table entry and the Node the caller must release (the new one when the
-        file already had an entry, the replaced one when a stale entry was superseded)."""
+    def register(self, node: Node, qid: Qid, parent: int, name: str) -> tuple[_Inode, list[Node]]:
+        """Count one more kernel reference to the file `node` (fresh from a walk of `name` in
+        directory inode `parent`) is a handle on. The fresh Node replaces the entry's older one:
+        on a path-based server it is the one that names the file as it is now."""
         ent = self.existing(qid)
-        if ent is not None:
-            ent.nlookup += 1
-            return ent, (node if node is not ent.node else None)
-        old_ino = self.by_path.get(qid.path)
-        if old_ino is not None:
-            # Same qid.path, different type: the old file is gone. Take the number over so the
-            # kernel sees the new type (it drops its old inode on the type change).
-            stale = self.by_ino[old_ino]
-            released = stale.node
-            stale.node, stale.qid_type, stale.nlookup = node, qid.type, stale.nlookup + 1
-            return stale, released
-        ino = self.number_for(qid.path)
-        ent = _Inode(ino, node, qid.path, qid.type, nlookup=1)
-        self.by_ino[ino] = ent
-        self.by_path[qid.path] = ino
-        return ent, None
+        if ent is None:
+            old_ino = self.by_path.get(qid.path)
+            if old_ino is not None:
+                # Same qid.path, different type: the old file is gone. Take the number over so
+                # the kernel sees the new type (it drops its old inode on the type change).
+                ent = self.by_ino[old_ino]
+                ent.qid_type = qid.type
+        if ent is None:
+            ino = self.number_for(qid.path)
+            ent = _Inode(ino, node, qid.path, qid.type, nlookup=1)
+            ent.add_name(parent, name)
+            self.by_ino[ino] = ent
+            self.by_path[qid.path] = ino
+            return ent, []
+        ent.nlookup += 1
+        ent.add_name(parent, name)
+        return ent, self.replace_node(ent, node)
 
-    def forget(self, ino: int, n: int) -> Node | None:
-        """Drop `n` lookups; returns the Node to release if the entry went away."""
+    def replace_node(self, ent: _Inode, node: Node) -> list[Node]:
+        if node is ent.node:
+            return []
+        ent.retired.append(ent.node)
+        ent.node = node
+        return self.reap(ent)
+
+    def reap(self, ent: _Inode) -> list[Node]:
+        """Superseded Nodes nobody uses any more (and all of them once the entry is gone)."""
+        if ent.busy:
+            return []
+        out, ent.retired = ent.retired, []
+        if ent.dropped:
+            out.append(ent.node)
+            ent.dropped = False
+        return out
+
+    def forget(self, ino: int, n: int) -> list[Node]:
+        """Drop `n` lookups; returns the Nodes to release if the entry went away."""
         ent = self.by_ino.get(ino)
         if ent is None:
-            return None
+            return []
         ent.nlookup = max(0, ent.nlookup - n)
         return self._maybe_drop(ent)
 
-    def close_one(self, ent: _Inode) -> Node | None:
+    def close_one(self, ent: _Inode) -> list[Node]:
         ent.nopen = max(0, ent.nopen - 1)
         return self._maybe_drop(ent)
 
-    def _maybe_drop(self, ent: _Inode) -> Node | None:
+    def _maybe_drop(self, ent: _Inode) -> list[Node]:
         if ent.nlookup > 0 or ent.nopen > 0 or ent.ino == ROOT_INODE:
-            return None
-        if self.by_ino.get(ent.ino) is ent:
-            del self.by_ino[ent.ino]
-            if self.by_path.get(ent.qid_path) == ent.ino:
-                del self.by_path[ent.qid_path]
-        return ent.node
+            return []
+        if self.by_ino.get(ent.ino) is not ent:
+            return []
+        del self.by_ino[ent.ino]
+        if self.by_path.get(ent.qid_path) == ent.ino:
+            del self.by_path[ent.qid_path]
+        ent.dropped = True
+        return self.reap(ent)
 
     def drain(self) -> list[Node]:
-        nodes = [e.node for e in self.by_ino.values()]
+        nodes: list[Node] = []
+        for e in self.by_ino.values():
+            nodes.append(e.node)
+            nodes.extend(e.retired)
         self.by_ino.clear()
         self.by_path.clear()
         return nodes
@@ -233,6 +280,7 @@ class _DirHandle:
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+R = TypeVar("R")
 
 
 def _handler(fn: F) -> F:
@@ -331,6 +379,10 @@ class FuseOperations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
+    def _seen(self, ent: _Inode, a: Attr) -> pyfuse3.EntryAttributes:
+        ent.last_attr = a
+        return self._entry(ent.ino, a)
+
     def _entry(self, ino: int, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino
@@ -360,12 +412,77 @@ class FuseOperations(pyfuse3.Operations):
             except Exception:  # release must not fail a request; the contract says it won't
                 log.exception("backend release failed")
 
-    async def _register(self, node: Node, attr: Attr) -> pyfuse3.EntryAttributes:
+    async def _on(
+        self, ent: _Inode, op: Callable[[Node], Awaitable[R]], *, names: bool = False
+    ) -> R:
+        """Run `op(ent.node)`; if the Node went stale (ENOENT/ESTALE: a path-based server after
+        a rename or unlink of another name) walk to the file again and retry once.
+
+        `names`: `op` works on a name inside the directory (walk, unlink, create...), so ENOENT
+        usually means the name is missing; a getattr on the directory tells which it is."""
+        ent.busy += 1
+        try:
+            try:
+                return await op(ent.node)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ESTALE) or not ent.names:
+                    raise
+                if names and await self._node_ok(ent.node):
+                    raise
+                if not await self._rewalk(ent):
+                    raise
+            return await op(ent.node)
+        finally:
+            ent.busy -= 1
+            if not ent.busy and (ent.retired or ent.dropped):
+                await self._release_nodes(self.inodes.reap(ent))
+
+    async def _node_ok(self, node: Node) -> bool:
+        try:
+            await self.backend.getattr(node, P.GETATTR_MODE)
+        except OSError:
+            return False
+        return True
+
+    async def _rewalk(self, ent: _Inode, depth: int = 0) -> bool:
+        """Find the file `ent` describes again by one of its known (directory, name)s."""
+        if depth > 64:
+            return False
+        for parent_ino, name in list(ent.names):
+            parent = self.inodes.by_ino.get(parent_ino)
+            if parent is None or parent is ent:
+                ent.drop_name(parent_ino, name)
+                continue
+            node = await self._walk_again(parent, name, depth)
+            if node is None:
+                ent.drop_name(parent_ino, name)
+                continue
+            if node.qid.path != ent.qid_path:
+                await self._release_nodes([node])  # the name now names another file
+                ent.drop_name(parent_ino, name)
+                continue
+            await self._release_nodes(self.inodes.replace_node(ent, node))
+            return True
+        return False
+
+    async def _walk_again(self, parent: _Inode, name: str, depth: int) -> Node | None:
+        for attempt in range(2):
+            try:
+                return await self._walk_one(parent.node, name)
+            except OSError as e:
+                if attempt or e.errno not in (errno.ENOENT, errno.ESTALE):
+                    return None
+                if await self._node_ok(parent.node) or not await self._rewalk(parent, depth + 1):
+                    return None
+        return None
+
+    async def _register(
+        self, node: Node, attr: Attr, parent: _Inode, name: str
+    ) -> pyfuse3.EntryAttributes:
         """One more kernel lookup of the file `node` (fresh from a walk) describes."""
-        ent, drop = self.inodes.register(node, attr.qid)
-        if drop is not None:
-            await self._release_nodes([drop])
-        return self._entry(ent.ino, attr)
+        ent, drop = self.inodes.register(node, attr.qid, parent.ino, name)
+        await self._release_nodes(drop)
+        return self._seen(ent, attr)
 
     async def _walk_one(self, dir: Node, name: str) -> Node:
         nodes = await self.backend.walk(dir, [name])
@@ -375,14 +492,14 @@ class FuseOperations(pyfuse3.Operations):
             await self._release_nodes(nodes[1:])
         return nodes[0]
 
-    async def _lookup_new(self, dir: Node, name: str) -> pyfuse3.EntryAttributes:
-        node = await self._walk_one(dir, name)
+    async def _lookup_new(self, parent: _Inode, name: str) -> pyfuse3.EntryAttributes:
+        node = await self._on(parent, lambda d: self._walk_one(d, name), names=True)
         try:
             attr = await self.backend.getattr(node, P.GETATTR_ALL)
         except BaseException:
             await self._release_nodes([node])
             raise
-        return await self._register(node, attr)
+        return await self._register(node, attr, parent, name)
 
     async def forget_all(self) -> None:
         """Release every handle (after unmount: the kernel will not send the last forgets)."""
@@ -410,14 +527,16 @@ class FuseOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.get(parent_inode)
         if name == b".":
-            attr = await self.backend.getattr(parent.node, P.GETATTR_ALL)
+            attr = await self._on(parent, lambda n: self.backend.getattr(n, P.GETATTR_ALL))
             parent.nlookup += 1
             return self._entry(parent.ino, attr)
         s = ".." if name == b".." else _fsname(name)
-        return await self._lookup_new(parent.node, s)
+        return await self._lookup_new(parent, s)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        drops = [self.inodes.forget(ino, n) for ino, n in inode_list]
+        drops: list[Node] = []
+        for ino, n in inode_list:
+            drops += self.inodes.forget(ino, n)
         if self.debug:
             log.debug("forget(%d inodes) -> table %d", len(inode_list), len(self.inodes))
         await self._release_nodes(drops)
@@ -425,8 +544,14 @@ class FuseOperations(pyfuse3.Operations):
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         ent = self.inodes.get(inode)
-        attr = await self.backend.getattr(ent.node, P.GETATTR_ALL)
-        return self._entry(ent.ino, attr)
+        try:
+            attr = await self._on(ent, lambda n: self.backend.getattr(n, P.GETATTR_ALL))
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ESTALE) or not ent.nopen or not ent.last_attr:
+                raise
+            ent.last_attr.nlink = 0  # open but unreachable: it was unlinked
+            return self._entry(ent.ino, ent.last_attr)
+        return self._seen(ent, attr)
 
     @_handler
     async def setattr(
@@ -459,44 +584,50 @@ class FuseOperations(pyfuse3.Operations):
             sa.mtime_sec, sa.mtime_nsec = divmod(attr.st_mtime_ns, 1_000_000_000)
         if fields.update_ctime:
             sa.valid |= P.SETATTR_CTIME
-        if sa.valid:
-            await self.backend.setattr(ent.node, sa, self._cred(ctx))
-        new = await self.backend.getattr(ent.node, P.GETATTR_ALL)
-        return self._entry(ent.ino, new)
+        cred = self._cred(ctx)
+
+        async def op(n: Node) -> Attr:
+            if sa.valid:
+                await self.backend.setattr(n, sa, cred)
+            return await self.backend.getattr(n, P.GETATTR_ALL)
+
+        return self._seen(ent, await self._on(ent, op))
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         ent = self.inodes.get(inode)
-        return os.fsencode(await self.backend.readlink(ent.node))
+        return os.fsencode(await self._on(ent, self.backend.readlink))
 
     @_handler
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.get(parent_inode)
-        s = _fsname(name)
-        await self.backend.mknod(
-            parent.node, s, mode, os.major(rdev), os.minor(rdev), self._cred(ctx)
+        s, cred = _fsname(name), self._cred(ctx)
+        await self._on(
+            parent,
+            lambda d: self.backend.mknod(d, s, mode, os.major(rdev), os.minor(rdev), cred),
+            names=True,
         )
-        return await self._lookup_new(parent.node, s)
+        return await self._lookup_new(parent, s)
 
     @_handler
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.get(parent_inode)
-        s = _fsname(name)
-        await self.backend.mkdir(parent.node, s, mode & 0o7777, self._cred(ctx))
-        return await self._lookup_new(parent.node, s)
+        s, cred = _fsname(name), self._cred(ctx)
+        await self._on(parent, lambda d: self.backend.mkdir(d, s, mode & 0o7777, cred), names=True)
+        return await self._lookup_new(parent, s)
 
     @_handler
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.get(parent_inode)
-        s = _fsname(name)
-        await self.backend.symlink(parent.node, s, os.fsdecode(target), self._cred(ctx))
-        return await self._lookup_new(parent.node, s)
+        s, cred, t = _fsname(name), self._cred(ctx), os.fsdecode(target)
+        await self._on(parent, lambda d: self.backend.symlink(d, s, t, cred), names=True)
+        return await self._lookup_new(parent, s)
 
     @_handler
     async def link(
@@ -504,20 +635,42 @@ class FuseOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         ent = self.inodes.get(inode)
         parent = self.inodes.get(new_parent_inode)
-        await self.backend.link(parent.node, _fsname(new_name), ent.node)
-        attr = await self.backend.getattr(ent.node, P.GETATTR_ALL)
+        s = _fsname(new_name)
+        await self._on(
+            parent, lambda d: self._on(ent, lambda n: self.backend.link(d, s, n)), names=True
+        )
+        await self._refresh_name(ent, parent, s)
+        attr = await self._on(ent, lambda n: self.backend.getattr(n, P.GETATTR_ALL))
         ent.nlookup += 1
         return self._entry(ent.ino, attr)
+
+    async def _refresh_name(self, ent: _Inode | None, parent: _Inode, name: str) -> _Inode | None:
+        """After a link or rename the kernel sends no lookup: walk the new name so the entry's
+        Node names the file as it is now (a path-based server's old handle may name nothing)."""
+        try:
+            node = await self._on(parent, lambda d: self._walk_one(d, name), names=True)
+        except OSError:
+            return None
+        if ent is None:
+            ent = self.inodes.existing(node.qid)
+        if ent is None or ent.qid_path != node.qid.path:
+            await self._release_nodes([node])
+            return None
+        ent.add_name(parent.ino, name)
+        await self._release_nodes(self.inodes.replace_node(ent, node))
+        return ent
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.inodes.get(parent_inode)
-        await self.backend.unlinkat(parent.node, _fsname(name), 0)
+        s = _fsname(name)
+        await self._on(parent, lambda d: self.backend.unlinkat(d, s, 0), names=True)
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.inodes.get(parent_inode)
-        await self.backend.unlinkat(parent.node, _fsname(name), P.AT_REMOVEDIR)
+        s = _fsname(name)
+        await self._on(parent, lambda d: self.backend.unlinkat(d, s, P.AT_REMOVEDIR), names=True)
 
     @_handler
     async def rename(
@@ -535,14 +688,23 @@ class FuseOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         old = self.inodes.get(parent_inode_old)
         new = self.inodes.get(parent_inode_new)
-        await self.backend.renameat(old.node, _fsname(name_old), new.node, _fsname(name_new))
+        so, sn = _fsname(name_old), _fsname(name_new)
+        await self._on(
+            old,
+            lambda od: self._on(new, lambda nd: self.backend.renameat(od, so, nd, sn), names=True),
+            names=True,
+        )
+        moved = await self._refresh_name(None, new, sn)
+        if moved is not None:
+            moved.drop_name(old.ino, so)
 
     # ----------------------------------------------------------------- files
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         ent = self.inodes.get(inode)
-        f = await self.backend.open(ent.node, open_flags_to_dotl(flags), self._cred(ctx))
+        lflags, cred = open_flags_to_dotl(flags), self._cred(ctx)
+        f = await self._on(ent, lambda n: self.backend.open(n, lflags, cred))
         fh = self._fh()
         ent.nopen += 1
         self.files[fh] = _FileHandle(ent, f)
@@ -559,12 +721,10 @@ class FuseOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.inodes.get(parent_inode)
-        node, f = await self.backend.create(
-            parent.node,
-            _fsname(name),
-            open_flags_to_dotl(flags, create=True) | P.L_O_CREAT,
-            mode & 0o7777,
-            self._cred(ctx),
+        s, cred = _fsname(name), self._cred(ctx)
+        lflags = open_flags_to_dotl(flags, create=True) | P.L_O_CREAT
+        node, f = await self._on(
+            parent, lambda d: self.backend.create(d, s, lflags, mode & 0o7777, cred), names=True
         )
         try:
             attr = await self.backend.getattr(node, P.GETATTR_ALL)
@@ -572,16 +732,14 @@ class FuseOperations(pyfuse3.Operations):
             await self._close_quietly(f)
             await self._release_nodes([node])
             raise
-        ent, drop = self.inodes.register(node, attr.qid)
-        spare = None
-        if drop is node:
-            spare = node  # the OpenFile was made from it: keep it until the file is closed
-        elif drop is not None:
-            await self._release_nodes([drop])
+        ent, drop = self.inodes.register(node, attr.qid, parent.ino, s)
+        # `node` backs the OpenFile: if the table hands it back, keep it until the file closes.
+        spare = node if node in drop else None
+        await self._release_nodes([n for n in drop if n is not node])
         fh = self._fh()
         ent.nopen += 1
         self.files[fh] = _FileHandle(ent, f, spare)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._entry(ent.ino, attr)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._seen(ent, attr)
 
     def _file(self, fh: int) -> _FileHandle:
         try:
@@ -596,7 +754,8 @@ class FuseOperations(pyfuse3.Operations):
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        f = self._file(fh).f
+        h = self._file(fh)
+        f = h.f
         view = memoryview(buf)
         done = 0
         while done < len(view):  # FUSE (without direct_io) needs every byte written
@@ -604,6 +763,9 @@ class FuseOperations(pyfuse3.Operations):
             if n <= 0:
                 raise pyfuse3.FUSEError(errno.EIO)
             done += n
+        last = h.inode.last_attr
+        if last is not None and off + done > last.size:
+            last.size = off + done
         return done
 
     @_handler
@@ -620,15 +782,17 @@ class FuseOperations(pyfuse3.Operations):
         if h is None:
             return
         await self._close_quietly(h.f)
-        drop = self.inodes.close_one(h.inode)
-        await self._release_nodes([drop, h.spare])
+        await self._release_nodes([*self.inodes.close_one(h.inode), h.spare])
 
     # ----------------------------------------------------------------- directories
 
     @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         ent = self.inodes.get(inode)
-        f = await self.backend.open(ent.node, P.L_O_RDONLY | P.L_O_DIRECTORY, self._cred(ctx))
+        cred = self._cred(ctx)
+        f = await self._on(
+            ent, lambda n: self.backend.open(n, P.L_O_RDONLY | P.L_O_DIRECTORY, cred)
+        )
         fh = self._fh()
         ent.nopen += 1
         self.dirs[fh] = _DirHandle(ent, f)
@@ -664,10 +828,10 @@ class FuseOperations(pyfuse3.Operations):
             async with limiter:
                 node: Node | None = None
                 try:
-                    node = await self._walk_one(dh.inode.node, e.name)
+                    node = await self._on(dh.inode, lambda d: self._walk_one(d, e.name), names=True)
                     attr = await self.backend.getattr(node, P.GETATTR_ALL)
                 except OSError:
-                    # Removed since the listing (or unreadable): list it without attributes.
+                    # Removed since the listing (or unreadable): leave it out.
                     if node is not None:
                         await self._release_nodes([node])
                     out[i] = _Resolved(e, None, None)
@@ -703,7 +867,7 @@ class FuseOperations(pyfuse3.Operations):
             if not entries:
                 return
             resolved = await self._resolve(dh, entries[:RESOLVE_CHUNK])
-            release: list[Node | None] = []
+            release: list[Node] = []
             full = False
             for r in resolved:
                 e = r.entry
@@ -726,8 +890,9 @@ class FuseOperations(pyfuse3.Operations):
                 cookie = e.offset
                 if r.node is not None and r.attr is not None:
                     # The kernel now holds a lookup on this entry (readdirplus).
-                    _, drop = self.inodes.register(r.node, r.attr.qid)
-                    release.append(drop)
+                    ent, drop = self.inodes.register(r.node, r.attr.qid, dh.inode.ino, e.name)
+                    ent.last_attr = r.attr
+                    release += drop
             await self._release_nodes(release)
             if full:
                 return
@@ -739,8 +904,7 @@ class FuseOperations(pyfuse3.Operations):
             return
         await self._close_quietly(dh.f)
         await self._drop_ready(dh)
-        drop = self.inodes.close_one(dh.inode)
-        await self._release_nodes([drop])
+        await self._release_nodes(self.inodes.close_one(dh.inode))
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -753,7 +917,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        s = await self.backend.statfs(self.root.node)
+        s = await self._on(self.root, self.backend.statfs)
         out = pyfuse3.StatvfsData()
         out.f_bsize = s.bsize
         out.f_frsize = s.bsize
@@ -769,7 +933,8 @@ class FuseOperations(pyfuse3.Operations):
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         ent = self.inodes.get(inode)
-        return bytes(await self.backend.xattr_get(ent.node, os.fsdecode(name)))
+        s = os.fsdecode(name)
+        return bytes(await self._on(ent, lambda n: self.backend.xattr_get(n, s)))
 
     @_handler
     async def setxattr(
@@ -777,17 +942,19 @@ class FuseOperations(pyfuse3.Operations):
     ) -> None:
         # pyfuse3 checks XATTR_CREATE/XATTR_REPLACE itself (with getxattr) before calling us.
         ent = self.inodes.get(inode)
-        await self.backend.xattr_set(ent.node, os.fsdecode(name), bytes(value), 0)
+        s, v = os.fsdecode(name), bytes(value)
+        await self._on(ent, lambda n: self.backend.xattr_set(n, s, v, 0))
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         ent = self.inodes.get(inode)
-        return [os.fsencode(n) for n in await self.backend.xattr_list(ent.node)]
+        return [os.fsencode(n) for n in await self._on(ent, self.backend.xattr_list)]
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         ent = self.inodes.get(inode)
-        await self.backend.xattr_remove(ent.node, os.fsdecode(name))
+        s = os.fsdecode(name)
+        await self._on(ent, lambda n: self.backend.xattr_remove(n, s))
 
 
 def mount_options(

@@ -106,11 +106,15 @@ def _snapshot(root: Path) -> dict[str, tuple[object, ...]]:
     return snap
 
 
-def test_cp_a_preserves_everything(work: Work, tmp_path: Path) -> None:
+def test_cp_a_preserves_everything(work: Work, mount: Mount, tmp_path: Path) -> None:
     d, host = work
     src = tmp_path / "src"
     src.mkdir()
     _make_tree(src)
+    if mount.kind == "diod":
+        # diod (like QEMU) takes a zero-length Txattrcreate as "remove": 9P2000.L cannot
+        # carry an empty xattr value to it, so that one attribute is not copied.
+        os.removexattr(src / "dir", "user.empty")
     want = _snapshot(src)
     sh("cp", "-a", str(src), str(d / "copy"))
     assert _snapshot(d / "copy") == want
@@ -436,6 +440,11 @@ def test_o_append(work: Work, mount: Mount) -> None:
 
 
 def test_unlinked_open_file(work: Work, mount: Mount) -> None:
+    """An open file stays readable and writable after its name is gone.
+
+    diod's fids are paths, so the server cannot stat an unlinked file any more (not even
+    through the open fid); the mount then answers fstat from the last attributes it saw (with
+    nlink 0 and the size its own writes reached), so tools behave the same on all kinds."""
     d, _ = work
     f = d / "doomed"
     f.write_bytes(b"before unlink|")
@@ -448,10 +457,11 @@ def test_unlinked_open_file(work: Work, mount: Mount) -> None:
         assert os.pread(fd, 100, 0) == b"before unlink|after unlink"
         os.pwrite(fd, b"B", 0)
         assert os.pread(fd, 3, 0) == b"Bef"
-        if mount.kind != "diod":
-            # diod's fids are paths: attributes of an unlinked file are gone (ENOENT), though
-            # its open fd still reads and writes. ninep's fids hold the file itself.
-            assert os.fstat(fd).st_size == len(b"before unlink|after unlink")
+        st = os.fstat(fd)
+        assert st.st_size == len(b"before unlink|after unlink") and st.st_nlink == 0
+        os.lseek(fd, 0, os.SEEK_END)
+        os.write(fd, b"!")
+        assert os.pread(fd, 100, 0) == b"Before unlink|after unlink!"
     finally:
         os.close(fd)
     assert os.listdir(d) == []
