@@ -71,6 +71,9 @@ class Request:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     started: float = 0.0
+    #: Set just before the reply goes out: from then on the client may legitimately reuse the tag
+    #: (it can see the reply before this task has removed the request from `inflight`).
+    answered: bool = False
 
 
 class Session:
@@ -175,8 +178,11 @@ class Session:
         if self._closing:
             await self.send_error(tag, errno.ESHUTDOWN)
             return
-        if tag in self.inflight:
-            raise FramingError(f"tag {tag} reused while still in flight")
+        old = self.inflight.get(tag)
+        if old is not None:
+            if not old.answered:
+                raise FramingError(f"tag {tag} reused while still in flight")
+            await old.done.wait()
         await self._slots.acquire()
         req = Request(tag, msgtype, started=time.perf_counter())
         self.inflight[tag] = req
@@ -211,8 +217,10 @@ class Session:
             with trio.CancelScope(shield=True):
                 if isinstance(reply, m.Message):
                     reply.tag = req.tag
+                    req.answered = True
                     await self.send(reply)
                 elif err is not None:
+                    req.answered = True
                     await self.send_error(req.tag, err[0], err[1])
                 if self.options.trace:
                     ms = (time.perf_counter() - req.started) * 1000
