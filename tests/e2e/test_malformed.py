@@ -227,3 +227,46 @@ def test_garbage_streams_never_take_the_server_down(tmp_path: Path) -> None:
             assert (await good.getattr(root)).qid.type & 0x80
 
     run(tmp_path, scenario)
+
+
+def test_a_tag_reused_as_soon_as_its_reply_arrives_is_served(tmp_path: Path) -> None:
+    """Fast clients (diod's, Linux's) reuse a tag the moment its reply is read; the server must
+    not mistake that for a duplicate tag still in flight. The client runs in a thread with a
+    blocking socket so it answers as fast as a C client would."""
+    import socket
+
+    def fast_client(path: Path) -> int:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(path))
+        s.settimeout(5)
+        buf = b""
+
+        def rpc(msg: m.Message) -> m.Message | None:
+            nonlocal buf
+            s.sendall(L.encode_bytes(msg))
+            while True:
+                if len(buf) >= 4 and len(buf) >= struct.unpack_from("<I", buf)[0]:
+                    n = struct.unpack_from("<I", buf)[0]
+                    out, buf = buf[:n], buf[n:]
+                    return L.decode(out)
+                data = s.recv(65536)
+                if not data:
+                    return None
+                buf += data
+
+        assert isinstance(rpc(m.Tversion(MSIZE, V9P2000_L, tag=0xFFFF)), m.Rversion)
+        assert isinstance(rpc(m.Tattach(1, NOFID, "root", "", 0, tag=0)), m.Rattach)
+        done = 0
+        for i in range(3000):
+            reply = rpc(m.Tgetattr(1, 0x7FF, tag=0) if i % 2 else m.Tclunk(77, tag=0))
+            if reply is None:
+                break
+            assert reply.tag == 0
+            done += 1
+        s.close()
+        return done
+
+    async def scenario(sock: Path, good: Any, root: int) -> None:
+        assert await trio.to_thread.run_sync(fast_client, sock) == 3000
+
+    run(tmp_path, scenario)
