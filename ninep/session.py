@@ -80,7 +80,8 @@ class Request:
     wait_scope: trio.CancelScope | None = None
     done: trio.Event = field(default_factory=trio.Event)
     started: float = 0.0
-    #: Set just before the reply goes out: from then on the client may reuse the tag.
+    #: Set just before the reply goes out: from then on the client may legitimately reuse the tag
+    #: (it can see the reply before this task has removed the request from `inflight`).
     answered: bool = False
 
 
@@ -216,8 +217,10 @@ class Session:
             await self.send_error(tag, errno.ESHUTDOWN)
             return
         old = self.inflight.get(tag)
-        if old is not None and not old.answered:
-            raise FramingError(f"tag {tag} reused while still in flight")
+        if old is not None:
+            if not old.answered:
+                raise FramingError(f"tag {tag} reused while still in flight")
+            await old.done.wait()
         await self._slots.acquire()
         req = Request(tag, msgtype, started=time.perf_counter())
         self.inflight[tag] = req
