@@ -211,8 +211,6 @@ def test_errors_are_rerror_strings_with_errno_on_dotu(serve, dialect: str) -> No
     serve(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="backends reject rename(node, None, name), which Backend.rename documents "
-                   "for 9P2000 wstat renames (AttributeError on None → EIO); reported to the lead")
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_wstat_renames_within_the_directory(serve, dialect: str) -> None:  # type: ignore[no-untyped-def]
     async def scenario(server: Any, connect: Any) -> None:
