@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -285,10 +286,16 @@ def test_client_vanishing_mid_request_leaks_nothing(serve) -> None:  # type: ign
             await names_in(c, root)
         await _settle(server)
         base = open_fds()
+        base_files = file_fds()
         await busy_then_vanish(connect, hold=True)
         await busy_then_vanish(connect, hold=False)
         await _settle(server)
-        assert open_fds() == base
+        # Files and directories the backend opened: none may survive the connection.
+        assert file_fds() == base_files
+        # Sockets, eventfds, memfds: the connection's own. The harness's xen entry starts one
+        # backend per guest domain, which (like a real Xen backend) outlives the connection.
+        if serve.transport != "xen":
+            assert open_fds() == base
         if hasattr(server.backend, "_nodes"):
             assert not server.backend._nodes  # every fid's node released
         # The lock the vanished client held is gone, the server still serves.
@@ -300,6 +307,19 @@ def test_client_vanishing_mid_request_leaks_nothing(serve) -> None:  # type: ign
             assert await c.lock(f, LOCK_TYPE_WRLCK, proc_id=1, client_id="new") == LOCK_SUCCESS
 
     serve(scenario)
+
+
+def file_fds() -> list[str]:
+    """What the process's fds on files and directories point at."""
+    out = []
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{f}")
+        except OSError:
+            continue
+        if target.startswith("/") and not target.startswith(("/dev/", "/proc/")):
+            out.append(target)
+    return sorted(out)
 
 
 async def _quietly(coro: Any) -> None:
