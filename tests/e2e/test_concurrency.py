@@ -60,9 +60,20 @@ class Recording:
 def test_64_concurrent_connections(serve) -> None:  # type: ignore[no-untyped-def]
     n = 64
 
+    connecting = trio.Semaphore(4)  # vhost-user listens with a backlog of 4: no connect storms
+    all_open = trio.Event()
+    opened: list[int] = []
+
     async def one(connect: Any, i: int, done: list[int]) -> None:
-        async with client_for(connect, msize=65536) as c:
+        async with connecting:
+            channel = await connect()
+        async with Client.connect(channel, msize=65536) as c:
             root = await c.attach()
+            # Every connection is open (and attached) before any starts working.
+            opened.append(i)
+            if len(opened) == n:
+                all_open.set()
+            await all_open.wait()
             await c.mkdir(root, f"c{i}")
             d, _ = await c.walk(root, [f"c{i}"])
             for j in range(5):
