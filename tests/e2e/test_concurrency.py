@@ -74,22 +74,21 @@ def test_64_concurrent_connections(serve) -> None:  # type: ignore[no-untyped-de
             if len(opened) == n:
                 all_open.set()
             await all_open.wait()
+            # A metadata mix: mkdir, create, symlink, rename, unlink, chmod, xattr, list, read.
             await c.mkdir(root, f"c{i}")
             d, _ = await c.walk(root, [f"c{i}"])
-            for j in range(5):
+            for j in range(3):
                 await make_file(c, d, f"f{j}", f"{i}:{j}".encode())
             await c.symlink(d, "ln", "f0")
             await c.renameat(d, "f1", d, "renamed")
-            await c.unlinkat(d, "f2")
-            f, _ = await c.walk(d, ["f3"])
+            await c.unlinkat(d, "f0")
+            f, _ = await c.walk(d, ["f2"])
             await c.setattr(f, 1, mode=0o600)
-            assert (await c.getattr(f)).mode & 0o777 == 0o600
             await c.xattr_set(f, "user.i", str(i).encode())
-            assert await c.xattr_get(f, "user.i") == str(i).encode()
-            assert await names_in(c, d) == {"f0", "renamed", "f3", "f4", "ln"}
+            a = await c.getattr(f)
+            assert a.mode & 0o777 == 0o600
+            assert await names_in(c, d) == {"renamed", "f2", "ln"}
             assert await c.read_file(d, "renamed") == f"{i}:1".encode()
-            await c.clunk(f)
-            await c.clunk(d)
             done.append(i)
 
     async def scenario(server: Any, connect: Any) -> None:
@@ -253,7 +252,7 @@ def test_many_requests_in_flight_on_one_connection(serve) -> None:  # type: igno
                 await c.clunk(f)
 
             async with trio.open_nursery() as n:
-                for _rep in range(10):
+                for _rep in range(5):
                     for i in range(20):
                         n.start_soon(read_one, i)
             assert all(results[i] == bytes([i]) * 5000 for i in range(20))

@@ -262,15 +262,15 @@ def test_open_close_churn_leaks_no_fds(serve) -> None:  # type: ignore[no-untype
             base = open_fds()
             await c.mkdir(root, "d")
             d, _ = await c.walk(root, ["d"])
-            for i in range(60):
+            for i in range(40):
                 await c.write_file(d, f"f{i}", b"x" * i)
                 f = await open_rw(c, d, [f"f{i}"], L_O_RDONLY)
                 assert await c.read(f, 0, 1000) == b"x" * i
                 await c.clunk(f)
             dd = await open_rw(c, d, [], L_O_RDONLY | L_O_DIRECTORY)
-            assert len(await c.readdir_all(dd)) == 62
+            assert len(await c.readdir_all(dd)) == 42
             await c.clunk(dd)
-            for i in range(60):
+            for i in range(40):
                 await c.unlinkat(d, f"f{i}")
             await c.clunk(d)
             assert open_fds() == base
