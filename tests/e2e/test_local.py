@@ -276,3 +276,35 @@ def test_open_close_churn_leaks_no_fds(serve) -> None:  # type: ignore[no-untype
             assert open_fds() == base
 
     serve(scenario)
+
+
+def test_a_directory_moved_out_of_the_export_does_not_lead_outside(serve, canary: Path) -> None:  # type: ignore[no-untyped-def]
+    """A fid held inside a directory that the host moves out of the export: '..' from it must
+    not climb into the outside tree."""
+    export: Path = serve.export
+    (export / "sub" / "inner").mkdir()
+    outside = {os.lstat(p).st_ino for p in (canary, canary.parent, Path("/"))}
+
+    async def scenario(server: Any, connect: Any) -> None:
+        async with client_for(connect) as c:
+            root = await c.attach()
+            inner, _ = await c.walk(root, ["sub", "inner"])
+            os.rename(export / "sub", canary / "moved-out")
+            outside.add(os.lstat(canary / "moved-out").st_ino)
+            try:
+                for ups in (1, 2, 3, 5):
+                    try:
+                        r = await c.call(m.Twalk(inner, 200, [".."] * ups), m.Rwalk)
+                    except OSError:
+                        continue
+                    assert all(q.path not in outside for q in r.wqid)
+                    if len(r.wqid) == ups:
+                        a = await c.getattr(200)
+                        assert a.qid.path not in outside
+                        names = await names_in(c, 200)
+                        assert "secret" not in names and "canary" not in names
+                        await c.clunk(200)
+            finally:
+                os.rename(canary / "moved-out", export / "sub")
+
+    serve(scenario)
