@@ -80,12 +80,21 @@ def export(tmp_path: Path) -> Path:
 @pytest.fixture
 def ninep_server(export: Path, tmp_path: Path) -> Iterator[Served]:
     """`python -m ninep serve EXPORT --listen tcp:127.0.0.1:PORT`, stopped with SIGTERM."""
-    pytest.importorskip("fs_backends.local", reason="local backend lands with its own branch")
+    yield from _ninep_server(export, tmp_path)
+
+
+@pytest.fixture
+def ninep_readonly_server(export: Path, tmp_path: Path) -> Iterator[Served]:
+    """The same with --readonly."""
+    yield from _ninep_server(export, tmp_path, "--readonly")
+
+
+def _ninep_server(export: Path, tmp_path: Path, *extra: str) -> Iterator[Served]:
     port = free_port()
     log = tmp_path / "ninep.log"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ninep", "serve", str(export), "--listen", f"tcp:127.0.0.1:{port}", "-v"],
+        proc = subprocess.Popen([sys.executable, "-m", "ninep", "serve", str(export), "--listen", f"tcp:127.0.0.1:{port}", "-v", *extra],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     try:
         wait_listening(port, proc, "ninep serve")

@@ -62,3 +62,29 @@ def test_diod_clients_get_errors_for_missing_things(ninep_server: Served) -> Non
     # ...and the server keeps serving.
     r = run("diodcat", "-s", ninep_server.address, "-a", "/", "hello.txt")
     assert r.returncode == 0 and r.stdout == b"hello, 9P world\n"
+
+
+def test_readonly_cli_serves_reads_and_refuses_writes(ninep_readonly_server: Served) -> None:
+    import errno
+
+    import trio
+
+    from ninep.client import Client, ClientError
+    from ninep.protocol import L_O_CREAT, L_O_WRONLY
+
+    r = run("diodcat", "-s", ninep_readonly_server.address, "-a", "/", "hello.txt")
+    assert r.returncode == 0 and r.stdout == b"hello, 9P world\n"
+
+    async def main() -> None:
+        async with Client.connect(f"tcp:{ninep_readonly_server.address}") as c:
+            root = await c.attach()
+            for attempt in (c.mkdir(root, "x"), c.open_file(root, "new", L_O_WRONLY | L_O_CREAT),
+                            c.open_file(root, "hello.txt", L_O_WRONLY), c.unlinkat(root, "hello.txt")):
+                try:
+                    await attempt
+                    raise AssertionError("a change succeeded on a --readonly server")
+                except ClientError as e:
+                    assert e.errno == errno.EROFS
+
+    trio.run(main)
+    assert sorted(p.name for p in ninep_readonly_server.export.iterdir()) == ["hello.txt", "link", "sub"]
