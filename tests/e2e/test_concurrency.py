@@ -180,7 +180,7 @@ def test_flush_cancels_a_blocked_lock(serve) -> None:  # type: ignore[no-untyped
                     await trio.sleep(0.2)
                     assert not p_done.is_set()  # still blocked
                     # Meanwhile the same connection is served: a blocked lock delays nothing.
-                    with trio.fail_after(2):
+                    with trio.fail_after(10):
                         assert (await b.getattr(fb)).size == 0
                     flush = await b.rpc(m.Tflush(lock_tag))
                     assert isinstance(flush, m.Rflush)
@@ -339,7 +339,7 @@ async def _quietly(coro: Any) -> None:
 
 
 async def _settle(server: Any) -> None:
-    with trio.fail_after(5):
+    with trio.fail_after(20):
         while server.sessions:
             await trio.sleep(0.02)
     await trio.sleep(0.05)
