@@ -101,7 +101,7 @@ def test_64_concurrent_connections(serve) -> None:  # type: ignore[no-untyped-de
             root = await c.attach()
             assert await names_in(c, root) == {f"c{i}" for i in range(n)}
 
-    serve(scenario, timeout=60)
+    serve(scenario, timeout=120)
 
 
 def test_locks_conflict_between_connections_and_vanish_on_clunk_and_disconnect(serve) -> None:  # type: ignore[no-untyped-def]

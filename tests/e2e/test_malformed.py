@@ -82,7 +82,7 @@ async def raw(path: Path) -> Raw:
 
 def run(tmp_path: Path, scenario: Any) -> None:
     async def main() -> None:
-        with trio.fail_after(30):
+        with trio.fail_after(60):
             async with served(MemoryBackend(), "unix", tmp_path, SessionOptions(max_msize=MSIZE)) as (server, connect):
                 # A well-behaved client connected the whole time: it must never notice.
                 async with client_for(connect, msize=MSIZE) as good:
