@@ -265,7 +265,7 @@ class Client:
 
     async def write_all(self, fid: int, offset: int, data: bytes | memoryview) -> int:
         view, done = memoryview(data), 0
-        chunk = self.msize - 23
+        chunk = self.msize - IOHDRSZ  # as Linux does; diod refuses a Twrite filling msize exactly
         while done < len(view):
             n = await self.write(fid, offset + done, view[done:done + chunk])
             if n <= 0:

@@ -62,7 +62,7 @@ def serve(transport: str, backend_kind: str, make_backend: Callable[..., Backend
 
     from tests.e2e.harness import served
 
-    def run(scenario: Callable[..., Any], *, options: Any = None, timeout: float = 30, **backend_kw: object) -> None:
+    def run(scenario: Callable[..., Any], *, options: Any = None, timeout: float = 60, **backend_kw: object) -> None:
         async def main() -> None:
             with trio.fail_after(timeout):
                 async with served(make_backend(**backend_kw), transport, tmp_path, options) as (server, connect):
