@@ -43,6 +43,8 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # Other work on the machine skews every number; the load says how much there was.
+        "loadavg": list(os.getloadavg()),
     }
 
 
