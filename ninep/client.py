@@ -14,9 +14,8 @@ from __future__ import annotations
 import errno as _errno
 import itertools
 import os
-import stat as st
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -97,6 +96,8 @@ class Client:
                 await channel.aclose()
 
     async def version(self, msize: int, version: str) -> tuple[int, str]:
+        # As Linux's p9_client_create: never ask for more than the transport can carry.
+        msize = min(msize, self.channel.max_message_size)
         reply = await self.rpc(m.Tversion(msize, version), tag=NOTAG)
         assert isinstance(reply, m.Rversion)
         if reply.version == VERSION_UNKNOWN:
@@ -169,10 +170,8 @@ class Client:
     async def _flush(self, oldtag: int, p: _Pending) -> None:
         if self._closed is not None:
             return
-        try:
+        with suppress(OSError):
             await self.rpc(m.Tflush(oldtag))
-        except OSError:
-            pass
 
     async def call(self, msg: m.Message, expect: type[R]) -> R:
         reply = await self.rpc(msg)
@@ -283,7 +282,8 @@ class Client:
         return unpack_dirents(r.data)
 
     async def readdir_all(self, fid: int) -> list[tuple[Qid, int, int, str]]:
-        out, offset = [], 0
+        out: list[tuple[Qid, int, int, str]] = []
+        offset = 0
         while True:
             batch = await self.readdir(fid, offset)
             if not batch:
@@ -368,7 +368,8 @@ class Client:
         await self.call(m.Twstat(fid, stat), m.Rwstat)
 
     async def read_dir_stats(self, fid: int) -> list[m.Stat]:
-        out, offset = [], 0
+        out: list[m.Stat] = []
+        offset = 0
         while True:
             data = await self.read(fid, offset, self.msize - READ_HEADER)
             if not data:

@@ -11,6 +11,7 @@ import errno
 import logging
 import pwd
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -29,7 +30,6 @@ from ninep.protocol import (
     L_O_TRUNC,
     LOCK_BLOCKED,
     LOCK_FLAGS_BLOCK,
-    LOCK_SUCCESS,
     LOCK_TYPE_UNLCK,
     MAXWELEM,
     NOFID,
@@ -42,7 +42,7 @@ from ninep.protocol import (
     XATTR_SIZE_MAX,
     T,
 )
-from ninep.session import SENT, Handler, Session, Sent
+from ninep.session import SENT, Handler, Sent, Session
 
 log = logging.getLogger("ninep.ops")
 
@@ -155,7 +155,7 @@ async def attach(s: Session, msg: m.Tattach) -> m.Message:
 async def flush(s: Session, msg: m.Tflush) -> m.Message:
     req = s.inflight.get(msg.oldtag)
     if req is not None and msg.oldtag != msg.tag:
-        req.scope.cancel()
+        s.interrupt(req)
         await req.done.wait()
     return m.Rflush()
 
@@ -193,7 +193,8 @@ async def walk(s: Session, msg: m.Twalk) -> m.Message:
         except OSError:
             await s.backend.release(target)
             raise
-    return m.Rwalk([n.qid for n in nodes])
+    # A clone (no names) answers no qids: nwqid is one per name walked.
+    return m.Rwalk([n.qid for n in nodes] if msg.wname else [])
 
 
 async def clunk(s: Session, msg: m.Tclunk) -> m.Message:
@@ -270,6 +271,7 @@ async def read(s: Session, msg: m.Tread) -> m.Message | Sent:
         return m.Rread(await read_dir(s, fid, msg.offset, count))
     zc = getattr(s.channel, "send_rread", None)
     if zc is not None and fid.open.fd is not None:
+        s.mark_answered(msg.tag)  # the channel replies itself; the tag is free once it has
         await zc(msg.tag, fid.open.fd, msg.offset, count)
         return SENT
     return m.Rread(await s.backend.read(fid.open, msg.offset, count))
@@ -307,7 +309,7 @@ async def readdir(s: Session, msg: m.Treaddir) -> m.Message:
         out += d
     if entries and not out and count:
         raise OSError(errno.EINVAL, "readdir count too small for one entry")
-    return m.Rreaddir(out)
+    return m.Rreaddir(bytes(out))
 
 
 async def fsync(s: Session, msg: m.Tfsync) -> m.Message:
@@ -478,9 +480,9 @@ async def lock(s: Session, msg: m.Tlock) -> m.Message:
         status = await s.backend.lock(fid.open, lk, owner)
         if status != LOCK_BLOCKED or not msg.flags & LOCK_FLAGS_BLOCK:
             return m.Rlock(status)
-        # A blocking request waits here, cancellable by Tflush, instead of making the client
+        # A blocking request waits here, interruptible by Tflush, instead of making the client
         # poll; the backend call itself never blocks.
-        await trio.sleep(delay)
+        await s.interruptible(msg.tag, partial(trio.sleep, delay))
         delay = min(delay * 2, 0.1)
 
 

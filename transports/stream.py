@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -202,7 +203,7 @@ class SocketListener:
         self.family = family
         self.sockaddr = sockaddr
         self.max_message_size = max_message_size
-        self.bound: object = None
+        self.bound: Any = None
 
     async def serve(self, handler: ChannelHandler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.socket(self.family, socket.SOCK_STREAM)
