@@ -153,40 +153,9 @@ async def populate_9p(target: Target, big_size: int, dir_entries: int) -> None:
 # --- 9P side -----------------------------------------------------------------------------------
 
 
-class _FifoTags:
-    """A free-tag pool that hands out the tag freed longest ago (the client's own list hands back
-    the one just freed). Works around a ninep server race: the session forgets a tag only after
-    its reply is sent, so a client that reuses the tag at once can be dropped with "tag reused
-    while still in flight" (reported to the lead; remove this when session.py is fixed)."""
-
-    def __init__(self, tags: list[int]) -> None:
-        import collections
-
-        self._q = collections.deque(reversed(tags))
-
-    def pop(self) -> int:
-        return self._q.popleft()
-
-    def append(self, tag: int) -> None:
-        self._q.append(tag)
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-
-def _client_class() -> Any:
-    from ninep.client import Client
-
-    class BenchClient(Client):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            self._free_tags = _FifoTags(self._free_tags)  # type: ignore[assignment]
-
-    return BenchClient
-
-
 @contextlib.asynccontextmanager
 async def _connect(target: Target, msize: int):  # type: ignore[no-untyped-def]
+    from ninep.client import Client
     from transports.address import ConnectOptions, connect_address
     from transports.stream import FdPairChannel
 
@@ -194,7 +163,7 @@ async def _connect(target: Target, msize: int):  # type: ignore[no-untyped-def]
         channel: Any = FdPairChannel(target.fd, target.fd)
     else:
         channel = await connect_address(target.address, ConnectOptions(max_msize=max(msize, 8192)))
-    async with _client_class().connect(channel, msize=msize) as c:
+    async with Client.connect(channel, msize=msize) as c:
         yield c
 
 
