@@ -13,6 +13,7 @@ import argparse
 import io
 import os
 import pstats
+import re
 import shutil
 import subprocess
 import tempfile
@@ -60,7 +61,8 @@ def _pyspy_top(path: Path, limit: int = TOP) -> tuple[str, list[dict[str, Any]]]
         if not n.isdigit():
             continue
         count = int(n)
-        frames = [f for f in stack.split(";") if f]
+        # "func (file:line)" → "func (file)": one row per function, not per line
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if f]
         if not frames:
             continue
         total += count

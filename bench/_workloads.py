@@ -44,11 +44,13 @@ class Workload:
     connections: str = "one"  # "one" | "per_task" (depth = connections) | "64"
     raw: str | None = None  # the raw workload this one is compared with (None: no raw baseline)
     pairs_with: str | None = None  # create is always followed by unlink of what it made
+    in_full_run: bool = True  # False: only with --only (bench/roundtrip.py uses it)
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("version_attach", "Tversion+Tattach (session setup on an open connection)", "ops/s",
              connections="per_task"),
+    Workload("getattr", "Tgetattr of an open fid (one round trip)", "ops/s", raw="getattr", in_full_run=False),
     Workload("metadata", "Twalk+Tgetattr+Tclunk of an existing file", "ops/s", raw="metadata"),
     Workload("create", "walk+Tlcreate+Twrite 4 KiB+Tclunk (create, write, close)", "ops/s", raw="create",
              pairs_with="unlink"),
@@ -64,7 +66,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              connections="64", raw="metadata"),
 ]}
 #: The workloads the raw baseline runs, keyed by Workload.raw.
-RAW_WORKLOADS = ("metadata", "create", "unlink", "readdir", "randread", "seqread", "seqwrite")
+RAW_WORKLOADS = ("getattr", "metadata", "create", "unlink", "readdir", "randread", "seqread", "seqwrite")
 #: Extra step of a full run: server RSS with many fids and connections (issue 8's memory target).
 RSS_CONNECTIONS, RSS_FIDS = 256, 10_000
 
@@ -201,6 +203,17 @@ async def _setup_9p(cell: Cell, clients: list[Any]) -> tuple[TaskFn, list[tuple[
             while perf() < deadline:
                 await c.version(c.msize, "9P2000.L")
                 await c.rpc(m.Tattach(ROOT, NOFID, "root", cell.target.aname, 0))
+                k.ops += 1
+        return task, slots
+
+    if cell.workload == "getattr":
+        for c, i in slots:
+            await c.rpc(m.Twalk(ROOT, fid_of(i), ["meta.txt"]))
+
+        async def task(c: Any, i: int, deadline: float, k: Counters) -> None:
+            fid = fid_of(i)
+            while perf() < deadline:
+                await c.rpc(m.Tgetattr(fid, GETATTR_BASIC))
                 k.ops += 1
         return task, slots
 
@@ -396,7 +409,13 @@ def run_raw_cell(cell: Cell, start: Callable[[], None], report: Callable[[dict[s
             return off
 
     def body(i: int, deadline: float, k: Counters) -> None:
-        if kind == "metadata":
+        if kind == "getattr":
+            fd = os.open(meta, os.O_PATH | os.O_NOFOLLOW)
+            while perf() < deadline:
+                os.fstat(fd)
+                k.ops += 1
+            os.close(fd)
+        elif kind == "metadata":
             while perf() < deadline:
                 fd = os.open(meta, os.O_PATH | os.O_NOFOLLOW)
                 os.fstat(fd)
