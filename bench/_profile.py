@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import pstats
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -24,7 +24,7 @@ from typing import Any
 
 from bench._common import host, machine, stamp, write_json
 from bench._servers import ServerPool, selected, start
-from bench._workloads import MiB, WORKLOADS, Cell
+from bench._workloads import WORKLOADS, Cell, MiB
 
 TOP = 30
 
@@ -35,7 +35,7 @@ def _pstats_top(path: Path, limit: int = TOP) -> tuple[str, list[dict[str, Any]]
     st.strip_dirs()
     total = max(st.total_tt, 1e-9)  # type: ignore[attr-defined]
     rows = []
-    for (file, line, func), (cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+    for (file, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
         rows.append({"function": f"{func} ({file}:{line})", "calls": nc, "self_s": tt, "total_s": ct,
                      "self_pct": 100 * tt / total})
     rows.sort(key=lambda r: -r["self_s"])
@@ -96,7 +96,7 @@ def profile(args: argparse.Namespace) -> int:
     name = names[0]
     depth = args.depth or max(WORKLOADS[wl].depths)
     duration = args.duration or 3.0
-    pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(os.sys.executable).parent))
+    pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     tmp = Path(tempfile.mkdtemp(prefix="ninep-profile-"))
     export = tmp / "export"
     export.mkdir()

@@ -62,7 +62,8 @@ def ratios(rows: list[Row]) -> list[Row]:
 def _ratio(rat: list[Row], target: str, workload: str, depth: int, key: str) -> float | None:
     for r in rat:
         if r["target"] == target and r["workload"] == workload and r["depth"] == depth:
-            return r[key]  # type: ignore[no-any-return]
+            v = r[key]
+            return float(v) if v is not None else None
     return None
 
 

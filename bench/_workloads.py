@@ -24,7 +24,7 @@ import random
 import resource
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,7 +134,7 @@ async def populate_9p(target: Target, big_size: int, dir_entries: int) -> None:
             off = 0
             while off < size:
                 r = await c.rpc(m.Twrite(fid, off, memoryview(chunk)[: c.msize - 24]))
-                off += r.count  # type: ignore[attr-defined]
+                off += r.count
             await c.rpc(m.Tclunk(fid))
         dfid = 11
         await c.rpc(m.Twalk(ROOT, dfid, ["dir10k"]))
@@ -156,7 +156,7 @@ async def populate_9p(target: Target, big_size: int, dir_entries: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _connect(target: Target, msize: int):  # type: ignore[no-untyped-def]
+async def _connect(target: Target, msize: int) -> AsyncIterator[Any]:
     from ninep.client import Client
     from transports.address import ConnectOptions, connect_address
     from transports.stream import FdPairChannel
@@ -314,9 +314,9 @@ async def _setup_9p(cell: Cell, clients: list[Any]) -> tuple[TaskFn, list[tuple[
 
     # sequential: the tasks of a connection share one advancing offset, like readahead does
     state = {id(c): 0 for c in clients}
-    payload = memoryview(bytes(MiB))
+    zeros = memoryview(bytes(MiB))
 
-    async def task(c: Any, i: int, deadline: float, k: Counters) -> None:
+    async def seq_task(c: Any, i: int, deadline: float, k: Counters) -> None:
         fid = fid_of(i)
         chunk = min(MiB, c.msize - 24)  # IOHDRSZ: what Linux and diod leave for the header
         limit = cell.big_size - cell.big_size % chunk
@@ -325,13 +325,13 @@ async def _setup_9p(cell: Cell, clients: list[Any]) -> tuple[TaskFn, list[tuple[
             off = state[key]
             state[key] = off + chunk if off + chunk < limit else 0
             if write:
-                r = await c.rpc(m.Twrite(fid, off, payload[:chunk]))
+                r = await c.rpc(m.Twrite(fid, off, zeros[:chunk]))
                 k.nbytes += r.count
             else:
                 r = await c.rpc(m.Tread(fid, off, chunk))
                 k.nbytes += len(r.data)
             k.ops += 1
-    return task, slots
+    return seq_task, slots
 
 
 async def run_9p_cell(cell: Cell, start: Callable[[], None], report: Callable[[dict[str, Any]], None]) -> None:

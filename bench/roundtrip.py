@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS, host, machine, stamp, summary, write_json  # noqa: E402
 from bench._servers import ServerPool, start  # noqa: E402
-from bench._workloads import MiB, Cell  # noqa: E402
+from bench._workloads import Cell, MiB  # noqa: E402
 from bench.run import populate, run_cell  # noqa: E402
 
 #: (name, workload of bench/_workloads.py, unit)

@@ -42,10 +42,9 @@ from bench._servers import (  # noqa: E402
     start,
 )
 from bench._workloads import (  # noqa: E402
-    KiB,
-    MiB,
     WORKLOADS,
     Cell,
+    MiB,
     WorkerLink,
     populate_9p,
     populate_host,
@@ -174,16 +173,16 @@ class Run:
     def series(self, t: Target, wl: str, depth: int, procs: int) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {wl: []}
         pair = WORKLOADS[wl].pairs_with
-        want_pair = pair in self.workloads and not self.applicable(t, pair, depth) if pair else False
-        if want_pair:
-            out[pair] = []  # type: ignore[index]
+        want_pair = bool(pair) and pair in self.workloads and not self.applicable(t, str(pair), depth)
+        if pair and want_pair:
+            out[pair] = []
         for _ in range(self.reps):
             out[wl].append(run_cell(self.cell(t, wl, depth, procs)))
-            if pair and (want_pair or True):
+            if pair:
                 # Unlink always follows create, so the directory does not fill up across cells.
                 s = run_cell(self.cell(t, pair, depth, procs))
                 if want_pair:
-                    out[pair].append(s)  # type: ignore[index]
+                    out[pair].append(s)
         return out
 
     def record(self, t: Target, wl: str, depth: int, procs: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -244,11 +243,14 @@ class Run:
             before = rss_mib(t.pid)
             barrier, done, q = _fork.Barrier(2), _fork.Event(), _fork.Queue()
 
-            def child(t: Target = t) -> None:
+            def child(t: Target = t, barrier: Any = barrier, done: Any = done, q: Any = q) -> None:
                 import trio
 
+                def ready() -> None:
+                    barrier.wait(timeout=300)
+
                 try:
-                    res = trio.run(rss_hold, t, lambda: barrier.wait(timeout=300), done)
+                    res = trio.run(rss_hold, t, ready, done)
                     q.put(res)
                 except BaseException as e:  # noqa: BLE001
                     barrier.abort()
