@@ -55,6 +55,12 @@ def ratios(rows: list[Row]) -> list[Row]:
             "raw": raw["median"] if raw else None,
             "ninep_over_diod": mine["median"] / diod["median"] if diod and diod["median"] else None,
             "ninep_over_raw": mine["median"] / raw["median"] if raw and raw["median"] else None,
+            # server CPU per unit of work: robust to a busy machine, lower is better
+            "ninep_server_us": mine.get("server_us_per_unit"),
+            "diod_server_us": diod.get("server_us_per_unit") if diod else None,
+            "cpu_cost_ninep_over_diod": (mine["server_us_per_unit"] / diod["server_us_per_unit"]
+                                         if diod and mine.get("server_us_per_unit") and diod.get("server_us_per_unit")
+                                         else None),
         })
     return out
 
@@ -76,13 +82,19 @@ def targets(rows: list[Row], rat: list[Row], rss: list[Row]) -> list[Row]:
         out.append({"target": text, "wanted": wanted, "measured": shown,
                     "note": "" if shown else "not measured in this run (server/transport/workload not selected or not available)"})
 
+    def eff(target: str, workload: str, depth: int) -> float | None:
+        c = _ratio(rat, target, workload, depth, "cpu_cost_ninep_over_diod")
+        return 1 / c if c else None
+
     entry("Metadata round trips/s: ninep ≥ 1.0× diod at 32 in flight over a unix socket", "ninep/diod ≥ 1.0",
-          {"metadata d=32 unix": _ratio(rat, "ninep-unix", "metadata", 32, "ninep_over_diod")})
+          {"metadata d=32 unix": _ratio(rat, "ninep-unix", "metadata", 32, "ninep_over_diod"),
+           "metadata d=32 unix, by server CPU per op (diod µs ÷ ninep µs)": eff("ninep-unix", "metadata", 32)})
     for op in ("read", "write"):
         m: dict[str, float | None] = {}
         for ms in ("512k", "1m"):
             for d in (1, 8, 32):
                 m[f"seq{op}-{ms} d={d} tcp"] = _ratio(rat, "ninep-tcp", f"seq{op}-{ms}", d, "ninep_over_diod")
+            m[f"seq{op}-{ms} d=32 tcp, by server CPU per MiB (diod ÷ ninep)"] = eff("ninep-tcp", f"seq{op}-{ms}", 32)
         entry(f"1 MiB sequential T{op}: ninep ≥ 1.0× diod over TCP", "ninep/diod ≥ 1.0", m)
     m = {}
     for t in ("ninep-vhost-user", "ninep-xen"):
@@ -137,12 +149,16 @@ def table(result: dict[str, Any]) -> str:
     rat = result["ratios"]
     if rat:
         p("")
-        p("ratios (ninep / other, same workload and depth; best process count of each)")
-        p(f"  {'workload':<14} {'depth':>5} {'ninep target':<17} {'ninep':>10} {'/diod':>7} {'/raw':>7}")
+        p("ratios (ninep / other, same workload and depth; best process count of each).")
+        p("  srv µs = server CPU µs per op / entry / MiB (lower is better; stable on a busy machine);")
+        p("  cpu×diod = ninep's server CPU per unit of work ÷ diod's (below 1.0: ninep does the work with less CPU)")
+        p(f"  {'workload':<14} {'depth':>5} {'ninep target':<17} {'ninep':>10} {'/diod':>7} {'/raw':>7} "
+          f"{'srv µs':>8} {'diod µs':>8} {'cpu×diod':>8}")
+        fmt = lambda v, f=".2f": format(v, f) if v is not None else "—"  # noqa: E731
         for r in rat:
-            od = f"{r['ninep_over_diod']:.2f}" if r["ninep_over_diod"] is not None else "—"
-            orw = f"{r['ninep_over_raw']:.2f}" if r["ninep_over_raw"] is not None else "—"
-            p(f"  {r['workload']:<14} {r['depth']:>5} {r['target']:<17} {human(r['ninep'], r['unit']):>10} {od:>7} {orw:>7}")
+            p(f"  {r['workload']:<14} {r['depth']:>5} {r['target']:<17} {human(r['ninep'], r['unit']):>10} "
+              f"{fmt(r['ninep_over_diod']):>7} {fmt(r['ninep_over_raw']):>7} {fmt(r.get('ninep_server_us'), '.1f'):>8} "
+              f"{fmt(r.get('diod_server_us'), '.1f'):>8} {fmt(r.get('cpu_cost_ninep_over_diod')):>8}")
     if result.get("rss"):
         p("")
         p(f"server RSS with {result['rss'][0].get('fids', '?')} fids over {result['rss'][0].get('connections', '?')} connections")

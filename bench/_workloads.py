@@ -19,13 +19,14 @@ This module must never start servers or print reports.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import resource
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench._servers import Target
@@ -83,6 +84,11 @@ class Cell:
     big_size: int = 64 * MiB
     dir_entries: int = 10_000
     profile: str = ""  # write a cProfile of this worker here
+    reps: int = 1  # timed repetitions, on the same connections
+    then: str = ""  # a second workload timed after each repetition (unlink after create)
+
+    def phases(self) -> list[str]:
+        return [self.workload, self.then] if self.then else [self.workload]
 
 
 @dataclass
@@ -176,8 +182,13 @@ async def _attach(c: Any, target: Target) -> None:
     await c.rpc(m.Tattach(ROOT, NOFID, "root", target.aname, 0))
 
 
-def _walk_names(path: str) -> list[str]:
-    return [p for p in path.split("/") if p]
+async def _walk_fresh(c: Any, fid: int, newfid: int, names: list[str]) -> None:
+    """Twalk to `newfid`, clunking it first: setups repeat on one connection (one per repetition)."""
+    from ninep import messages as m
+
+    with contextlib.suppress(OSError):
+        await c.rpc(m.Tclunk(newfid))
+    await c.rpc(m.Twalk(fid, newfid, names))
 
 
 TaskFn = Callable[[Any, int, float, Counters], Awaitable[None]]
@@ -208,7 +219,7 @@ async def _setup_9p(cell: Cell, clients: list[Any]) -> tuple[TaskFn, list[tuple[
 
     if cell.workload == "getattr":
         for c, i in slots:
-            await c.rpc(m.Twalk(ROOT, fid_of(i), ["meta.txt"]))
+            await _walk_fresh(c, ROOT, fid_of(i), ["meta.txt"])
 
         async def task(c: Any, i: int, deadline: float, k: Counters) -> None:
             fid = fid_of(i)
@@ -232,7 +243,7 @@ async def _setup_9p(cell: Cell, clients: list[Any]) -> tuple[TaskFn, list[tuple[
     if cell.workload in ("create", "unlink"):
         cw = 7
         for c in clients:
-            await c.rpc(m.Twalk(ROOT, cw, ["cw"]))
+            await _walk_fresh(c, ROOT, cw, ["cw"])
         if cell.workload == "create":
             payload = b"x" * 4096
 
@@ -248,7 +259,7 @@ async def _setup_9p(cell: Cell, clients: list[Any]) -> tuple[TaskFn, list[tuple[
             return task, slots
         # unlink: list cw (untimed), share its files out between processes and tasks
         c0 = clients[0]
-        await c0.rpc(m.Twalk(cw, 8, []))
+        await _walk_fresh(c0, cw, 8, [])
         await c0.rpc(m.Tlopen(8, L_O_RDONLY))
         names, off = [], 0
         while True:
@@ -263,18 +274,32 @@ async def _setup_9p(cell: Cell, clients: list[Any]) -> tuple[TaskFn, list[tuple[
         mine = names[cell.proc_index::cell.procs]
         shares = [mine[j::len(slots)] for j in range(len(slots))]
 
+        use_remove: set[int] = set()
+
         async def task(c: Any, i: int, deadline: float, k: Counters) -> None:
+            fid = fid_of(i)
             for name in shares[i]:
                 if perf() >= deadline:
                     break
-                await c.rpc(m.Tunlinkat(cw, name, 0))
+                if id(c) not in use_remove:
+                    try:
+                        await c.rpc(m.Tunlinkat(cw, name, 0))
+                        k.ops += 1
+                        continue
+                    except OSError as e:
+                        if e.errno != errno.EOPNOTSUPP:
+                            raise
+                        # Like Linux: a server without Tunlinkat (diod 1.0.24) gets walk + Tremove.
+                        use_remove.add(id(c))
+                await c.rpc(m.Twalk(cw, fid, [name]))
+                await c.rpc(m.Tremove(fid))
                 k.ops += 1
         return task, slots
 
     if cell.workload == "readdir":
         dfid = 7
         for c in clients:
-            await c.rpc(m.Twalk(ROOT, dfid, ["dir10k"]))
+            await _walk_fresh(c, ROOT, dfid, ["dir10k"])
 
         async def task(c: Any, i: int, deadline: float, k: Counters) -> None:
             fid = fid_of(i)
@@ -298,7 +323,7 @@ async def _setup_9p(cell: Cell, clients: list[Any]) -> tuple[TaskFn, list[tuple[
     write = cell.workload.startswith("seqwrite")
     fname = "wbig.bin" if write else "big.bin"
     for c, i in slots:
-        await c.rpc(m.Twalk(ROOT, fid_of(i), [fname]))
+        await _walk_fresh(c, ROOT, fid_of(i), [fname])
         await c.rpc(m.Tlopen(fid_of(i), L_O_WRONLY if write else L_O_RDONLY))
 
     if cell.workload == "randread":
@@ -350,24 +375,29 @@ async def run_9p_cell(cell: Cell, start: Callable[[], None], report: Callable[[d
             c = await stack.enter_async_context(_connect(cell.target, wl.msize))
             await _attach(c, cell.target)
             clients.append(c)
-        task, slots = await _setup_9p(cell, clients)
-        counters = [Counters() for _ in slots]
-        start()
-        ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        deadline = t0 + cell.duration
+        for rep in range(cell.reps):
+            for k, phase in enumerate(cell.phases()):
+                if k:
+                    start()  # everyone is done with the previous phase (unlink lists what create made)
+                pcell = replace(cell, workload=phase, cell_id=f"{cell.cell_id}r{rep}")
+                task, slots = await _setup_9p(pcell, clients)
+                counters = [Counters() for _ in slots]
+                start()
+                ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                deadline = t0 + cell.duration
 
-        async def guarded(c: Any, i: int, k: Counters) -> None:
-            try:
-                await task(c, i, deadline, k)
-            except OSError as e:
-                k.errors += 1
-                k.first_error = k.first_error or f"{type(e).__name__}: {e}"
+                async def guarded(c: Any, i: int, k: Counters, task: TaskFn = task, deadline: float = deadline) -> None:
+                    try:
+                        await task(c, i, deadline, k)
+                    except OSError as e:
+                        k.errors += 1
+                        k.first_error = k.first_error or f"{type(e).__name__}: {e}"
 
-        async with trio.open_nursery() as n:
-            for (c, i), k in zip(slots, counters, strict=True):
-                n.start_soon(guarded, c, i, k)
-        t1, ru1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        report(_result(cell, counters, t1 - t0, ru0, ru1, msize=clients[0].msize))
+                async with trio.open_nursery() as n:
+                    for (c, i), kk in zip(slots, counters, strict=True):
+                        n.start_soon(guarded, c, i, kk)
+                t1, ru1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+                report(_result(pcell, counters, t1 - t0, ru0, ru1, msize=clients[0].msize))
 
 
 def _result(cell: Cell, counters: list[Counters], wall: float, ru0: Any, ru1: Any, msize: int = 0) -> dict[str, Any]:
@@ -383,6 +413,14 @@ def _result(cell: Cell, counters: list[Counters], wall: float, ru0: Any, ru1: An
 
 
 def run_raw_cell(cell: Cell, start: Callable[[], None], report: Callable[[dict[str, Any]], None]) -> None:
+    for rep in range(cell.reps):
+        for k, phase in enumerate(cell.phases()):
+            if k:
+                start()
+            _raw_phase(replace(cell, workload=phase, cell_id=f"{cell.cell_id}r{rep}"), start, report)
+
+
+def _raw_phase(cell: Cell, start: Callable[[], None], report: Callable[[dict[str, Any]], None]) -> None:
     wl = WORKLOADS[cell.workload]
     kind = wl.raw
     ex = cell.target.export
@@ -524,8 +562,8 @@ def worker_main(cell: Cell, link: WorkerLink) -> None:
     except BaseException as e:  # noqa: BLE001 - anything here is reported back, not raised
         with contextlib.suppress(Exception):
             link.barrier.abort()
-        if not link.reported[0]:
-            link.queue.put({"error": f"{type(e).__name__}: {_flatten(e)}"})
+        # The orchestrator may be waiting for the next repetition's numbers: always answer.
+        link.queue.put({"error": f"{type(e).__name__}: {_flatten(e)}"})
     finally:
         # os._exit skips the queue's feeder thread: flush it first or the result is lost.
         with contextlib.suppress(Exception):

@@ -81,47 +81,77 @@ def ensure_matplotlib() -> bool:
 # --- one cell ----------------------------------------------------------------------------------
 
 
-def run_cell(cell: Cell) -> dict[str, Any]:
-    """Runs `cell` in cell.procs forked workers; their numbers summed, plus server CPU."""
+def run_cells(cell: Cell) -> dict[str, list[dict[str, Any]]]:
+    """Runs `cell` (cell.reps repetitions of each of its phases) in cell.procs forked workers that
+    keep their connections between repetitions; per phase, one sample per repetition: the workers'
+    numbers summed, plus the server's CPU time over the timed part."""
     barrier = _fork.Barrier(cell.procs + 1)
     queue = _fork.Queue()
     workers = [_fork.Process(target=worker_main, args=(replace(cell, proc_index=j), WorkerLink(barrier, queue)))
                for j in range(cell.procs)]
     for w in workers:
         w.start()
-    res: list[dict[str, Any]] = []
-    err = ""
-    try:
-        barrier.wait(timeout=120)
-    except threading.BrokenBarrierError:
-        err = "a worker failed before the timed part"
-    cpu0, t0 = cpu_seconds(cell.target.pid), time.perf_counter()
-    for _ in workers:
-        try:
-            res.append(queue.get(timeout=cell.duration + 120))
-        except Exception:
-            err = err or "a worker did not report"
-            break
-    cpu1, t1 = cpu_seconds(cell.target.pid), time.perf_counter()
+    out: dict[str, list[dict[str, Any]]] = {p: [] for p in cell.phases()}
+    failed = ""
+    for _ in range(cell.reps):
+        for k, phase in enumerate(cell.phases()):
+            if failed:
+                out[phase].append({"error": failed})
+                continue
+            try:
+                if k:
+                    barrier.wait(timeout=300)
+                barrier.wait(timeout=300)
+            except threading.BrokenBarrierError:
+                failed = "a worker failed before the timed part"
+            cpu0, t0 = cpu_seconds(cell.target.pid), time.perf_counter()
+            res: list[dict[str, Any]] = []
+            for _w in workers:
+                try:
+                    res.append(queue.get(timeout=cell.duration + 300))
+                except Exception:
+                    failed = failed or "a worker did not report"
+                    break
+            cpu1, t1 = cpu_seconds(cell.target.pid), time.perf_counter()
+            errors = [r["error"] for r in res if "error" in r]
+            if errors:
+                failed = "; ".join(errors)
+            good = [r for r in res if "error" not in r]
+            if failed or len(good) != cell.procs:
+                failed = failed or "worker lost"
+                out[phase].append({"error": failed})
+                continue
+            wall = max(r["wall"] for r in good)
+            out[phase].append({
+                "ops": sum(r["ops"] for r in good), "bytes": sum(r["bytes"] for r in good),
+                "ops_per_s": sum(r["ops"] / r["wall"] for r in good if r["wall"] > 0),
+                "bytes_per_s": sum(r["bytes"] / r["wall"] for r in good if r["wall"] > 0),
+                "wall": wall, "client_cpu": sum(r["cpu"] for r in good) / wall if wall else 0.0,
+                "server_cpu": (cpu1 - cpu0) / (t1 - t0) if cell.target.pid and t1 > t0 else 0.0,
+                "server_cpu_s": cpu1 - cpu0, "client_cpu_s": sum(r["cpu"] for r in good),
+                "errors": sum(r["errors"] for r in good),
+                "first_error": next((r["first_error"] for r in good if r["first_error"]), ""),
+                "msize": good[0]["msize"],
+            })
     for w in workers:
-        w.join(timeout=30)
+        w.join(timeout=60)
         if w.is_alive():
             w.kill()
             w.join()
-    errors = [r["error"] for r in res if "error" in r]
-    good = [r for r in res if "error" not in r]
-    if errors or err or len(good) != cell.procs:
-        return {"error": "; ".join(errors) or err or "worker lost"}
-    wall = max(r["wall"] for r in good)
-    return {
-        "ops": sum(r["ops"] for r in good), "bytes": sum(r["bytes"] for r in good),
-        "ops_per_s": sum(r["ops"] / r["wall"] for r in good if r["wall"] > 0),
-        "bytes_per_s": sum(r["bytes"] / r["wall"] for r in good if r["wall"] > 0),
-        "wall": wall, "client_cpu": sum(r["cpu"] for r in good) / wall if wall else 0.0,
-        "server_cpu": (cpu1 - cpu0) / (t1 - t0) if cell.target.pid and t1 > t0 else 0.0,
-        "errors": sum(r["errors"] for r in good), "first_error": next((r["first_error"] for r in good if r["first_error"]), ""),
-        "msize": good[0]["msize"],
-    }
+    return out
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """One repetition of one workload: its sample."""
+    return run_cells(replace(cell, reps=1, then=""))[cell.workload][0]
+
+
+def cost_of(sample: dict[str, Any], unit: str, side: str) -> float | None:
+    """CPU µs the server (or client) spent per unit of work (per op, entry or MiB). Unlike
+    throughput it barely moves when other work competes for the machine's cores."""
+    amount = sample["bytes"] / MiB if unit == "MiB/s" else sample["ops"]
+    cpu = sample[f"{side}_cpu_s"]
+    return cpu / amount * 1e6 if amount and (side == "client" or sample.get("server_cpu_s")) else None
 
 
 def value_of(sample: dict[str, Any], unit: str) -> float:
@@ -171,19 +201,10 @@ class Run:
                     cell_id=f"{t.name}-{self.serial}", big_size=self.big_size, dir_entries=self.dir_entries)
 
     def series(self, t: Target, wl: str, depth: int, procs: int) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {wl: []}
-        pair = WORKLOADS[wl].pairs_with
-        want_pair = bool(pair) and pair in self.workloads and not self.applicable(t, str(pair), depth)
-        if pair and want_pair:
-            out[pair] = []
-        for _ in range(self.reps):
-            out[wl].append(run_cell(self.cell(t, wl, depth, procs)))
-            if pair:
-                # Unlink always follows create, so the directory does not fill up across cells.
-                s = run_cell(self.cell(t, pair, depth, procs))
-                if want_pair:
-                    out[pair].append(s)
-        return out
+        # Unlink always follows create, so the directory does not fill up across cells.
+        cell = replace(self.cell(t, wl, depth, procs), reps=self.reps, then=WORKLOADS[wl].pairs_with or "")
+        out = run_cells(cell)
+        return {k: v for k, v in out.items() if k in self.workloads and not self.applicable(t, k, depth)}
 
     def record(self, t: Target, wl: str, depth: int, procs: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
         unit = WORKLOADS[wl].unit
@@ -194,6 +215,8 @@ class Run:
             "target": t.name, "workload": wl, "depth": depth, "procs": procs, "unit": unit,
             "samples": vals, **summary(vals),
             "client_cpu": med([s["client_cpu"] for s in good]), "server_cpu": med([s["server_cpu"] for s in good]),
+            "server_us_per_unit": med([c for s in good if (c := cost_of(s, unit, "server")) is not None]) or None,
+            "client_us_per_unit": med([c for s in good if (c := cost_of(s, unit, "client")) is not None]) or None,
             "client_bound": bool(good) and med([s["client_cpu"] for s in good]) >= CLIENT_BOUND * procs,
             "msize": good[0]["msize"] if good else 0,
             "errors": sum(s["errors"] for s in good) + len(samples) - len(good),
