@@ -216,7 +216,10 @@ def charts(result: dict[str, Any], outdir: Path, prefix: str) -> list[str]:
             label = s + (f" (msize {msizes[s] // 1024} KiB)" if msizes.get(s) and s.startswith("diod") else "")
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=label)
         ax.set_xticks(range(len(depths)), [f"{d} in flight" if wl.connections == "one" else f"{d} conn." for d in depths])
-        ax.set_ylabel(wl.unit)
+        vals = [r["median"] for r in wrows if r["median"] > 0]
+        if vals and max(vals) / min(vals) > 20:
+            ax.set_yscale("log")  # raw is often 10-100× the servers: keep the servers readable
+        ax.set_ylabel(wl.unit + (" (log scale)" if ax.get_yscale() == "log" else ""))
         ax.set_title(f"{name}: {wl.title}", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
