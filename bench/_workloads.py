@@ -541,7 +541,7 @@ def worker_main(cell: Cell, link: WorkerLink) -> None:
         prof = cProfile.Profile()
 
     def start() -> None:
-        link.barrier.wait(timeout=120)
+        link.barrier.wait(timeout=90)
         if prof is not None:
             prof.enable()
 

@@ -52,6 +52,8 @@ from bench._workloads import (  # noqa: E402
     worker_main,
 )
 
+#: Seconds a cell may overrun before it is declared hung (its workers are killed, the run goes on).
+CELL_GRACE = 60.0
 CLIENT_BOUND = 0.9  # client CPU (cores per process) at which the client, not the server, limits
 _fork = multiprocessing.get_context("fork")
 
@@ -100,18 +102,21 @@ def run_cells(cell: Cell) -> dict[str, list[dict[str, Any]]]:
                 continue
             try:
                 if k:
-                    barrier.wait(timeout=300)
-                barrier.wait(timeout=300)
+                    barrier.wait(timeout=CELL_GRACE)
+                barrier.wait(timeout=CELL_GRACE)
             except threading.BrokenBarrierError:
                 failed = "a worker failed before the timed part"
             cpu0, t0 = cpu_seconds(cell.target.pid), time.perf_counter()
             res: list[dict[str, Any]] = []
-            for _w in workers:
+            give_up = time.monotonic() + cell.duration + CELL_GRACE
+            while len(res) < len(workers) and not failed:
                 try:
-                    res.append(queue.get(timeout=cell.duration + 300))
+                    res.append(queue.get(timeout=1.0))
                 except Exception:
-                    failed = failed or "a worker did not report"
-                    break
+                    if time.monotonic() > give_up:
+                        failed = f"no answer {CELL_GRACE:.0f} s after the cell's end (hung; workers killed)"
+                    elif not any(w.is_alive() for w in workers):
+                        failed = "every worker exited without reporting"
             cpu1, t1 = cpu_seconds(cell.target.pid), time.perf_counter()
             errors = [r["error"] for r in res if "error" in r]
             if errors:
@@ -134,7 +139,7 @@ def run_cells(cell: Cell) -> dict[str, list[dict[str, Any]]]:
                 "msize": good[0]["msize"],
             })
     for w in workers:
-        w.join(timeout=60)
+        w.join(timeout=5 if failed else 60)
         if w.is_alive():
             w.kill()
             w.join()
