@@ -120,6 +120,8 @@ def table(result: dict[str, Any]) -> str:
         p(f"  {t['name']:<17} {t['kind']:<5} {t['transport']:<10} backend={t['backend']:<6} {t['note']}")
     for u in result["unavailable"]:
         p(f"  {u['name']:<17} unavailable: {u['reason']}")
+    for name, where in result.get("hung", {}).items():
+        p(f"  {name:<17} HUNG in {where} (no reply for 60 s); its later cells were skipped")
     for name, wl in WORKLOADS.items():
         wrows = [r for r in rows if r["workload"] == name]
         if not wrows:

@@ -179,6 +179,7 @@ class Run:
         self.workloads = [w for w in WORKLOADS if (w in args.only.split(",") if args.only else WORKLOADS[w].in_full_run)]
         self.rows: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
+        self.hung: dict[str, str] = {}  # target → the cell it hung in; its other cells are skipped
         self.serial = 0
 
     def depths(self, wl: str) -> tuple[int, ...]:
@@ -238,6 +239,8 @@ class Run:
                 continue  # measured together with create
             for depth in self.depths(wl):
                 why = self.applicable(t, wl, depth)
+                if t.name in self.hung:
+                    why = f"skipped: {t.name} hung earlier ({self.hung[t.name]})"
                 if why:
                     self.skipped.append({"target": t.name, "workload": wl, "depth": str(depth), "why": why})
                     continue
@@ -247,6 +250,9 @@ class Run:
                     res = self.series(t, wl, depth, procs)
                     head = None
                     for name, samples in res.items():
+                        hang = next((x["error"] for x in samples if "hung" in x.get("error", "")), None)
+                        if hang:
+                            self.hung[t.name] = f"{name} at depth {depth}"
                         if name in self.workloads:
                             r = self.record(t, name, depth, procs, samples)
                             head = head or r
@@ -375,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                    "workloads": {w: {"title": WORKLOADS[w].title, "unit": WORKLOADS[w].unit} for w in run.workloads},
                    "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                    "ninep_backend": pool.backend, "seconds": round(time.monotonic() - t_start, 1)},
-        "servers": server_info, "unavailable": unavailable, "skipped": run.skipped,
+        "servers": server_info, "unavailable": unavailable, "skipped": run.skipped, "hung": run.hung,
         "results": run.rows, "ratios": rat, "rss": rss,
         "targets": _report.targets(run.rows, rat, rss),
     }
