@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import pstats
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,6 +86,23 @@ def _pyspy_top(path: Path, limit: int = TOP) -> tuple[str, list[dict[str, Any]]]
     return text.getvalue(), rows
 
 
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of a process ("ninep-fs-*" pool threads summed)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+            name = head.split("(", 1)[1]
+            name = "event loop thread" if tid == str(pid) else "other threads (fs pool, trio)"
+            parts = rest.split()
+            out[name] = out.get(name, 0.0) + (int(parts[11]) + int(parts[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def profile(args: argparse.Namespace) -> int:
     from bench.run import populate, run_cell, value_of
 
@@ -96,7 +115,7 @@ def profile(args: argparse.Namespace) -> int:
     name = names[0]
     depth = args.depth or max(WORKLOADS[wl].depths)
     duration = args.duration or 3.0
-    pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    pyspy = (shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))) if args.pyspy else None
     tmp = Path(tempfile.mkdtemp(prefix="ninep-profile-"))
     export = tmp / "export"
     export.mkdir()
@@ -118,26 +137,34 @@ def profile(args: argparse.Namespace) -> int:
             time.sleep(1.0)  # let py-spy attach before the timed part
         cell = Cell(target=t, workload=wl, depth=depth, procs=1, duration=duration, cell_id="prof", big_size=big,
                     dir_entries=entries, profile=str(client_prof))
+        if not pyspy:
+            os.kill(t.pid, signal.SIGUSR1)
+        cpu0 = _thread_cpu(t.pid)
         res = run_cell(cell)
+        cpu1 = _thread_cpu(t.pid)
+        if not pyspy:
+            os.kill(t.pid, signal.SIGUSR2)
+            time.sleep(0.5)
         if spy is not None:
             spy.wait(timeout=60)
     # the server has been stopped: its cProfile file is written on exit
-    for _ in range(100):
-        if pyspy or server_prof.exists():
-            break
-        time.sleep(0.1)
+    res["server_threads_cpu_s"] = {k: round(cpu1.get(k, 0) - cpu0.get(k, 0), 3) for k in sorted(set(cpu0) | set(cpu1))}
     prefix = f"profile-{wl}-{name}-d{depth}-{stamp()}-{host()}"
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"benchmark": "profile", "machine": machine(), "workload": wl, "target": name,
                               "depth": depth, "duration": duration, "result": res,
-                              "server_profiler": "py-spy" if pyspy else "cProfile", "client_profiler": "cProfile"}
+                              "server_profiler": "py-spy" if pyspy else "cProfile (event loop thread, CPU time)",
+                              "client_profiler": "cProfile (CPU time)"}
     if "error" not in res:
         report["throughput"] = {"value": value_of(res, WORKLOADS[wl].unit), "unit": WORKLOADS[wl].unit}
     texts = []
     head = (f"profile of {wl} ({WORKLOADS[wl].title}) on {name}, {depth} in flight, {duration} s\n"
             f"result: {report.get('throughput', res)}; client CPU {res.get('client_cpu', 0):.2f} cores, "
-            f"server CPU {res.get('server_cpu', 0):.2f} cores\n")
+            f"server CPU {res.get('server_cpu', 0):.2f} cores; server CPU s by thread: {res.get('server_threads_cpu_s')}\n"
+            f"per operation: client {res.get('client_cpu_s', 0) / max(res.get('ops', 1), 1) * 1e6:.0f} µs CPU, "
+            f"server {res.get('server_cpu_s', 0) / max(res.get('ops', 1), 1) * 1e6:.0f} µs CPU "
+            f"(profilers add overhead: compare with a run without --profile)\n")
     texts.append(head)
     for side, path, fn in (("server", spy_out if pyspy else server_prof, _pyspy_top if pyspy else _pstats_top),
                            ("client", client_prof, _pstats_top)):

@@ -124,6 +124,23 @@ def ensure_diod() -> str | None:
     return shutil.which("diod") or (os.path.exists("/usr/sbin/diod") and "/usr/sbin/diod") or None
 
 
+#: `ninep` under cProfile counting CPU time of the main (event loop) thread only — time spent
+#: waiting, or preempted by other work on a busy machine, is not charged — between SIGUSR1
+#: (start) and SIGUSR2 (stop and write the profile to argv[1]).
+_PROFILED_SERVER = """
+import cProfile, signal, sys, time
+from ninep.cli import main
+out = sys.argv[1]
+prof = cProfile.Profile(time.thread_time)
+signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+def stop(*_):
+    prof.disable()
+    prof.dump_stats(out)
+signal.signal(signal.SIGUSR2, stop)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 class ServerPool:
     """Owns every server process of a run; `close` stops them all."""
 
@@ -138,13 +155,12 @@ class ServerPool:
     # --- ninep ------------------------------------------------------------------------------
     def _ninep_cmd(self, listens: list[str]) -> list[str]:
         export = str(self.export) if self.backend == "local" else "memory:"
-        cmd = [sys.executable]
-        if self.profile_server is not None:
-            cmd += ["-m", "cProfile", "-o", str(self.profile_server)]
-        cmd += ["-m", "ninep", "serve", export, "--msize", str(SERVER_MSIZE)]
+        args = ["serve", export, "--msize", str(SERVER_MSIZE)]
         for a in listens:
-            cmd += ["--listen", a]
-        return cmd
+            args += ["--listen", a]
+        if self.profile_server is not None:
+            return [sys.executable, "-c", _PROFILED_SERVER, str(self.profile_server), *args]
+        return [sys.executable, "-m", "ninep", *args]
 
     def _spawn(self, cmd: list[str], log: str, pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(self.tmp / log, "ab") as logf:

@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-multiproc", action="store_true", help="never spread a client-bound cell over processes")
     ap.add_argument("--procs-when-bound", type=int, default=2, help="processes for a client-bound cell (default 2)")
     ap.add_argument("--profile", metavar="WORKLOAD", help="run one workload under cProfile (py-spy if installed) and write the hot spots")
+    ap.add_argument("--pyspy", action="store_true", help="with --profile: sample the server with py-spy (if installed) instead of cProfile")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for results (default bench/results)")
     ap.add_argument("--no-chart", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
