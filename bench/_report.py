@@ -103,7 +103,7 @@ def targets(rows: list[Row], rat: list[Row], rss: list[Row]) -> list[Row]:
                 m[f"{t} seqread-{ms} d={d}"] = _ratio(rat, t, f"seqread-{ms}", d, "ninep_over_raw")
     entry("1 MiB sequential Tread over the ring transports within 50 % of the raw filesystem", "ninep/raw ≥ 0.5", m)
     entry("Memory: RSS with 10 000 open fids and 256 connections ≤ 200 MiB", "RSS ≤ 200 MiB",
-          {f"{r['target']} RSS MiB": r["rss_mib"] for r in rss if "rss_mib" in r})
+          {f"{r['target']} RSS MiB": r["rss_mib"] for r in rss if "rss_mib" in r and "error" not in r})
     return out
 
 
@@ -163,10 +163,15 @@ def table(result: dict[str, Any]) -> str:
               f"{fmt(r.get('diod_server_us'), '.1f'):>8} {fmt(r.get('cpu_cost_ninep_over_diod')):>8}")
     if result.get("rss"):
         p("")
-        p(f"server RSS with {result['rss'][0].get('fids', '?')} fids over {result['rss'][0].get('connections', '?')} connections")
+        from bench._workloads import RSS_CONNECTIONS, RSS_FIDS
+
+        p(f"server RSS with {RSS_FIDS} fids on distinct files over {RSS_CONNECTIONS} connections (unix socket)")
         for r in result["rss"]:
-            p(f"  {r['target']:<17} " + (f"{r['rss_mib']:.1f} MiB (idle before: {r['rss_before_mib']:.1f} MiB)"
-                                         if "rss_mib" in r else f"error: {r.get('error')}"))
+            txt = (f"{r['rss_mib']:.1f} MiB (idle before: {r['rss_before_mib']:.1f} MiB), {r.get('server_fds', '?')} fds"
+                   if "rss_mib" in r and "error" not in r else f"error: {r.get('error')}")
+            if not r.get("server_alive_after", True):
+                txt += " — THE SERVER PROCESS DIED"
+            p(f"  {r['target']:<17} {txt}")
     p("")
     p("targets from issue 8 (printed, not enforced)")
     for t in result["targets"]:

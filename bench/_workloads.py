@@ -579,7 +579,7 @@ def _flatten(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-async def rss_hold(target: Target, start: Callable[[], None], done: Any) -> dict[str, Any]:
+async def rss_hold(target: Target, start: Callable[[], None], done: Any, dir_entries: int) -> dict[str, Any]:
     """Opens RSS_CONNECTIONS connections holding RSS_FIDS fids between them, signals `start`, and
     holds them until `done` (a multiprocessing Event) is set."""
     import trio
@@ -595,9 +595,10 @@ async def rss_hold(target: Target, start: Callable[[], None], done: Any) -> dict
             for j in range(per):
                 if opened >= RSS_FIDS:
                     break
-                await c.rpc(m.Twalk(ROOT, 1000 + j, ["meta.txt"]))
+                # distinct files, as a guest's dentry cache would hold them
+                await c.rpc(m.Twalk(ROOT, 1000 + j, ["dir10k", f"entry-{opened % dir_entries:05d}"]))
                 opened += 1
         start()
         while not done.is_set():
             await trio.sleep(0.05)
-    return {"connections": RSS_CONNECTIONS, "fids": opened}
+    return {"connections": RSS_CONNECTIONS, "fids": opened, "distinct_files": min(opened, dir_entries)}

@@ -17,6 +17,7 @@ This script must never change the code it measures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -46,6 +47,7 @@ from bench._workloads import (  # noqa: E402
     Cell,
     MiB,
     WorkerLink,
+    _flatten,
     populate_9p,
     populate_host,
     rss_hold,
@@ -284,11 +286,11 @@ class Run:
                     barrier.wait(timeout=300)
 
                 try:
-                    res = trio.run(rss_hold, t, ready, done)
+                    res = trio.run(rss_hold, t, ready, done, self.dir_entries)
                     q.put(res)
                 except BaseException as e:  # noqa: BLE001
                     barrier.abort()
-                    q.put({"error": f"{type(e).__name__}: {e}"})
+                    q.put({"error": _flatten(e)})
                 q.close()
                 q.join_thread()
                 os._exit(0)
@@ -299,12 +301,15 @@ class Run:
             try:
                 barrier.wait(timeout=300)
                 row["rss_mib"] = rss_mib(t.pid)
+                with contextlib.suppress(OSError):
+                    row["server_fds"] = len(os.listdir(f"/proc/{t.pid}/fd"))
             except threading.BrokenBarrierError:
                 pass
             done.set()
             res = q.get(timeout=120)
             p.join(timeout=30)
             row.update(res)
+            row["server_alive_after"] = os.path.exists(f"/proc/{t.pid}") and rss_mib(t.pid) > 0
             out.append(row)
             print(f"  {t.name:<17} rss with many fids: {row.get('rss_mib', 'error')}", flush=True)
         return out
