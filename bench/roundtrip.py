@@ -16,7 +16,6 @@ This script must never change what it measures.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import RESULTS, host, machine, stamp, summary, write_json  # noqa: E402
 from bench._servers import ServerPool, start  # noqa: E402
 from bench._workloads import Cell, MiB  # noqa: E402
-from bench.run import populate, run_cell  # noqa: E402
+from bench.run import cost_of, populate, run_cell  # noqa: E402
 
 #: (name, workload of bench/_workloads.py, unit)
 TESTS = (("getattr", "getattr", "ops/s"), ("read-1MiB", "seqread-1m", "MiB/s"))
@@ -66,17 +65,22 @@ def main(argv: list[str] | None = None) -> int:
                            "client_cpu": summary([s["client_cpu"] for s in good])["median"],
                            "server_cpu": summary([s["server_cpu"] for s in good])["median"],
                            "msize": good[0]["msize"] if good else 0,
+                           # CPU per op / per MiB: what a busy machine distorts least
+                           "server_us_per_unit": summary([c for s in good if (c := cost_of(s, unit, "server"))])["median"],
+                           "client_us_per_unit": summary([c for s in good if (c := cost_of(s, unit, "client"))])["median"],
                            "errors": [s["error"] for s in samples if "error" in s]}
                     rows.append(row)
                     print(f"{name:<10} {depth:>3} in flight  {row['median']:>10,.1f} {unit:<6} ±{row['spread'] * 100:.0f}%  "
-                          f"client {row['client_cpu']:.2f} cores, server {row['server_cpu']:.2f} cores"
+                          f"client {row['client_cpu']:.2f} cores, server {row['server_cpu']:.2f} cores; "
+                          f"CPU µs per {'MiB' if unit == 'MiB/s' else 'op'}: server {row['server_us_per_unit']:.0f}, "
+                          f"client {row['client_us_per_unit']:.0f}"
                           + (f"  ERRORS {row['errors']}" if row["errors"] else ""), flush=True)
             backend = t.backend
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     path = write_json(args.out / f"roundtrip-{stamp()}-{host()}.json",
                       {"benchmark": "roundtrip", "machine": machine(), "transport": "unix", "backend": backend,
-                       "duration": duration, "reps": reps, "pid": os.getpid(), "results": rows})
+                       "duration": duration, "reps": reps, "results": rows})
     print(f"wrote {path}")
     return 0
 
