@@ -319,10 +319,12 @@ class LocalBackend:
         version = (mtime[0] ^ mtime[1] ^ (size << 8)) & 0xFFFFFFFF
         return Qid(_qtype(mode), version, self._qpath(dev, ino))
 
-    def _qid_st(self, st: os.stat_result, fd: int | None = None) -> Qid:
+    def _qid_st(
+        self, st: os.stat_result, fd: int | None = None, loc: tuple[int, bytes] | None = None
+    ) -> Qid:
         mode = st.st_mode
         if fd is not None and self.creds.maps_modes:
-            mode = self.creds.map_mode(fd, mode)
+            mode = self.creds.map_mode(fd, mode, loc)
         return self._qid(
             mode,
             st.st_dev,
@@ -349,11 +351,24 @@ class LocalBackend:
 
     def _make_node(self, h: _Fd, st: os.stat_result, parent: _Fd | None, name: bytes) -> LocalNode:
         """A node owning `h` (one reference) and a new reference on `parent`."""
-        qid = self._qid_st(st, h.fd)
+        mode = st.st_mode
+        if self.creds.maps_modes:
+            if parent is not None:
+                loc: tuple[int, bytes] | None = (parent.fd, name)
+            elif h.ident == self._root.ident:
+                loc = (self._root.fd, b".")
+            else:
+                loc = None
+            mode = self.creds.map_mode(h.fd, mode, loc)
+        qid = self._qid(
+            mode,
+            st.st_dev,
+            st.st_ino,
+            (int(st.st_mtime), st.st_mtime_ns % 1_000_000_000),
+            st.st_size,
+        )
         n = LocalNode(qid, h, stat.S_IFMT(st.st_mode), parent, name)
-        n.cfmt = _QT_FMT.get(qid.type, stat.S_IFMT(st.st_mode))
-        if self.creds.maps_modes and qid.type == P.QTFILE:
-            n.cfmt = stat.S_IFMT(self.creds.map_mode(h.fd, st.st_mode))
+        n.cfmt = stat.S_IFMT(mode)
         with self._mu:
             if parent is not None:
                 parent.refs += 1
@@ -506,8 +521,29 @@ class LocalBackend:
         h = self._alive(node)
         return await self._held((node,), self._getattr_sync, node, h, mask)
 
+    def _location(self, node: LocalNode) -> tuple[_Fd, bytes] | None:
+        """Where `node` lives now, for models that keep metadata by name (root: (root, ".")).
+        The _Fd carries a reference the caller drops; None when it cannot be found."""
+        if node.h.ident == self._root.ident:
+            return self._incref(self._root), b"."
+        try:
+            with self._ns:
+                return self._locate(node)
+        except OSError:
+            return None
+
+    def _with_location(self, node: LocalNode, fn: Callable[[tuple[int, bytes] | None], T]) -> T:
+        loc = self._location(node) if self.creds.needs_location else None
+        try:
+            return fn((loc[0].fd, loc[1]) if loc is not None else None)
+        finally:
+            if loc is not None:
+                with self._mu:
+                    self._decref_locked(loc[0])
+
     def _getattr_sync(self, node: LocalNode, h: _Fd, mask: int) -> Attr:
-        sx = self.creds.map_stat(h.fd, _linux.statx(h.fd))
+        raw = _linux.statx(h.fd)
+        sx = self._with_location(node, lambda loc: self.creds.map_stat(h.fd, raw, loc))
         qid = self._qid(sx.mode, sx.dev, sx.ino, sx.mtime, sx.size)
         node.qid = qid
         valid = P.GETATTR_BASIC
@@ -576,14 +612,20 @@ class LocalBackend:
     def _setattr_sync(self, node: LocalNode, h: _Fd, attr: SetAttr) -> None:
         v = attr.valid
         fmt = node.cfmt
-        if v & P.SETATTR_MODE:
-            self.creds.chmod(h.fd, fmt, attr.mode)
-        if v & (P.SETATTR_UID | P.SETATTR_GID):
-            self.creds.chown(
-                h.fd,
-                attr.uid if v & P.SETATTR_UID else -1,
-                attr.gid if v & P.SETATTR_GID else -1,
-            )
+        if v & (P.SETATTR_MODE | P.SETATTR_UID | P.SETATTR_GID):
+
+            def owner(loc: tuple[int, bytes] | None) -> None:
+                if v & P.SETATTR_MODE:
+                    self.creds.chmod(h.fd, fmt, attr.mode, loc)
+                if v & (P.SETATTR_UID | P.SETATTR_GID):
+                    self.creds.chown(
+                        h.fd,
+                        attr.uid if v & P.SETATTR_UID else -1,
+                        attr.gid if v & P.SETATTR_GID else -1,
+                        loc,
+                    )
+
+            self._with_location(node, owner)
         if v & P.SETATTR_SIZE:
             if fmt == stat.S_IFDIR:
                 raise FsError(errno.EISDIR)
@@ -614,7 +656,8 @@ class LocalBackend:
             # Only ctime asked for: a chown that changes nothing updates ctime alone.
             _linux.fchown_fd(h.fd, -1, -1)
         with contextlib.suppress(OSError):
-            node.qid = self._qid_st(os.fstat(h.fd), h.fd)
+            # The type cannot change; only version (mtime, size) can.
+            node.qid = self._qid_st(os.fstat(h.fd))._replace(type=node.qid.type)
 
     # -- open / create / close / io ---------------------------------------------------------------
 
@@ -656,7 +699,7 @@ class LocalBackend:
         fd = self._reopen(h, node.fmt, node.cfmt, flags)
         if flags & P.L_O_TRUNC:
             with contextlib.suppress(OSError):
-                node.qid = self._qid_st(os.fstat(fd), h.fd)
+                node.qid = self._qid_st(os.fstat(fd))._replace(type=node.qid.type)
         f = LocalOpenFile(node, fd, flags, self._incref(h), node.fmt == stat.S_IFDIR)
         self._add_open(f)
         return f
@@ -838,7 +881,7 @@ class LocalBackend:
     def _new_qid(self, dh: _Fd, bname: bytes) -> Qid:
         fd = _linux.lookup(dh.fd, bname, os.O_PATH)
         try:
-            return self._qid_st(os.fstat(fd), fd)
+            return self._qid_st(os.fstat(fd), fd, (dh.fd, bname))
         finally:
             os.close(fd)
 
@@ -891,7 +934,22 @@ class LocalBackend:
         self._ro()
         if target.fmt == stat.S_IFDIR:
             raise FsError(errno.EPERM)
-        await self._held((dir, target), _linux.link_fd, th.fd, dh.fd, bname)
+        if not self.creds.needs_location:
+            await self._held((dir, target), _linux.link_fd, th.fd, dh.fd, bname)
+            return
+
+        def run() -> None:
+            # Models keeping metadata by name link the metadata too.
+            with self._ns:
+                tp, tname = self._locate(target)
+                try:
+                    _linux.link_fd(th.fd, dh.fd, bname)
+                    self.creds.after_link(tp.fd, tname, dh.fd, bname)
+                finally:
+                    with self._mu:
+                        self._decref_locked(tp)
+
+        await self._held((dir, target), run)
 
     async def readlink(self, node: LocalNode) -> str:
         h = self._alive(node)
@@ -1015,6 +1073,7 @@ class LocalBackend:
                 try:
                     nh = nh0 if nh0 is not None else ph
                     os.rename(oname, nname, src_dir_fd=ph.fd, dst_dir_fd=nh.fd)
+                    self.creds.after_rename(ph.fd, oname, nh.fd, nname)
                     self._moved(ph.ident, oname, nh, nname, node.h.ident)
                 finally:
                     with self._mu:
@@ -1035,6 +1094,7 @@ class LocalBackend:
             with self._ns:
                 st = os.stat(oname, dir_fd=oh.fd, follow_symlinks=False)
                 os.rename(oname, nname, src_dir_fd=oh.fd, dst_dir_fd=nh.fd)
+                self.creds.after_rename(oh.fd, oname, nh.fd, nname)
                 self._moved(oh.ident, oname, nh, nname, (st.st_dev, st.st_ino))
 
         await self._held((olddir, newdir), run)
@@ -1048,13 +1108,18 @@ class LocalBackend:
 
         def run() -> None:
             with self._ns:
-                if flags & P.AT_REMOVEDIR:
-                    os.rmdir(bname, dir_fd=dh.fd)
-                else:
-                    os.unlink(bname, dir_fd=dh.fd)
+                self._unlink_entry(dh.fd, bname, bool(flags & P.AT_REMOVEDIR))
                 self._unlinked(dh.ident, bname)
 
         await self._held((dir,), run)
+
+    def _unlink_entry(self, dirfd: int, name: bytes, is_dir: bool) -> None:
+        self.creds.before_unlink(dirfd, name, is_dir)
+        if is_dir:
+            os.rmdir(name, dir_fd=dirfd)
+        else:
+            os.unlink(name, dir_fd=dirfd)
+        self.creds.after_unlink(dirfd, name, is_dir)
 
     async def remove(self, node: LocalNode) -> None:
         self._alive(node)
@@ -1064,10 +1129,7 @@ class LocalBackend:
             with self._ns:
                 ph, name = self._locate(node)
                 try:
-                    if node.fmt == stat.S_IFDIR:
-                        os.rmdir(name, dir_fd=ph.fd)
-                    else:
-                        os.unlink(name, dir_fd=ph.fd)
+                    self._unlink_entry(ph.fd, name, node.fmt == stat.S_IFDIR)
                     self._unlinked(ph.ident, name)
                 finally:
                     with self._mu:

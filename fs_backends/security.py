@@ -112,12 +112,18 @@ class Credentials:
 
     #: whether map_mode/map_mode_at can differ from the host mode (False skips the calls)
     maps_modes = False
+    #: whether map_stat/chmod/chown need the object's (directory fd, name) location and the
+    #: namespace hooks below must run (metadata kept by name, as mapped-file does)
+    needs_location = False
 
-    def map_stat(self, fd: int, st: Statx) -> Statx:
+    # `loc` is (directory fd, name) of the object, (root fd, b".") for the export root, or None
+    # when the backend cannot tell (then only what the object itself carries is used).
+
+    def map_stat(self, fd: int, st: Statx, loc: tuple[int, bytes] | None = None) -> Statx:
         """What the client sees of mode/uid/gid/rdev of the object `fd` refers to."""
         return st
 
-    def map_mode(self, fd: int, host_mode: int) -> int:
+    def map_mode(self, fd: int, host_mode: int, loc: tuple[int, bytes] | None = None) -> int:
         """The st_mode the client sees for the object `fd` (an O_PATH fd) refers to."""
         return host_mode
 
@@ -130,14 +136,28 @@ class Credentials:
 
     # -- changes ---------------------------------------------------------------------------
 
-    def chmod(self, fd: int, fmt: int, mode: int) -> None:
+    def chmod(self, fd: int, fmt: int, mode: int, loc: tuple[int, bytes] | None = None) -> None:
         if fmt == stat.S_IFLNK:
             raise FsError(errno.EOPNOTSUPP)
         os.chmod(_proc(fd), mode & 0o7777)
 
-    def chown(self, fd: int, uid: int, gid: int) -> None:
+    def chown(self, fd: int, uid: int, gid: int, loc: tuple[int, bytes] | None = None) -> None:
         """Change owner; -1 keeps a field. (-1, -1) still updates ctime."""
         _linux.fchown_fd(fd, uid, gid)
+
+    # -- namespace changes (after the backend checked and did them on the host) ---------------
+
+    def after_rename(self, odirfd: int, oname: bytes, ndirfd: int, nname: bytes) -> None:
+        pass
+
+    def before_unlink(self, dirfd: int, name: bytes, is_dir: bool) -> None:
+        pass
+
+    def after_unlink(self, dirfd: int, name: bytes, is_dir: bool) -> None:
+        pass
+
+    def after_link(self, odirfd: int, oname: bytes, ndirfd: int, nname: bytes) -> None:
+        pass
 
     # -- xattrs: all access goes through these, so a model can hide, rename or refuse names --
 
@@ -330,7 +350,7 @@ class MappedXattrCredentials(Credentials):
 
     # -- reading back ----------------------------------------------------------------------
 
-    def map_stat(self, fd: int, st: Statx) -> Statx:
+    def map_stat(self, fd: int, st: Statx, loc: tuple[int, bytes] | None = None) -> Statx:
         p = _proc(fd)
         uid = _get_u(p, _UID, 4)
         gid = _get_u(p, _GID, 4)
@@ -346,7 +366,7 @@ class MappedXattrCredentials(Credentials):
             st.rdev = rdev
         return st
 
-    def map_mode(self, fd: int, host_mode: int) -> int:
+    def map_mode(self, fd: int, host_mode: int, loc: tuple[int, bytes] | None = None) -> int:
         mode = _get_u(_proc(fd), _MODE, 4)
         return host_mode if mode is None else mode
 
@@ -366,11 +386,11 @@ class MappedXattrCredentials(Credentials):
 
     # -- changes ---------------------------------------------------------------------------
 
-    def chmod(self, fd: int, fmt: int, mode: int) -> None:
+    def chmod(self, fd: int, fmt: int, mode: int, loc: tuple[int, bytes] | None = None) -> None:
         cur = self.map_mode(fd, os.fstat(fd).st_mode)
         self._set(fd, mode=stat.S_IFMT(cur) | (mode & 0o7777))
 
-    def chown(self, fd: int, uid: int, gid: int) -> None:
+    def chown(self, fd: int, uid: int, gid: int, loc: tuple[int, bytes] | None = None) -> None:
         if uid == -1 and gid == -1:
             _linux.fchown_fd(fd, -1, -1)  # only touches ctime, as QEMU does
         else:
