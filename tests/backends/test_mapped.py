@@ -19,7 +19,7 @@ import trio
 
 from fs_backends.base import Cred, SetAttr
 from fs_backends.local import LocalBackend, backend_for_model
-from fs_backends.security import MappedXattrCredentials
+from fs_backends.security import Credentials, MappedFileCredentials, MappedXattrCredentials
 from ninep import protocol as P
 
 from .conftest import Sync
@@ -203,8 +203,11 @@ def test_backend_for_model() -> None:
         trio.run(b.aclose)
         with pytest.raises(ValueError):
             backend_for_model(d, model="none", options=Opts())
+        b = backend_for_model(d, model="mapped-file")
+        assert b.info.extra["security_model"] == "mapped-file"
+        trio.run(b.aclose)
         with pytest.raises(ValueError):
-            backend_for_model(d, model="mapped-file")
+            backend_for_model(d, model="proxy")
     finally:
         shutil.rmtree(d)
 
@@ -212,8 +215,9 @@ def test_backend_for_model() -> None:
 NOBODY = 65534
 
 
-def test_mapped_works_unprivileged() -> None:
-    """The point of the mapped model: an unprivileged server still gives clients their owners,
+@pytest.mark.parametrize("model", [MappedXattrCredentials, MappedFileCredentials])
+def test_mapped_works_unprivileged(model: type[Credentials]) -> None:
+    """The point of the mapped models: an unprivileged server still gives clients their owners,
     modes and device nodes."""
     d = tempfile.mkdtemp()
     export = Path(d) / "export"
@@ -231,7 +235,7 @@ def test_mapped_works_unprivileged() -> None:
             os.setresuid(NOBODY, NOBODY, NOBODY)
 
             async def work() -> dict[str, object]:
-                b = LocalBackend(str(export), credentials=MappedXattrCredentials())
+                b = LocalBackend(str(export), credentials=model())
                 c = Cred(0, 0, "root")
                 root = await b.attach("", c)
                 await b.mknod(root, "dev", stat.S_IFCHR | 0o600, 1, 3, c)
