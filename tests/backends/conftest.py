@@ -44,10 +44,14 @@ def make_backend(kind: str, root: Path, **kw: Any) -> Any:
         from fs_backends.security import MappedXattrCredentials
 
         kw.setdefault("credentials", MappedXattrCredentials())
+    elif kind == "local-mapped-file":
+        from fs_backends.security import MappedFileCredentials
+
+        kw.setdefault("credentials", MappedFileCredentials())
     return LocalBackend(str(root), **kw)
 
 
-BACKENDS = ["memory", "local", "local-mapped"]
+BACKENDS = ["memory", "local", "local-mapped", "local-mapped-file"]
 
 
 @pytest.fixture(params=BACKENDS)
