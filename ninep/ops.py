@@ -193,7 +193,8 @@ async def walk(s: Session, msg: m.Twalk) -> m.Message:
         except OSError:
             await s.backend.release(target)
             raise
-    return m.Rwalk([n.qid for n in nodes])
+    # A clone (no names) answers no qids: Linux treats nwqid != nwname as a failed walk.
+    return m.Rwalk([n.qid for n in nodes] if msg.wname else [])
 
 
 async def clunk(s: Session, msg: m.Tclunk) -> m.Message:
