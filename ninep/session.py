@@ -209,6 +209,10 @@ class Session:
             # Outside the scope: a reply that was computed is always sent whole, even if a flush
             # arrives meanwhile; a request cancelled before it had a reply sends nothing.
             with trio.CancelScope(shield=True):
+                # The tag is free once its reply is on the wire: a fast client (Linux trans=fd)
+                # reuses it before this task is scheduled again, so release it before sending.
+                if self.inflight.get(req.tag) is req:
+                    del self.inflight[req.tag]
                 if isinstance(reply, m.Message):
                     reply.tag = req.tag
                     await self.send(reply)
@@ -221,7 +225,8 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection is going away; run() cleans up
         finally:
-            self.inflight.pop(req.tag, None)
+            if self.inflight.get(req.tag) is req:
+                del self.inflight[req.tag]
             req.done.set()
             self._slots.release()
 
