@@ -570,7 +570,7 @@ def _parse(console: str, name: str, accel: str, start: float, marks: dict[str, f
 @contextlib.contextmanager
 def ninep_server(root: Path, export: Path, sock: Path, security_model: str | None = None,
                  msize: int | None = None, log: Path | None = None,
-                 python: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+                 python: str | None = None, verbose: bool = False) -> Iterator[subprocess.Popen[bytes]]:
     """Run `python -m ninep serve EXPORT --listen unix:SOCK` from the source tree `root`."""
     import sys
 
@@ -579,6 +579,8 @@ def ninep_server(root: Path, export: Path, sock: Path, security_model: str | Non
         cmd += ["--security-model", security_model]
     if msize:
         cmd += ["--msize", str(msize)]
+    if verbose:
+        cmd += ["-v", "--trace"]
     out = log.open("wb") if log else subprocess.DEVNULL
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=env)
