@@ -86,8 +86,10 @@ t_sparse() {
 		dd if=$T/blk of="$f" bs=4096 seek=16383 conv=notrunc 2>/dev/null
 	done
 	eq "$(size "$K/sparse")" 67108864 "size"
-	blocks=$(stat -c %b "$K/sparse")
-	[ "$blocks" -lt 4096 ] || { echo "not sparse: $blocks blocks of 512"; return 1; }
+	if [ "${SPARSE_BLOCKS:-1}" = 1 ]; then
+		blocks=$(stat -c %b "$K/sparse")
+		[ "$blocks" -lt 4096 ] || { echo "not sparse: $blocks blocks of 512"; return 1; }
+	fi
 	eq "$(md5 "$K/sparse")" "$(md5 $T/sparse)" "md5 of the 64 MiB sparse file"
 	eq "$(dd if="$K/sparse" bs=4096 skip=8000 count=1 2>/dev/null | md5sum | cut -d' ' -f1)" "$(md5 $T/blk)" "block in the middle"
 	eq "$(dd if="$K/sparse" bs=4096 skip=100 count=1 2>/dev/null | tr -d '\000' | wc -c)" 0 "hole reads as zeros"
