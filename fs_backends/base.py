@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno as _errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 
 class FsError(OSError):
@@ -165,102 +165,109 @@ class BackendInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class Backend(Protocol):
-    """One exported file tree. See the module docstring for the contract."""
+NodeT = TypeVar("NodeT", bound=Node)
+FileT = TypeVar("FileT", bound=OpenFile)
+
+
+class Backend(Protocol, Generic[NodeT, FileT]):
+    """One exported file tree. See the module docstring for the contract.
+
+    Generic in the backend's own Node and OpenFile types, so an implementation can take the
+    concrete types it hands out; frontends hold a plain `Backend` (= Backend[Any, Any])."""
 
     info: BackendInfo
 
-    async def attach(self, aname: str, cred: Cred) -> Node:
+    async def attach(self, aname: str, cred: Cred) -> NodeT:
         """The root of the tree `aname` selects ('' or '/' = the export root; otherwise a
         subdirectory of the export, resolved like a walk). ENOENT if it does not exist."""
         ...
 
-    async def walk(self, node: Node, names: Sequence[str]) -> list[Node]:
+    async def walk(self, node: NodeT, names: Sequence[str]) -> list[NodeT]:
         """Walk `names` from `node`, one component at a time, never following symlinks and never
         climbing above the root. Returns the nodes reached; a shorter list than `names` means the
         walk stopped there. Raises the error of the first component when none is reached. An
         empty `names` returns [a new handle on the same file]."""
         ...
 
-    async def release(self, node: Node) -> None: ...
+    async def release(self, node: NodeT) -> None: ...
 
-    async def getattr(self, node: Node, mask: int) -> Attr: ...
+    async def getattr(self, node: NodeT, mask: int) -> Attr: ...
 
-    async def setattr(self, node: Node, attr: SetAttr, cred: Cred) -> None: ...
+    async def setattr(self, node: NodeT, attr: SetAttr, cred: Cred) -> None: ...
 
-    async def open(self, node: Node, flags: int, cred: Cred) -> OpenFile:
+    async def open(self, node: NodeT, flags: int, cred: Cred) -> FileT:
         """Open with Linux O_* flags (L_O_* in ninep.protocol). Only regular files and
         directories may be opened; anything else answers an error, never blocks."""
         ...
 
     async def create(
-        self, dir: Node, name: str, flags: int, mode: int, cred: Cred
-    ) -> tuple[Node, OpenFile]:
-        """Create and open a regular file (Tlcreate). The new Node is what the fid now refers to."""
+        self, dir: NodeT, name: str, flags: int, mode: int, cred: Cred
+    ) -> tuple[NodeT, FileT]:
+        """Create and open a regular file (Tlcreate). The new NodeT is what the fid now refers to."""
         ...
 
-    async def close(self, f: OpenFile) -> None: ...
+    async def close(self, f: FileT) -> None: ...
 
-    async def read(self, f: OpenFile, offset: int, count: int) -> bytes:
+    async def read(self, f: FileT, offset: int, count: int) -> bytes:
         """Up to `count` bytes at `offset` (fewer only at end of file)."""
         ...
 
-    async def write(self, f: OpenFile, offset: int, data: bytes | memoryview) -> int: ...
+    async def write(self, f: FileT, offset: int, data: bytes | memoryview) -> int: ...
 
-    async def readdir(self, f: OpenFile, offset: int, max_entries: int) -> list[DirEntry]:
+    async def readdir(self, f: FileT, offset: int, max_entries: int) -> list[DirEntry]:
         """Entries after cookie `offset` (0 = from the start, including '.' and '..'), at most
         `max_entries`; an empty list means the end."""
         ...
 
-    async def fsync(self, f: OpenFile, datasync: bool) -> None: ...
+    async def fsync(self, f: FileT, datasync: bool) -> None: ...
 
-    async def mkdir(self, dir: Node, name: str, mode: int, cred: Cred) -> Qid: ...
+    async def mkdir(self, dir: NodeT, name: str, mode: int, cred: Cred) -> Qid: ...
 
-    async def symlink(self, dir: Node, name: str, target: str, cred: Cred) -> Qid: ...
+    async def symlink(self, dir: NodeT, name: str, target: str, cred: Cred) -> Qid: ...
 
     async def mknod(
-        self, dir: Node, name: str, mode: int, major: int, minor: int, cred: Cred
+        self, dir: NodeT, name: str, mode: int, major: int, minor: int, cred: Cred
     ) -> Qid: ...
 
-    async def link(self, dir: Node, name: str, target: Node) -> None: ...
+    async def link(self, dir: NodeT, name: str, target: NodeT) -> None: ...
 
-    async def readlink(self, node: Node) -> str: ...
+    async def readlink(self, node: NodeT) -> str: ...
 
-    async def rename(self, node: Node, newdir: Node | None, newname: str) -> None:
+    async def rename(self, node: NodeT, newdir: NodeT | None, newname: str) -> None:
         """Move the file `node` refers to (Trename). The backend knows where `node` lives;
         `newdir` None means "in the directory it is in now" (9P2000 wstat renames)."""
         ...
 
-    async def renameat(self, olddir: Node, oldname: str, newdir: Node, newname: str) -> None: ...
+    async def renameat(self, olddir: NodeT, oldname: str, newdir: NodeT, newname: str) -> None: ...
 
-    async def unlinkat(self, dir: Node, name: str, flags: int) -> None:
+    async def unlinkat(self, dir: NodeT, name: str, flags: int) -> None:
         """Remove a name; flags may hold AT_REMOVEDIR."""
         ...
 
-    async def remove(self, node: Node) -> None:
+    async def remove(self, node: NodeT) -> None:
         """Remove the file `node` refers to (Tremove). The caller releases the node afterwards."""
         ...
 
-    async def statfs(self, node: Node) -> StatFs: ...
+    async def statfs(self, node: NodeT) -> StatFs: ...
 
-    async def xattr_get(self, node: Node, name: str) -> bytes: ...
+    async def xattr_get(self, node: NodeT, name: str) -> bytes: ...
 
-    async def xattr_list(self, node: Node) -> list[str]: ...
+    async def xattr_list(self, node: NodeT) -> list[str]: ...
 
-    async def xattr_set(self, node: Node, name: str, value: bytes, flags: int) -> None: ...
+    async def xattr_set(self, node: NodeT, name: str, value: bytes, flags: int) -> None: ...
 
-    async def xattr_remove(self, node: Node, name: str) -> None: ...
+    async def xattr_remove(self, node: NodeT, name: str) -> None: ...
 
-    async def lock(self, f: OpenFile, lock: Lock, owner: LockOwner) -> int:
+    async def lock(self, f: FileT, lock: Lock, owner: LockOwner) -> int:
         """Try once to take/release a byte-range lock for `owner`, never blocking: returns
         LOCK_SUCCESS or LOCK_BLOCKED (the frontend retries for blocking requests)."""
         ...
 
-    async def getlock(self, f: OpenFile, lock: Lock, owner: LockOwner) -> Lock:
+    async def getlock(self, f: FileT, lock: Lock, owner: LockOwner) -> Lock:
         """The first lock that would conflict with `lock`, or `lock` with type UNLCK."""
         ...
 
-    async def release_locks(self, f: OpenFile, owner: LockOwner | None) -> None:
+    async def release_locks(self, f: FileT, owner: LockOwner | None) -> None:
         """Drop the locks `owner` (all owners if None) holds through `f` (clunk, disconnect)."""
         ...
 

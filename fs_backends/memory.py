@@ -533,9 +533,11 @@ class MemoryBackend:
             if n.parent is d and n.name == name:
                 n.parent, n.name = None, ""
 
-    async def rename(self, node: MemNode, newdir: MemNode, newname: str) -> None:
+    async def rename(self, node: MemNode, newdir: MemNode | None, newname: str) -> None:
         self._live(node)
-        nd = self._dir(newdir)
+        if node.parent is None:
+            raise FsError(errno.EBUSY)
+        nd = self._dir(newdir) if newdir is not None else node.parent
         if node.parent is None or node.name not in node.parent.entries:
             raise FsError(errno.ENOENT if node.parent is not None else errno.EBUSY)
         if node.parent.entries[node.name][1] is not node.inode:

@@ -58,12 +58,14 @@ def make_backend(export: str, args: argparse.Namespace) -> Backend:
     model = args.security_model
     factory = getattr(local, "backend_for_model", None)
     if factory is not None:
-        return factory(export, model=model, readonly=args.readonly, multidevs=args.multidevs, options=args)  # type: ignore[no-any-return]
+        backend: Backend = factory(export, model=model, readonly=args.readonly, multidevs=args.multidevs, options=args)
+        return backend
     if model not in (None, "none", "passthrough"):
         raise SystemExit(f"ninep: security model {model!r} is not available in this build")
     if model == "passthrough" and os.geteuid() != 0:
         raise SystemExit("ninep: --security-model passthrough needs root (use 'none' or a mapped model)")
-    return local.LocalBackend(export, readonly=args.readonly, multidevs=args.multidevs)  # type: ignore[no-any-return]
+    local_backend: Backend = local.LocalBackend(export, readonly=args.readonly, multidevs=args.multidevs)
+    return local_backend
 
 
 def _setup_logging(verbose: int, trace: bool) -> None:

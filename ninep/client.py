@@ -14,9 +14,8 @@ from __future__ import annotations
 import errno as _errno
 import itertools
 import os
-import stat as st
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -27,6 +26,7 @@ from ninep import messages as m
 from ninep.codec import HEADER, Codec, codec_for, unpack_dirents
 from ninep.protocol import (
     GETATTR_ALL,
+    IOHDRSZ,
     L_O_CREAT,
     L_O_RDONLY,
     L_O_RDWR,
@@ -97,6 +97,8 @@ class Client:
                 await channel.aclose()
 
     async def version(self, msize: int, version: str) -> tuple[int, str]:
+        # As Linux's p9_client_create: never ask for more than the transport can carry.
+        msize = min(msize, self.channel.max_message_size)
         reply = await self.rpc(m.Tversion(msize, version), tag=NOTAG)
         assert isinstance(reply, m.Rversion)
         if reply.version == VERSION_UNKNOWN:
@@ -169,10 +171,8 @@ class Client:
     async def _flush(self, oldtag: int, p: _Pending) -> None:
         if self._closed is not None:
             return
-        try:
+        with suppress(OSError):
             await self.rpc(m.Tflush(oldtag))
-        except OSError:
-            pass
 
     async def call(self, msg: m.Message, expect: type[R]) -> R:
         reply = await self.rpc(msg)
@@ -279,11 +279,13 @@ class Client:
         await self.call(m.Tsetattr(fid, valid, mode, uid, gid, size, atime[0], atime[1], mtime[0], mtime[1]), m.Rsetattr)
 
     async def readdir(self, fid: int, offset: int = 0, count: int | None = None) -> list[tuple[Qid, int, int, str]]:
-        r = await self.call(m.Treaddir(fid, offset, count or self.msize - READ_HEADER), m.Rreaddir)
+        # msize - IOHDRSZ as Linux asks: diod refuses counts above that.
+        r = await self.call(m.Treaddir(fid, offset, count or self.msize - IOHDRSZ), m.Rreaddir)
         return unpack_dirents(r.data)
 
     async def readdir_all(self, fid: int) -> list[tuple[Qid, int, int, str]]:
-        out, offset = [], 0
+        out: list[tuple[Qid, int, int, str]] = []
+        offset = 0
         while True:
             batch = await self.readdir(fid, offset)
             if not batch:
@@ -368,7 +370,8 @@ class Client:
         await self.call(m.Twstat(fid, stat), m.Rwstat)
 
     async def read_dir_stats(self, fid: int) -> list[m.Stat]:
-        out, offset = [], 0
+        out: list[m.Stat] = []
+        offset = 0
         while True:
             data = await self.read(fid, offset, self.msize - READ_HEADER)
             if not data:

@@ -53,9 +53,18 @@ class EncodeError(ValueError):
 # --- the declarations, per dialect --------------------------------------------------------------
 
 
-@cache
+_wire_fields: dict[tuple[type, str], tuple[tuple[str, Any], ...]] = {}
+
+
 def wire_fields(cls: type, dialect: str) -> tuple[tuple[str, Any], ...]:
     """(name, construct-or-marker) of the fields `cls` has on the wire in `dialect`, in order."""
+    key = (cls, dialect)
+    if key not in _wire_fields:
+        _wire_fields[key] = _compute_wire_fields(cls, dialect)
+    return _wire_fields[key]
+
+
+def _compute_wire_fields(cls: type, dialect: str) -> tuple[tuple[str, Any], ...]:
     hints = typing.get_type_hints(cls, include_extras=True)
     out = []
     for f in fields(cls):
@@ -72,7 +81,7 @@ def wire_fields(cls: type, dialect: str) -> tuple[tuple[str, Any], ...]:
 # --- reference codec (construct) ----------------------------------------------------------------
 
 
-class _StatAdapter(cs.Adapter):  # type: ignore[misc]
+class _StatAdapter(cs.Adapter):
     def __init__(self, subcon: cs.Construct, names: Sequence[str]) -> None:
         super().__init__(subcon)
         self.names = tuple(names)
@@ -91,8 +100,17 @@ def stat_construct(dialect: str) -> cs.Construct:
     return cs.Prefixed(cs.Int16ul, _StatAdapter(cs.Struct(*(n / c for n, c in wf)), [n for n, _ in wf]))
 
 
-@cache
+_reference_structs: dict[tuple[type, str], cs.Construct] = {}
+
+
 def reference_struct(cls: type[m.Message], dialect: str) -> cs.Construct:
+    key = (cls, dialect)
+    if key not in _reference_structs:
+        _reference_structs[key] = _build_reference_struct(cls, dialect)
+    return _reference_structs[key]
+
+
+def _build_reference_struct(cls: type[m.Message], dialect: str) -> cs.Construct:
     parts = []
     for name, con in wire_fields(cls, dialect):
         if con is m.stat:  # stat[n]: a count, then the Dir with its own size
@@ -114,7 +132,7 @@ def reference_decode(buf: Buffer, dialect: str) -> m.Message:
     wf = wire_fields(cls, dialect)
     obj = reference_struct(cls, dialect).parse(bytes(buf[HEADER_SIZE:size]))
     values = {n: (list(obj[n]) if isinstance(obj[n], list) else obj[n]) for n, _ in wf}
-    return cls(**values, tag=tag)  # type: ignore[call-arg]
+    return cls(**values, tag=tag)
 
 
 # --- fast codec (generated) ---------------------------------------------------------------------
@@ -269,11 +287,11 @@ def _fast_codec(dialect: str) -> tuple[dict[int, Callable[..., m.Message]], dict
             names = runs[0][1]
             assert isinstance(names, list)
             fmt = "IBH" + gen.fixed_format(names, dict(wf))
-            args = []
+            values: list[str] = []
             for n in names:
-                args += ([f"x.{n}.type", f"x.{n}.version", f"x.{n}.path"]
-                         if dict(wf)[n] is m.qid else [f"x.{n}"])
-            src[-1] = f"    return [{gen.struct_const(fmt)}.pack({struct.calcsize('<' + fmt)}, {number}, x.tag, {', '.join(args)})]"
+                values += ([f"x.{n}.type", f"x.{n}.version", f"x.{n}.path"]
+                           if dict(wf)[n] is m.qid else [f"x.{n}"])
+            src[-1] = f"    return [{gen.struct_const(fmt)}.pack({struct.calcsize('<' + fmt)}, {number}, x.tag, {', '.join(values)})]"
             continue
         if not wf:
             src[-1] = f"    return [_S_IBH.pack(7, {number}, x.tag)]"
@@ -341,7 +359,8 @@ class Codec:
 
     def encode_stat(self, stat: m.Stat) -> bytes:
         """A Dir with its size prefix, as 9P2000 directory reads return them."""
-        return self._enc_stat(stat)  # type: ignore[no-any-return]
+        encoded: bytes = self._enc_stat(stat)
+        return encoded
 
     def decode_stats(self, buf: Buffer) -> list[m.Stat]:
         """The Dirs of a 9P2000 directory read."""

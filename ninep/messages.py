@@ -14,8 +14,9 @@ This module must never contain encode/decode logic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, TypeVar
 
 import construct as cs
 
@@ -94,10 +95,11 @@ class Message:
 
 
 MESSAGES: dict[int, type[Message]] = {}
+M = TypeVar("M", bound=Message)
 
 
-def message(number: int):  # type: ignore[no-untyped-def]
-    def register(cls: type[Message]) -> type[Message]:
+def message(number: int) -> Callable[[type[M]], type[M]]:
+    def register(cls: type[M]) -> type[M]:
         cls.msgtype = number
         MESSAGES[number] = cls
         return cls

@@ -43,7 +43,6 @@ from ninep.protocol import (
     OTRUNC,
     OWRITE,
     QTDIR,
-    QTSYMLINK,
     SETATTR_ATIME,
     SETATTR_ATIME_SET,
     SETATTR_GID,
@@ -87,7 +86,7 @@ async def _dir_of(s: Session, fid_node: object, name: str, attr: Attr) -> m.Stat
     if s.dialect == V9P2000_U:
         if fmt == st.S_IFLNK:
             mode |= DMSYMLINK
-            ext = await s.backend.readlink(fid_node)  # type: ignore[arg-type]
+            ext = await s.backend.readlink(fid_node)
         elif fmt in (st.S_IFCHR, st.S_IFBLK):
             mode |= DMDEVICE
             ext = f"{'c' if fmt == st.S_IFCHR else 'b'} {attr.rdev >> 8 & 0xFFF} {attr.rdev & 0xFF | (attr.rdev >> 12) & 0xFFF00}"

@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -202,7 +203,7 @@ class SocketListener:
         self.family = family
         self.sockaddr = sockaddr
         self.max_message_size = max_message_size
-        self.bound: object = None
+        self.bound: Any = None
 
     async def serve(self, handler: ChannelHandler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.socket(self.family, socket.SOCK_STREAM)
@@ -214,8 +215,18 @@ class SocketListener:
                         os.unlink(path)
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            await sock.bind(self.sockaddr)
-            sock.listen(128)
+            if self.family == socket.AF_UNIX:
+                # Bind under a temporary name and rename once listening, so the path appears only
+                # when connections are accepted (scripts and QEMU may wait for it to exist).
+                tmp = f"{self.sockaddr}.{os.getpid()}.tmp"
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                await sock.bind(tmp)
+                sock.listen(128)
+                os.rename(tmp, str(self.sockaddr))
+            else:
+                await sock.bind(self.sockaddr)
+                sock.listen(128)
             self.bound = sock.getsockname()
             log.info("listening on %s", self.address if self.family == socket.AF_UNIX else f"tcp:{self.bound[0]}:{self.bound[1]}")
             task_status.started()

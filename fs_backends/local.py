@@ -1,0 +1,1245 @@
+"""A host directory exported as a Backend.
+
+Every Node holds an `O_PATH|O_NOFOLLOW` fd. Every lookup is one component relative to a directory
+fd (openat2 with RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS|RESOLVE_NO_SYMLINKS where the kernel has
+it, else openat with O_NOFOLLOW); `..` at the export root stays at the root, and any other `..` is
+checked to lead to a directory below the root. Files are opened by reopening the node's fd through
+/proc/self/fd, so the object opened is exactly the one walked to. Only regular files and
+directories are ever opened (never host devices or fifos: CVE-2023-2861).
+
+Nodes remember the directory (as an fd) and name they were reached by, kept current for renames
+done through this backend; Tremove/Trename check the entry still names the node's (dev, ino)
+before acting and fail rather than touch another file.
+
+This module must never join path strings, follow a symlink, or block the trio loop: each backend
+call makes one hop to a worker thread (`trio.to_thread.run_sync`) and does all its syscalls there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal, TypeVar
+
+import trio
+
+from fs_backends import _linux
+from fs_backends._locktable import LockTable, span
+from fs_backends.base import (
+    Attr,
+    BackendInfo,
+    Cred,
+    DirEntry,
+    FsError,
+    Lock,
+    LockOwner,
+    Qid,
+    SetAttr,
+    StatFs,
+)
+from fs_backends.security import Credentials, credentials_for_model, default_credentials
+from ninep import protocol as P
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_DEPTH = 4096
+_INO_BITS = 48
+_FULLMAP_PREFIX = 0xFFFF
+
+# Tlopen/Tlcreate flags (Linux x86 numbers) to this host's O_* values. O_NOCTTY, O_FASYNC,
+# O_CREAT, O_EXCL, O_DIRECT, O_NOFOLLOW and O_CLOEXEC are dropped, as QEMU does.
+_FLAG_MAP = (
+    (P.L_O_TRUNC, os.O_TRUNC),
+    (P.L_O_APPEND, os.O_APPEND),
+    (P.L_O_NONBLOCK, os.O_NONBLOCK),
+    (P.L_O_DSYNC, os.O_DSYNC),
+    (P.L_O_DIRECTORY, os.O_DIRECTORY),
+    (P.L_O_NOATIME, os.O_NOATIME),
+    (P.L_O_SYNC, os.O_SYNC),
+    (P.L_O_LARGEFILE, getattr(os, "O_LARGEFILE", 0)),
+)
+_ACC_MAP = {P.L_O_RDONLY: os.O_RDONLY, P.L_O_WRONLY: os.O_WRONLY, P.L_O_RDWR: os.O_RDWR}
+
+
+def translate_open_flags(flags: int) -> int:
+    try:
+        out = _ACC_MAP[flags & P.L_O_ACCMODE]
+    except KeyError:
+        raise FsError(errno.EINVAL) from None
+    for lbit, hbit in _FLAG_MAP:
+        if flags & lbit:
+            out |= hbit
+    return out
+
+
+def _writes(flags: int) -> bool:
+    return flags & P.L_O_ACCMODE in (P.L_O_WRONLY, P.L_O_RDWR) or bool(
+        flags & (P.L_O_TRUNC | P.L_O_APPEND)
+    )
+
+
+def _proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def _qtype(mode: int) -> int:
+    if stat.S_ISDIR(mode):
+        return P.QTDIR
+    if stat.S_ISLNK(mode):
+        return P.QTSYMLINK
+    return P.QTFILE
+
+
+_DT_QT = {P.DT_DIR: P.QTDIR, P.DT_LNK: P.QTSYMLINK}
+_QT_FMT = {P.QTDIR: stat.S_IFDIR, P.QTSYMLINK: stat.S_IFLNK}
+_FMT_DT = {
+    stat.S_IFDIR: P.DT_DIR,
+    stat.S_IFREG: P.DT_REG,
+    stat.S_IFLNK: P.DT_LNK,
+    stat.S_IFCHR: P.DT_CHR,
+    stat.S_IFBLK: P.DT_BLK,
+    stat.S_IFIFO: P.DT_FIFO,
+    stat.S_IFSOCK: P.DT_SOCK,
+}
+
+
+class _Fd:
+    """A reference-counted O_PATH fd with the (dev, ino) it had when opened."""
+
+    __slots__ = ("fd", "dev", "ino", "refs")
+
+    def __init__(self, fd: int, dev: int, ino: int) -> None:
+        self.fd = fd
+        self.dev = dev
+        self.ino = ino
+        self.refs = 1
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        return self.dev, self.ino
+
+
+@dataclass(eq=False)
+class LocalNode:
+    qid: Qid
+    h: _Fd
+    fmt: int  # S_IFMT of the file
+    parent: _Fd | None  # the directory this node was reached through, None if unknown/root
+    name: bytes
+    released: bool = False
+    gen: int | None = None  # FS_IOC_GETVERSION, fetched once; -1 where the fs has none
+    cfmt: int = 0  # S_IFMT the client sees (differs from fmt under the mapped models)
+
+
+@dataclass(eq=False)
+class LocalOpenFile:
+    node: LocalNode
+    fd: int | None
+    flags: int
+    h: _Fd  # keeps the node's fd alive while open, whatever happens to the fid's node
+    is_dir: bool
+    dir_mu: threading.Lock = field(default_factory=threading.Lock)
+    lock_owners: set[Hashable] = field(default_factory=set)
+    closed: bool = False
+
+
+@dataclass
+class _FileLocks:
+    """Locks on one host file: the mirror table (names owners for Tgetlock) and one OFD lock
+    fd per owner (so the kernel arbitrates against other owners and other host processes)."""
+
+    table: LockTable = field(default_factory=LockTable)
+    fds: dict[Hashable, int] = field(default_factory=dict)
+
+
+def _owner_key(owner: LockOwner) -> Hashable:
+    return (owner.connection, owner.client_id, owner.proc_id)
+
+
+class LocalBackend:
+    """Exports the host directory `root_path`."""
+
+    def __init__(
+        self,
+        root_path: str,
+        *,
+        readonly: bool = False,
+        credentials: Credentials | None = None,
+        multidevs: Literal["remap", "forbid", "warn"] = "remap",
+    ) -> None:
+        if multidevs not in ("remap", "forbid", "warn"):
+            raise ValueError(f"multidevs must be remap, forbid or warn, not {multidevs!r}")
+        if not os.path.isdir("/proc/self/fd"):
+            raise RuntimeError("LocalBackend needs /proc mounted (fd reopening)")
+        self.creds = credentials if credentials is not None else default_credentials()
+        self.creds.check_usable()
+        _linux.raise_nofile_limit()  # one O_PATH fd per fid: the default soft limit is low
+        self.multidevs = multidevs
+        fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        self._root = _Fd(fd, st.st_dev, st.st_ino)
+        self.info = BackendInfo(
+            name="local",
+            readonly=readonly,
+            block_size=st.st_blksize or 4096,
+            extra={
+                "root": root_path,
+                "security_model": self.creds.name,
+                "multidevs": multidevs,
+                "openat2": str(_linux.openat2_supported()),
+            },
+        )
+        self._mu = threading.Lock()  # refcounts, the location registry, live sets
+        self._ns = threading.Lock()  # namespace changes (rename/unlink) and their registry fix-ups
+        self._lk = threading.Lock()  # lock tables
+        self._qmu = threading.Lock()  # qid path remapping tables
+        self._at: dict[tuple[int, int, bytes], set[LocalNode]] = {}
+        self._live: set[LocalNode] = set()
+        self._open: set[LocalOpenFile] = set()
+        self._open_by_ident: dict[tuple[int, int], set[LocalOpenFile]] = {}
+        self._locks: dict[tuple[int, int], _FileLocks] = {}
+        self._dev_prefix: dict[int, int] = {self._root.dev: 0}
+        self._fullmap: dict[tuple[int, int], int] = {}
+        self._warned_dev = False
+        self._closed = False
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _run(fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(partial(fn, *args))
+
+    def _ro(self) -> None:
+        if self.info.readonly:
+            raise FsError(errno.EROFS)
+
+    def _bname(self, name: str, creating: bool = False) -> bytes:
+        b = os.fsencode(name)
+        if not b or b in (b".", b"..") or b"/" in b or b"\0" in b:
+            raise FsError(errno.EINVAL)
+        if len(b) > 255:
+            raise FsError(errno.ENAMETOOLONG)
+        if self.creds.reserved_name(b):
+            raise FsError(errno.EINVAL if creating else errno.ENOENT)
+        return b
+
+    def _incref(self, h: _Fd) -> _Fd:
+        with self._mu:
+            h.refs += 1
+        return h
+
+    def _decref_locked(self, h: _Fd | None) -> None:
+        if h is None:
+            return
+        h.refs -= 1
+        if h.refs == 0:
+            os.close(h.fd)
+
+    def _qpath(self, dev: int, ino: int) -> int:
+        """A qid.path unique across all devices under the export."""
+        if dev == self._root.dev and ino < (1 << _INO_BITS):
+            return ino
+        if self.multidevs == "forbid" and dev != self._root.dev:
+            raise FsError(errno.ENODEV)
+        if self.multidevs == "warn":
+            if dev != self._root.dev and not self._warned_dev:
+                self._warned_dev = True
+                log.warning("export spans several devices; qid paths may collide (multidevs=warn)")
+            return ino & 0xFFFFFFFFFFFFFFFF
+        with self._qmu:
+            prefix = self._dev_prefix.get(dev)
+            if prefix is None and len(self._dev_prefix) < _FULLMAP_PREFIX:
+                prefix = len(self._dev_prefix)
+                self._dev_prefix[dev] = prefix
+            if prefix is not None and ino < (1 << _INO_BITS):
+                return (prefix << _INO_BITS) | ino
+            n = self._fullmap.get((dev, ino))
+            if n is None:
+                n = len(self._fullmap) + 1
+                if n >= (1 << _INO_BITS):
+                    raise FsError(errno.ENFILE)
+                self._fullmap[(dev, ino)] = n
+            return (_FULLMAP_PREFIX << _INO_BITS) | n
+
+    def _qid(self, mode: int, dev: int, ino: int, mtime: tuple[int, int], size: int) -> Qid:
+        version = (mtime[0] ^ mtime[1] ^ (size << 8)) & 0xFFFFFFFF
+        return Qid(_qtype(mode), version, self._qpath(dev, ino))
+
+    def _qid_st(self, st: os.stat_result, fd: int | None = None) -> Qid:
+        mode = st.st_mode
+        if fd is not None and self.creds.maps_modes:
+            mode = self.creds.map_mode(fd, mode)
+        return self._qid(
+            mode,
+            st.st_dev,
+            st.st_ino,
+            (int(st.st_mtime), st.st_mtime_ns % 1_000_000_000),
+            st.st_size,
+        )
+
+    def _register(self, n: LocalNode) -> None:
+        # Caller holds self._mu.
+        self._live.add(n)
+        if n.parent is not None:
+            self._at.setdefault((n.parent.dev, n.parent.ino, n.name), set()).add(n)
+
+    def _unregister(self, n: LocalNode) -> None:
+        # Caller holds self._mu.
+        if n.parent is not None:
+            key = (n.parent.dev, n.parent.ino, n.name)
+            s = self._at.get(key)
+            if s is not None:
+                s.discard(n)
+                if not s:
+                    del self._at[key]
+
+    def _make_node(self, h: _Fd, st: os.stat_result, parent: _Fd | None, name: bytes) -> LocalNode:
+        """A node owning `h` (one reference) and a new reference on `parent`."""
+        qid = self._qid_st(st, h.fd)
+        n = LocalNode(qid, h, stat.S_IFMT(st.st_mode), parent, name)
+        n.cfmt = _QT_FMT.get(qid.type, stat.S_IFMT(st.st_mode))
+        if self.creds.maps_modes and qid.type == P.QTFILE:
+            n.cfmt = stat.S_IFMT(self.creds.map_mode(h.fd, st.st_mode))
+        with self._mu:
+            if parent is not None:
+                parent.refs += 1
+            self._register(n)
+        return n
+
+    def _release_sync(self, n: LocalNode) -> None:
+        with self._mu:
+            if n.released:
+                return
+            n.released = True
+            self._unregister(n)
+            self._live.discard(n)
+            self._decref_locked(n.h)
+            self._decref_locked(n.parent)
+            n.parent = None
+
+    @staticmethod
+    def _alive(n: LocalNode) -> _Fd:
+        if n.released:
+            raise FsError(errno.EBADF)
+        return n.h
+
+    def _dir(self, n: LocalNode) -> _Fd:
+        h = self._alive(n)
+        if n.fmt != stat.S_IFDIR:
+            raise FsError(errno.ENOTDIR)
+        return h
+
+    def _beneath_root(self, fd: int, st: os.stat_result) -> bool:
+        """Whether directory `fd` is the root or below it (climbs with '..' until one or '/')."""
+        owned: list[int] = []
+        try:
+            cur, ident = fd, (st.st_dev, st.st_ino)
+            for _ in range(_MAX_DEPTH):
+                if ident == self._root.ident:
+                    return True
+                up = os.open("..", _O_PATH_DIR, dir_fd=cur)
+                owned.append(up)
+                ust = os.fstat(up)
+                if (ust.st_dev, ust.st_ino) == ident:
+                    return False  # reached the host's '/'
+                cur, ident = up, (ust.st_dev, ust.st_ino)
+            return False
+        finally:
+            for o in owned:
+                os.close(o)
+
+    def _dotdot(self, h: _Fd) -> tuple[_Fd, os.stat_result]:
+        if h.ident == self._root.ident:
+            st = os.fstat(self._root.fd)
+            return self._incref(self._root), st
+        fd = os.open("..", _O_PATH_DIR, dir_fd=h.fd)
+        try:
+            st = os.fstat(fd)
+            if not self._beneath_root(fd, st):
+                # The directory was moved out of the export behind our back.
+                raise FsError(errno.ENOENT)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Fd(fd, st.st_dev, st.st_ino), st
+
+    def _lookup(self, dh: _Fd, bname: bytes) -> tuple[_Fd, os.stat_result]:
+        fd = _linux.lookup(dh.fd, bname, os.O_PATH)
+        try:
+            st = os.fstat(fd)
+            if self.multidevs == "forbid" and st.st_dev != self._root.dev:
+                raise FsError(errno.ENODEV)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Fd(fd, st.st_dev, st.st_ino), st
+
+    # -- attach / walk / release -----------------------------------------------------------------
+
+    async def attach(self, aname: str, cred: Cred) -> LocalNode:
+        return await self._run(self._attach_sync, aname)
+
+    def _attach_sync(self, aname: str) -> LocalNode:
+        parts = [p for p in aname.split("/") if p and p != "."]
+        root = self._make_node(self._incref(self._root), os.fstat(self._root.fd), None, b"")
+        if not parts:
+            return root
+        try:
+            nodes = self._walk_sync(root, parts)
+        finally:
+            self._release_sync(root)
+        for n in nodes[:-1]:
+            self._release_sync(n)
+        last = nodes[-1]
+        if len(nodes) != len(parts):
+            self._release_sync(last)
+            raise FsError(errno.ENOENT)
+        if last.fmt != stat.S_IFDIR:
+            self._release_sync(last)
+            raise FsError(errno.ENOTDIR)
+        return last
+
+    async def walk(self, node: LocalNode, names: Sequence[str]) -> list[LocalNode]:
+        self._alive(node)
+        return await self._run(self._walk_sync, node, list(names))
+
+    def _walk_sync(self, node: LocalNode, names: list[str]) -> list[LocalNode]:
+        cur = self._alive(node)
+        if not names:
+            clone = LocalNode(node.qid, self._incref(cur), node.fmt, None, node.name)
+            clone.cfmt = node.cfmt
+            with self._mu:
+                if node.parent is not None:
+                    node.parent.refs += 1
+                    clone.parent = node.parent
+                self._register(clone)
+            return [clone]
+        out: list[LocalNode] = []
+        try:
+            for comp in names:
+                try:
+                    if comp == "..":
+                        h, st = self._dotdot(cur)
+                        parent: _Fd | None = None
+                        bname = b""
+                    else:
+                        bname = self._bname(comp)
+                        h, st = self._lookup(cur, bname)
+                        parent = cur
+                except OSError:
+                    if not out:
+                        raise
+                    break
+                n = self._make_node(h, st, parent, bname)
+                out.append(n)
+                cur = h
+        except BaseException:
+            for n in out:
+                self._release_sync(n)
+            raise
+        return out
+
+    async def release(self, node: LocalNode) -> None:
+        # Closing O_PATH fds never blocks; no thread hop needed.
+        try:
+            self._release_sync(node)
+        except OSError:
+            log.exception("release failed")
+
+    # -- attributes --------------------------------------------------------------------------------
+
+    async def getattr(self, node: LocalNode, mask: int) -> Attr:
+        h = self._alive(node)
+        return await self._run(self._getattr_sync, node, h, mask)
+
+    def _getattr_sync(self, node: LocalNode, h: _Fd, mask: int) -> Attr:
+        sx = self.creds.map_stat(h.fd, _linux.statx(h.fd))
+        qid = self._qid(sx.mode, sx.dev, sx.ino, sx.mtime, sx.size)
+        node.qid = qid
+        valid = P.GETATTR_BASIC
+        if sx.mask & _linux.STATX_BTIME:
+            valid |= P.GETATTR_BTIME
+        gen = 0
+        if mask & P.GETATTR_GEN:
+            if node.gen is None:
+                node.gen = self._generation(h, node.fmt)
+            if node.gen >= 0:
+                gen = node.gen
+                valid |= P.GETATTR_GEN
+        return Attr(
+            valid=valid,
+            qid=qid,
+            mode=sx.mode,
+            uid=sx.uid,
+            gid=sx.gid,
+            nlink=sx.nlink,
+            rdev=sx.rdev,
+            size=sx.size,
+            blksize=sx.blksize,
+            blocks=sx.blocks,
+            atime_sec=sx.atime[0],
+            atime_nsec=sx.atime[1],
+            mtime_sec=sx.mtime[0],
+            mtime_nsec=sx.mtime[1],
+            ctime_sec=sx.ctime[0],
+            ctime_nsec=sx.ctime[1],
+            btime_sec=sx.btime[0] if valid & P.GETATTR_BTIME else 0,
+            btime_nsec=sx.btime[1] if valid & P.GETATTR_BTIME else 0,
+            gen=gen,
+        )
+
+    def _writable_fd(self, h: _Fd) -> int | None:
+        with self._mu:
+            for f in self._open_by_ident.get(h.ident, ()):
+                if f.fd is not None and f.flags & P.L_O_ACCMODE in (P.L_O_WRONLY, P.L_O_RDWR):
+                    return f.fd
+        return None
+
+    @staticmethod
+    def _generation(h: _Fd, fmt: int) -> int:
+        # The ioctl needs a real open file; only regular files and directories are opened.
+        if fmt not in (stat.S_IFREG, stat.S_IFDIR):
+            return -1
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOATIME
+        try:
+            try:
+                fd = os.open(_proc(h.fd), flags)
+            except PermissionError:
+                fd = os.open(_proc(h.fd), flags & ~os.O_NOATIME)
+            try:
+                return _linux.inode_generation(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return -1
+
+    async def setattr(self, node: LocalNode, attr: SetAttr, cred: Cred) -> None:
+        h = self._alive(node)
+        if attr.valid:
+            self._ro()
+        await self._run(self._setattr_sync, node, h, attr)
+
+    def _setattr_sync(self, node: LocalNode, h: _Fd, attr: SetAttr) -> None:
+        v = attr.valid
+        fmt = node.cfmt
+        if v & P.SETATTR_MODE:
+            self.creds.chmod(h.fd, fmt, attr.mode)
+        if v & (P.SETATTR_UID | P.SETATTR_GID):
+            self.creds.chown(
+                h.fd,
+                attr.uid if v & P.SETATTR_UID else -1,
+                attr.gid if v & P.SETATTR_GID else -1,
+            )
+        if v & P.SETATTR_SIZE:
+            if fmt == stat.S_IFDIR:
+                raise FsError(errno.EISDIR)
+            if fmt != stat.S_IFREG or attr.size < 0:
+                raise FsError(errno.EINVAL)
+            wfd = self._writable_fd(h)
+            if wfd is not None:
+                # The client may hold the only write permission through its open file.
+                os.ftruncate(wfd, attr.size)
+            else:
+                # truncate(2) through the magic link works on unlinked files and O_PATH fds.
+                os.truncate(_proc(h.fd), attr.size)
+        if v & (P.SETATTR_ATIME | P.SETATTR_MTIME):
+            omit = (0, _linux.UTIME_OMIT)
+            now = (0, _linux.UTIME_NOW)
+            at = omit
+            mt = omit
+            if v & P.SETATTR_ATIME:
+                at = (attr.atime_sec, attr.atime_nsec) if v & P.SETATTR_ATIME_SET else now
+            if v & P.SETATTR_MTIME:
+                mt = (attr.mtime_sec, attr.mtime_nsec) if v & P.SETATTR_MTIME_SET else now
+            _linux.utimens_fd(h.fd, at, mt)
+        others = (
+            P.SETATTR_MODE | P.SETATTR_UID | P.SETATTR_GID | P.SETATTR_SIZE
+            | P.SETATTR_ATIME | P.SETATTR_MTIME
+        )  # fmt: skip
+        if v & P.SETATTR_CTIME and not v & others:
+            # Only ctime asked for: a chown that changes nothing updates ctime alone.
+            _linux.fchown_fd(h.fd, -1, -1)
+        with contextlib.suppress(OSError):
+            node.qid = self._qid_st(os.fstat(h.fd), h.fd)
+
+    # -- open / create / close / io ---------------------------------------------------------------
+
+    async def open(self, node: LocalNode, flags: int, cred: Cred) -> LocalOpenFile:
+        h = self._alive(node)
+        if _writes(flags):
+            self._ro()
+        return await self._run(self._open_sync, node, h, flags)
+
+    def _check_openable(self, fmt: int, flags: int) -> None:
+        if fmt == stat.S_IFDIR:
+            if flags & P.L_O_ACCMODE != P.L_O_RDONLY or flags & P.L_O_TRUNC:
+                raise FsError(errno.EISDIR)
+        elif fmt == stat.S_IFLNK:
+            raise FsError(errno.ELOOP)
+        elif fmt != stat.S_IFREG:
+            # Device nodes, fifos, sockets: never opened on the host.
+            raise FsError(errno.ENXIO)
+        elif flags & P.L_O_DIRECTORY:
+            raise FsError(errno.ENOTDIR)
+
+    def _reopen(self, h: _Fd, fmt: int, cfmt: int, flags: int) -> int:
+        """Open the object `h` refers to; `fmt` is its host type, `cfmt` what the client sees
+        (a mapped-model device node is a host regular file and is refused all the same)."""
+        self._check_openable(fmt, flags)
+        if cfmt != fmt:
+            self._check_openable(cfmt, flags)
+        oflags = translate_open_flags(flags) | os.O_CLOEXEC | os.O_NOCTTY
+        if fmt == stat.S_IFDIR:
+            oflags |= os.O_DIRECTORY
+        try:
+            return os.open(_proc(h.fd), oflags)
+        except PermissionError:
+            if not oflags & os.O_NOATIME:
+                raise
+            return os.open(_proc(h.fd), oflags & ~os.O_NOATIME)
+
+    def _open_sync(self, node: LocalNode, h: _Fd, flags: int) -> LocalOpenFile:
+        fd = self._reopen(h, node.fmt, node.cfmt, flags)
+        if flags & P.L_O_TRUNC:
+            with contextlib.suppress(OSError):
+                node.qid = self._qid_st(os.fstat(fd), h.fd)
+        f = LocalOpenFile(node, fd, flags, self._incref(h), node.fmt == stat.S_IFDIR)
+        self._add_open(f)
+        return f
+
+    def _add_open(self, f: LocalOpenFile) -> None:
+        with self._mu:
+            self._open.add(f)
+            self._open_by_ident.setdefault(f.h.ident, set()).add(f)
+
+    async def create(
+        self, dir: LocalNode, name: str, flags: int, mode: int, cred: Cred
+    ) -> tuple[LocalNode, LocalOpenFile]:
+        dh = self._dir(dir)
+        bname = self._bname(name, creating=True)
+        self._ro()
+        return await self._run(self._create_sync, dh, bname, flags, mode, cred)
+
+    def _create_sync(
+        self, dh: _Fd, bname: bytes, flags: int, mode: int, cred: Cred
+    ) -> tuple[LocalNode, LocalOpenFile]:
+        if flags & P.L_O_DIRECTORY:
+            raise FsError(errno.EINVAL)
+        oflags = translate_open_flags(flags & ~P.L_O_NOATIME)
+        try:
+            fd = self.creds.create_file(dh.fd, bname, oflags, mode, cred)
+        except FileExistsError:
+            if flags & P.L_O_EXCL:
+                raise
+            # open(O_CREAT) of an existing name: open it like Tlopen (regular files only).
+            h, st = self._lookup(dh, bname)
+            node = self._make_node(h, st, dh, bname)
+            try:
+                return node, self._open_sync(node, h, flags)
+            except BaseException:
+                self._release_sync(node)
+                raise
+        try:
+            pfd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
+            st = os.fstat(pfd)
+        except BaseException:
+            os.close(fd)
+            raise
+        node = self._make_node(_Fd(pfd, st.st_dev, st.st_ino), st, dh, bname)
+        f = LocalOpenFile(node, fd, flags, self._incref(node.h), False)
+        self._add_open(f)
+        return node, f
+
+    async def close(self, f: LocalOpenFile) -> None:
+        if f.closed:
+            return
+        f.closed = True
+        try:
+            await self._run(self._close_sync, f)
+        except OSError:
+            log.exception("close failed")
+
+    def _close_sync(self, f: LocalOpenFile) -> None:
+        try:
+            self._release_locks_sync(f, None)
+        finally:
+            with self._mu:
+                self._open.discard(f)
+                same = self._open_by_ident.get(f.h.ident)
+                if same is not None:
+                    same.discard(f)
+                    if not same:
+                        del self._open_by_ident[f.h.ident]
+                if f.fd is not None:
+                    os.close(f.fd)
+                    f.fd = None
+                self._decref_locked(f.h)
+
+    @staticmethod
+    def _fd(f: LocalOpenFile) -> int:
+        if f.closed or f.fd is None:
+            raise FsError(errno.EBADF)
+        return f.fd
+
+    async def read(self, f: LocalOpenFile, offset: int, count: int) -> bytes:
+        fd = self._fd(f)
+        if offset < 0 or count < 0:
+            raise FsError(errno.EINVAL)
+        return await self._run(os.pread, fd, count, offset)
+
+    async def write(self, f: LocalOpenFile, offset: int, data: bytes | memoryview) -> int:
+        fd = self._fd(f)
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        return await self._run(os.pwrite, fd, data, offset)
+
+    async def fsync(self, f: LocalOpenFile, datasync: bool) -> None:
+        fd = self._fd(f)
+        await self._run(os.fdatasync if datasync else os.fsync, fd)
+
+    # -- readdir ----------------------------------------------------------------------------------
+
+    async def readdir(self, f: LocalOpenFile, offset: int, max_entries: int) -> list[DirEntry]:
+        fd = self._fd(f)
+        if not f.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if max_entries <= 0:
+            return []
+        return await self._run(self._readdir_sync, f, fd, offset, max_entries)
+
+    def _entry(
+        self, dirfd: int, dev: int, ino: int, dtype: int, name: bytes
+    ) -> tuple[Qid, int] | None:
+        """(qid, d_type) of one directory entry, None if it vanished. Directories may be mount
+        points (their d_ino is the covered inode) and are stat'ed; so is everything under a
+        model that maps modes; other entries take d_ino on the directory's device."""
+        maps = self.creds.maps_modes
+        if dtype in (P.DT_DIR, P.DT_UNKNOWN) or self.multidevs == "forbid" or maps:
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            mode = st.st_mode
+            if maps and stat.S_ISREG(mode):
+                mode = self.creds.map_mode_at(dirfd, name, mode)
+            dtype = _FMT_DT.get(stat.S_IFMT(mode), P.DT_UNKNOWN)
+            try:
+                return Qid(_qtype(mode), 0, self._qpath(st.st_dev, st.st_ino)), dtype
+            except FsError:
+                return Qid(_qtype(mode), 0, ino), dtype
+        return Qid(_DT_QT.get(dtype, P.QTFILE), 0, self._qpath(dev, ino)), dtype
+
+    def _readdir_sync(
+        self, f: LocalOpenFile, fd: int, offset: int, max_entries: int
+    ) -> list[DirEntry]:
+        h = f.h
+        at_root = h.ident == self._root.ident
+        out: list[DirEntry] = []
+        real = self.creds.real_dtypes
+        with f.dir_mu:
+            while len(out) < max_entries:
+                ents = _linux.getdents(fd, offset)
+                if not ents:
+                    break
+                for ino, off, dtype, name in ents:
+                    offset = off
+                    if name == b".":
+                        q: Qid | None = Qid(P.QTDIR, 0, self._qpath(h.dev, h.ino))
+                        dtype = P.DT_DIR
+                    elif name == b"..":
+                        if at_root:
+                            q = Qid(P.QTDIR, 0, self._qpath(h.dev, h.ino))
+                        else:
+                            e = self._entry(fd, h.dev, ino, P.DT_DIR, name)
+                            q = e[0] if e is not None else None
+                        dtype = P.DT_DIR
+                    elif self.creds.reserved_name(name):
+                        continue
+                    else:
+                        e = self._entry(fd, h.dev, ino, dtype, name)
+                        if e is None:
+                            continue  # vanished meanwhile
+                        q, dtype = e
+                    if q is None:
+                        continue
+                    out.append(DirEntry(q, off, dtype if real else P.DT_UNKNOWN, os.fsdecode(name)))
+                    if len(out) >= max_entries:
+                        break
+        return out
+
+    # -- creating names ---------------------------------------------------------------------------
+
+    def _new_qid(self, dh: _Fd, bname: bytes) -> Qid:
+        fd = _linux.lookup(dh.fd, bname, os.O_PATH)
+        try:
+            return self._qid_st(os.fstat(fd), fd)
+        finally:
+            os.close(fd)
+
+    async def mkdir(self, dir: LocalNode, name: str, mode: int, cred: Cred) -> Qid:
+        dh = self._dir(dir)
+        bname = self._bname(name, creating=True)
+        self._ro()
+
+        def run() -> Qid:
+            self.creds.create_dir(dh.fd, bname, mode, cred)
+            return self._new_qid(dh, bname)
+
+        return await self._run(run)
+
+    async def symlink(self, dir: LocalNode, name: str, target: str, cred: Cred) -> Qid:
+        dh = self._dir(dir)
+        bname = self._bname(name, creating=True)
+        self._ro()
+        btarget = os.fsencode(target)
+        if not btarget or b"\0" in btarget:
+            raise FsError(errno.ENOENT if not btarget else errno.EINVAL)
+
+        def run() -> Qid:
+            self.creds.create_symlink(dh.fd, bname, btarget, cred)
+            return self._new_qid(dh, bname)
+
+        return await self._run(run)
+
+    async def mknod(
+        self, dir: LocalNode, name: str, mode: int, major: int, minor: int, cred: Cred
+    ) -> Qid:
+        dh = self._dir(dir)
+        bname = self._bname(name, creating=True)
+        self._ro()
+        fmt = stat.S_IFMT(mode) or stat.S_IFREG
+        if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FsError(errno.EINVAL)
+        rdev = os.makedev(major, minor) if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0
+
+        def run() -> Qid:
+            self.creds.create_node(dh.fd, bname, fmt, mode & 0o7777, rdev, cred)
+            return self._new_qid(dh, bname)
+
+        return await self._run(run)
+
+    async def link(self, dir: LocalNode, name: str, target: LocalNode) -> None:
+        dh = self._dir(dir)
+        th = self._alive(target)
+        bname = self._bname(name, creating=True)
+        self._ro()
+        if target.fmt == stat.S_IFDIR:
+            raise FsError(errno.EPERM)
+        await self._run(_linux.link_fd, th.fd, dh.fd, bname)
+
+    async def readlink(self, node: LocalNode) -> str:
+        h = self._alive(node)
+        if node.cfmt != stat.S_IFLNK:
+            raise FsError(errno.EINVAL)
+        return os.fsdecode(await self._run(self.creds.readlink, h.fd))
+
+    # -- renames and removals ---------------------------------------------------------------------
+
+    def _locate(self, node: LocalNode) -> tuple[_Fd, bytes]:
+        """The (directory, name) entry that currently names `node`, checked by (dev, ino).
+        Directories whose recorded entry is stale are found again through '..'. Caller holds
+        self._ns; the returned _Fd carries a reference the caller drops."""
+        h = self._alive(node)
+        if h.ident == self._root.ident:
+            raise FsError(errno.EBUSY)
+        with self._mu:
+            parent = node.parent
+            name = node.name
+            if parent is not None:
+                parent.refs += 1
+        if parent is not None:
+            try:
+                st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == h.ident:
+                    return parent, name
+            except FileNotFoundError:
+                pass
+            with self._mu:
+                self._decref_locked(parent)
+        if node.fmt != stat.S_IFDIR:
+            raise FsError(errno.ENOENT)
+        ph, _ = self._dotdot(h)
+        try:
+            if ph.ident == h.ident:
+                raise FsError(errno.EBUSY)
+            found = self._find_name(ph.fd, h)
+        except BaseException:
+            with self._mu:
+                self._decref_locked(ph)
+            raise
+        with self._mu:
+            # Remember the rediscovered place for next time.
+            self._unregister(node)
+            self._decref_locked(node.parent)
+            ph.refs += 1
+            node.parent, node.name = ph, found
+            self._register(node)
+        return ph, found
+
+    def _find_name(self, pathfd: int, h: _Fd) -> bytes:
+        dirfd = os.open(_proc(pathfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return self._find_name_in(dirfd, h)
+        finally:
+            os.close(dirfd)
+
+    def _find_name_in(self, dirfd: int, h: _Fd) -> bytes:
+        off = 0
+        candidates: list[bytes] = []
+        while True:
+            ents = _linux.getdents(dirfd, off)
+            if not ents:
+                break
+            for ino, o, dtype, name in ents:
+                off = o
+                if name in (b".", b".."):
+                    continue
+                if ino == h.ino:
+                    candidates.insert(0, name)
+                elif dtype in (P.DT_DIR, P.DT_UNKNOWN):
+                    candidates.append(name)  # a mount point's d_ino differs
+        for name in candidates:
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) == h.ident:
+                return name
+        raise FsError(errno.ENOENT)
+
+    def _moved(
+        self, od: tuple[int, int], oname: bytes, nd: _Fd, nname: bytes, ident: tuple[int, int]
+    ) -> None:
+        """Registry fix-up after a rename: nodes at the old entry follow the file; nodes at the
+        replaced destination entry lose their place. Caller holds self._ns."""
+        with self._mu:
+            dst = self._at.pop((nd.dev, nd.ino, nname), set())
+            for n in list(dst):
+                if n.h.ident != ident:
+                    self._decref_locked(n.parent)
+                    n.parent, n.name = None, b""
+                    dst.discard(n)
+            if dst:
+                self._at[(nd.dev, nd.ino, nname)] = dst
+            src = self._at.get((od[0], od[1], oname), set())
+            for n in list(src):
+                if n.h.ident == ident:
+                    self._unregister(n)
+                    self._decref_locked(n.parent)
+                    nd.refs += 1
+                    n.parent, n.name = nd, nname
+                    self._register(n)
+
+    def _unlinked(self, d: tuple[int, int], name: bytes) -> None:
+        with self._mu:
+            for n in self._at.pop((d[0], d[1], name), set()):
+                self._decref_locked(n.parent)
+                n.parent, n.name = None, b""
+
+    async def rename(self, node: LocalNode, newdir: LocalNode | None, newname: str) -> None:
+        """Trename; `newdir` None renames within the directory the node is in now."""
+        self._alive(node)
+        nh0 = self._dir(newdir) if newdir is not None else None
+        nname = self._bname(newname, creating=True)
+        self._ro()
+
+        def run() -> None:
+            with self._ns:
+                ph, oname = self._locate(node)
+                try:
+                    nh = nh0 if nh0 is not None else ph
+                    os.rename(oname, nname, src_dir_fd=ph.fd, dst_dir_fd=nh.fd)
+                    self._moved(ph.ident, oname, nh, nname, node.h.ident)
+                finally:
+                    with self._mu:
+                        self._decref_locked(ph)
+
+        await self._run(run)
+
+    async def renameat(
+        self, olddir: LocalNode, oldname: str, newdir: LocalNode, newname: str
+    ) -> None:
+        oh = self._dir(olddir)
+        nh = self._dir(newdir)
+        oname = self._bname(oldname)
+        nname = self._bname(newname, creating=True)
+        self._ro()
+
+        def run() -> None:
+            with self._ns:
+                st = os.stat(oname, dir_fd=oh.fd, follow_symlinks=False)
+                os.rename(oname, nname, src_dir_fd=oh.fd, dst_dir_fd=nh.fd)
+                self._moved(oh.ident, oname, nh, nname, (st.st_dev, st.st_ino))
+
+        await self._run(run)
+
+    async def unlinkat(self, dir: LocalNode, name: str, flags: int) -> None:
+        dh = self._dir(dir)
+        bname = self._bname(name)
+        self._ro()
+        if flags & ~P.AT_REMOVEDIR:
+            raise FsError(errno.EINVAL)
+
+        def run() -> None:
+            with self._ns:
+                if flags & P.AT_REMOVEDIR:
+                    os.rmdir(bname, dir_fd=dh.fd)
+                else:
+                    os.unlink(bname, dir_fd=dh.fd)
+                self._unlinked(dh.ident, bname)
+
+        await self._run(run)
+
+    async def remove(self, node: LocalNode) -> None:
+        self._alive(node)
+        self._ro()
+
+        def run() -> None:
+            with self._ns:
+                ph, name = self._locate(node)
+                try:
+                    if node.fmt == stat.S_IFDIR:
+                        os.rmdir(name, dir_fd=ph.fd)
+                    else:
+                        os.unlink(name, dir_fd=ph.fd)
+                    self._unlinked(ph.ident, name)
+                finally:
+                    with self._mu:
+                        self._decref_locked(ph)
+
+        await self._run(run)
+
+    async def statfs(self, node: LocalNode) -> StatFs:
+        h = self._alive(node)
+        t, bsize, blocks, bfree, bavail, files, ffree, fsid, namelen = await self._run(
+            _linux.fstatfs, h.fd
+        )
+        return StatFs(t, bsize, blocks, bfree, bavail, files, ffree, fsid, namelen)
+
+    # -- xattrs -------------------------------------------------------------------------------------
+
+    def _xname(self, name: str, write: bool) -> None:
+        if not name or len(name.encode()) > 255:
+            raise FsError(errno.ERANGE if name else errno.EINVAL)
+        if write:
+            self._ro()
+        # Which names a client may touch is the credential model's business (its xattr_* hooks).
+
+    async def xattr_get(self, node: LocalNode, name: str) -> bytes:
+        h = self._alive(node)
+        self._xname(name, False)
+        return await self._run(self.creds.xattr_get, h.fd, name)
+
+    async def xattr_list(self, node: LocalNode) -> list[str]:
+        h = self._alive(node)
+        return await self._run(self.creds.xattr_list, h.fd)
+
+    async def xattr_set(self, node: LocalNode, name: str, value: bytes, flags: int) -> None:
+        h = self._alive(node)
+        self._xname(name, True)
+        if flags & ~(P.XATTR_CREATE | P.XATTR_REPLACE):
+            raise FsError(errno.EINVAL)
+        if len(value) > P.XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        hflags = (os.XATTR_CREATE if flags & P.XATTR_CREATE else 0) | (
+            os.XATTR_REPLACE if flags & P.XATTR_REPLACE else 0
+        )
+        await self._run(self.creds.xattr_set, h.fd, name, bytes(value), hflags)
+
+    async def xattr_remove(self, node: LocalNode, name: str) -> None:
+        h = self._alive(node)
+        self._xname(name, True)
+        await self._run(self.creds.xattr_remove, h.fd, name)
+
+    # -- locks ----------------------------------------------------------------------------------------
+
+    def _lock_fd(self, f: LocalOpenFile, fl: _FileLocks, key: Hashable) -> int:
+        """The OFD-lock fd of owner `key` on this file (one per (file, owner), shared by all
+        the owner's fids, so the owner never conflicts with itself)."""
+        lfd = fl.fds.get(key)
+        if lfd is not None:
+            return lfd
+        fd = self._fd(f)
+        base = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        if f.is_dir:
+            lfd = os.open(_proc(fd), os.O_RDONLY | os.O_DIRECTORY | base)
+        else:
+            try:
+                if self.info.readonly:
+                    raise PermissionError(errno.EROFS, "readonly")
+                lfd = os.open(_proc(fd), os.O_RDWR | base)
+            except PermissionError:
+                lfd = os.open(_proc(fd), _ACC_MAP[f.flags & P.L_O_ACCMODE] | base)
+        fl.fds[key] = lfd
+        return lfd
+
+    def _drop_owner(self, ident: tuple[int, int], fl: _FileLocks, key: Hashable) -> None:
+        fl.table.drop(key)
+        lfd = fl.fds.pop(key, None)
+        if lfd is not None:
+            os.close(lfd)  # drops every OFD lock of this owner on the file
+        if not fl.fds:
+            self._locks.pop(ident, None)
+
+    async def lock(self, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> int:
+        self._fd(f)
+        if lock.type not in (P.LOCK_TYPE_RDLCK, P.LOCK_TYPE_WRLCK, P.LOCK_TYPE_UNLCK):
+            raise FsError(errno.EINVAL)
+        if lock.start < 0 or lock.length < 0:
+            raise FsError(errno.EINVAL)
+        acc = f.flags & P.L_O_ACCMODE
+        if (lock.type == P.LOCK_TYPE_RDLCK and acc == P.L_O_WRONLY) or (
+            lock.type == P.LOCK_TYPE_WRLCK and acc == P.L_O_RDONLY
+        ):
+            raise FsError(errno.EBADF)
+        return await self._run(self._lock_sync, f, lock, owner)
+
+    def _lock_sync(self, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> int:
+        key = _owner_key(owner)
+        ident = f.h.ident
+        start, end = span(lock.start, lock.length)
+        length = 0 if end is None else end - start
+        with self._lk:
+            fl = self._locks.get(ident)
+            if lock.type == P.LOCK_TYPE_UNLCK:
+                if fl is None or key not in fl.fds:
+                    return P.LOCK_SUCCESS
+                _linux.ofd_setlk(fl.fds[key], lock.type, start, length)
+                fl.table.apply(key, lock.type, start, end)
+                if key not in fl.table.owners():
+                    self._drop_owner(ident, fl, key)
+                return P.LOCK_SUCCESS
+            if fl is None:
+                fl = self._locks[ident] = _FileLocks()
+            new = key not in fl.fds
+            try:
+                lfd = self._lock_fd(f, fl, key)
+                ok = _linux.ofd_setlk(lfd, lock.type, start, length)
+            except BaseException:
+                if new:
+                    self._drop_owner(ident, fl, key)
+                raise
+            if not ok:
+                if new:
+                    self._drop_owner(ident, fl, key)
+                return P.LOCK_BLOCKED
+            fl.table.apply(key, lock.type, start, end)
+            f.lock_owners.add(key)
+            return P.LOCK_SUCCESS
+
+    async def getlock(self, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> Lock:
+        self._fd(f)
+        if lock.type not in (P.LOCK_TYPE_RDLCK, P.LOCK_TYPE_WRLCK):
+            raise FsError(errno.EINVAL)
+        if lock.start < 0 or lock.length < 0:
+            raise FsError(errno.EINVAL)
+        return await self._run(self._getlock_sync, f, lock, owner)
+
+    def _getlock_sync(self, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> Lock:
+        key = _owner_key(owner)
+        ident = f.h.ident
+        start, end = span(lock.start, lock.length)
+        length = 0 if end is None else end - start
+        with self._lk:
+            fl = self._locks.get(ident)
+            temp = fl is None or key not in fl.fds
+            if temp:
+                fl = _FileLocks()
+            assert fl is not None
+            try:
+                lfd = self._lock_fd(f, fl, key)
+                t, s, ln, pid = _linux.ofd_getlk(lfd, lock.type, start, length)
+            finally:
+                if temp:
+                    os.close(fl.fds.pop(key))
+            if t == P.LOCK_TYPE_UNLCK:
+                return Lock(
+                    P.LOCK_TYPE_UNLCK, lock.start, lock.length, lock.proc_id, lock.client_id
+                )
+            real = self._locks.get(ident)
+            r = real.table.conflict(key, lock.type, start, end) if real is not None else None
+            if r is not None:
+                assert isinstance(r.owner, tuple)
+                _, client_id, proc_id = r.owner
+                return Lock(
+                    r.type, r.start, 0 if r.end is None else r.end - r.start, proc_id, client_id
+                )
+            # Held by another process on the host.
+            return Lock(t, s, ln, max(pid, 0), "")
+
+    async def release_locks(self, f: LocalOpenFile, owner: LockOwner | None) -> None:
+        try:
+            await self._run(self._release_locks_sync, f, owner)
+        except OSError:
+            log.exception("release_locks failed")
+
+    def _release_locks_sync(self, f: LocalOpenFile, owner: LockOwner | None) -> None:
+        keys = {_owner_key(owner)} if owner is not None else set(f.lock_owners)
+        ident = f.h.ident
+        with self._lk:
+            fl = self._locks.get(ident)
+            for k in keys:
+                if fl is not None and k in fl.fds:
+                    self._drop_owner(ident, fl, k)
+            f.lock_owners -= keys
+
+    # -- shutdown -------------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._run(self._aclose_sync)
+
+    def _aclose_sync(self) -> None:
+        for f in list(self._open):
+            f.closed = True
+            with contextlib.suppress(OSError):
+                self._close_sync(f)
+        for n in list(self._live):
+            self._release_sync(n)
+        with self._lk:
+            for fl in self._locks.values():
+                for lfd in fl.fds.values():
+                    os.close(lfd)
+            self._locks.clear()
+        with self._mu:
+            self._decref_locked(self._root)
+
+
+def backend_for_model(
+    export: str,
+    *,
+    model: str | None = None,
+    readonly: bool = False,
+    multidevs: Literal["remap", "forbid", "warn"] = "remap",
+    options: Any = None,
+) -> LocalBackend:
+    """A LocalBackend under the security model named as QEMU names them (the CLI's hook).
+    `options` may carry `fmode`/`dmode` (mapped models). Raises ValueError for a model this
+    build lacks and PermissionError for passthrough without root."""
+    creds = credentials_for_model(
+        model,
+        fmode=getattr(options, "fmode", None),
+        dmode=getattr(options, "dmode", None),
+    )
+    return LocalBackend(export, readonly=readonly, credentials=creds, multidevs=multidevs)
+
+
+__all__ = [
+    "LocalBackend",
+    "LocalNode",
+    "LocalOpenFile",
+    "backend_for_model",
+    "translate_open_flags",
+]

@@ -1,0 +1,175 @@
+"""`ninep serve` as a user runs it: a real process, real sockets, real signals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from ninep.client import Client, ClientError
+from ninep.protocol import L_O_RDONLY, L_O_WRONLY
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _serve(*args: str, **kw: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "ninep", "serve", *args], cwd=REPO,
+                            stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        if time.monotonic() > deadline:
+            raise AssertionError("server did not start listening")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Path:
+    e = tmp_path / "export"
+    e.mkdir()
+    (e / "greeting.txt").write_text("hello over 9P\n")
+    return e
+
+
+def test_serve_unix_read_write_and_sigterm_shuts_down_cleanly(export: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "ninep.sock"
+    proc = _serve(str(export), "--listen", f"unix:{sock}", "-v")
+    try:
+        _wait_for(sock, proc)
+
+        async def use() -> None:
+            async with Client.connect(f"unix:{sock}") as c:
+                root = await c.attach()
+                assert await c.read_file(root, "greeting.txt") == b"hello over 9P\n"
+                await c.write_file(root, "new.txt", b"written by a client")
+
+        trio.run(use)
+        assert (export / "new.txt").read_bytes() == b"written by a client"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert "shutting down" in err
+        assert not sock.exists(), "the unix socket is removed at shutdown"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_readonly_refuses_changes_with_erofs(export: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "ro.sock"
+    proc = _serve(str(export), "--listen", f"unix:{sock}", "--readonly")
+    try:
+        _wait_for(sock, proc)
+
+        async def use() -> None:
+            async with Client.connect(f"unix:{sock}") as c:
+                root = await c.attach()
+                assert await c.read_file(root, "greeting.txt") == b"hello over 9P\n"
+                with pytest.raises(ClientError) as e:
+                    await c.write_file(root, "nope.txt", b"x")
+                assert e.value.errno == 30  # EROFS
+                with pytest.raises(ClientError) as e:
+                    await c.open_file(root, "greeting.txt", L_O_WRONLY)
+                assert e.value.errno == 30
+
+        trio.run(use)
+        assert not (export / "nope.txt").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_msize_option_clamps_negotiation(export: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "m.sock"
+    proc = _serve(str(export), "--listen", f"unix:{sock}", "--msize", "64K")
+    try:
+        _wait_for(sock, proc)
+
+        async def use() -> None:
+            async with Client.connect(f"unix:{sock}", msize=1 << 20) as c:
+                assert c.msize == 64 * 1024
+
+        trio.run(use)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_fd_pair_serves_stdin_stdout_and_exits_when_peer_closes(export: Path) -> None:
+    """`--listen fd:0,1`: one connection on inherited fds, as QEMU chardevs and trans=fd use."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    proc = _serve(str(export), "--listen", "fd:0,1", stdin=theirs.fileno(), stdout=theirs.fileno())
+    theirs.close()
+    try:
+        async def use() -> None:
+            from transports.stream import FdPairChannel
+
+            chan = FdPairChannel(ours.fileno(), ours.fileno())
+            async with Client.connect(chan) as c:
+                root = await c.attach()
+                f = await c.open_file(root, "greeting.txt", L_O_RDONLY)
+                assert await f.read() == b"hello over 9P\n"
+                await f.close()
+
+        trio.run(use)
+        ours.close()
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_trace_logs_each_request_with_latency(export: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "t.sock"
+    proc = _serve(str(export), "--listen", f"unix:{sock}", "--trace")
+    try:
+        _wait_for(sock, proc)
+
+        async def use() -> None:
+            async with Client.connect(f"unix:{sock}") as c:
+                root = await c.attach()
+                await c.getattr(root)
+
+        trio.run(use)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert "<- Tgetattr(" in err
+        assert "-> Rgetattr(" in err and " ms)" in err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("address", ["bogus:1", "tcp:127.0.0.1:notaport", "tcp:0.0.0.0:5999"])
+def test_bad_or_unsafe_listen_address_is_refused_with_a_message(export: Path, address: str) -> None:
+    proc = _serve(str(export), "--listen", address)
+    assert proc.wait(timeout=15) == 2
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "ninep:" in err
+
+
+def test_missing_export_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _serve(str(tmp_path / "nope"), "--listen", f"unix:{tmp_path}/x.sock")
+    assert proc.wait(timeout=15) != 0
+    assert b"not a directory" in (proc.stderr.read() if proc.stderr else b"")
+
+
+def test_python_dash_m_and_console_script_agree() -> None:
+    out = subprocess.run([sys.executable, "-m", "ninep", "serve", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "--listen" in out.stdout
+    exe = Path(sys.executable).with_name("ninep")
+    if exe.exists():  # installed by `pip install -e .`
+        out2 = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True)
+        assert out2.stdout == out.stdout
