@@ -14,6 +14,7 @@ the cache on first use). This script must never run as part of the test suite.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -22,10 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.guest import guestvm  # noqa: E402
-from tests.virtio.sidqemu import ensure_sid_qemu, qemu_command  # noqa: E402
 
 JOB = r"""
 rate() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%.1f", n / (b - a) }'; }
@@ -57,6 +54,9 @@ def main() -> None:
     ap.add_argument("--msize", type=int, default=512000)
     ap.add_argument("--model", default="passthrough")
     args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    guestvm = importlib.import_module("tests.guest.guestvm")  # the guest harness (tests/guest)
+    from tests.virtio.sidqemu import ensure_sid_qemu, qemu_command
 
     guestvm.ensure_host_tools()
     image = guestvm.build_image()
