@@ -445,7 +445,7 @@ class VhostUserListener:
             if os.path.exists(self.path) and _is_socket(self.path):
                 os.unlink(self.path)  # a stale socket from an earlier run
             await sock.bind(self.path)
-            sock.listen(128)
+            sock.listen(128)  # several VMMs (or test frontends) may connect at once
             task_status.started()
             try:
                 async with trio.open_nursery() as nursery:
