@@ -116,7 +116,7 @@ def test_names_create_like_requests_refuse(serve, name: str) -> None:  # type: i
             assert await names_in(c, root, ["a"]) == set()
             if serve.kind == "local":
                 assert sorted(p.name for p in serve.export.iterdir()) == ["a", "f"]
-                assert {p.name for p in serve.export.parent.iterdir()} <= {"export", "9p.sock"}
+                assert {p.name for p in serve.export.parent.iterdir()} <= {"export", "9p.sock", "vhost.sock", "xs.sock"}
 
     serve(scenario)
 
