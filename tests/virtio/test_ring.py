@@ -405,3 +405,16 @@ def test_pread_nowait_reads_only_what_is_cached(ring: Ring) -> None:
         assert n in (-1, 8192)  # dropped (EAGAIN) or the kernel kept the pages
         assert chain.pread(f.fileno(), 0, 8192) == 8192  # the blocking form always reads
     chain.complete(0)
+
+
+def test_uninitialised_objects_raise_instead_of_crashing() -> None:
+    from transports.virtio._ext import VirtQueue
+
+    q = VirtQueue.__new__(VirtQueue)
+    with pytest.raises(RuntimeError):
+        q.pop()
+    with pytest.raises(RuntimeError):
+        q.stop()
+    empty = MemTable.__new__(MemTable)
+    with pytest.raises(VirtqError):
+        VirtQueue(empty, 8, 0, 0x1000, 0x2000)

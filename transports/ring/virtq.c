@@ -185,6 +185,16 @@ typedef struct {
 
 static PyTypeObject VirtQueueType;
 
+static int vq_ready(VirtQueueObject *q)
+{
+    if (q->mem == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "VirtQueue not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+
 static PyObject *vq_fail(VirtQueueObject *q, const char *fmt, ...)
 {
     va_list ap;
@@ -269,6 +279,8 @@ static PyObject *vq_remap(VirtQueueObject *self, PyObject *args, PyObject *kwds)
     int by_uva = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!KKK|p", kwlist, &MemTableType, &mem, &desc, &avail, &used,
                                      &by_uva))
+        return NULL;
+    if (!vq_ready(self))
         return NULL;
     if (vq_map(self, mem, desc, avail, used, by_uva) < 0) {
         self->broken = 1;
@@ -449,6 +461,8 @@ static inline uint16_t *vq_used_event(VirtQueueObject *q) { return (uint16_t *)(
 /* pop() -> Chain | None: the next available chain, or None when the driver has queued nothing. */
 static PyObject *vq_pop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
 {
+    if (!vq_ready(q))
+        return NULL;
     if (q->broken)
         return vq_fail(q, "queue is broken");
     if (q->stopped)
@@ -537,6 +551,8 @@ static int vq_push(VirtQueueObject *q, uint16_t head, uint32_t len)
 /* stop(): no more pops; completions of chains still in flight are dropped. Returns last_avail. */
 static PyObject *vq_stop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
 {
+    if (!vq_ready(q))
+        return NULL;
     q->stopped = 1;
     return PyLong_FromUnsignedLong(q->last_avail);
 }
