@@ -621,6 +621,18 @@ static PyObject *xenring_has_input(XenRing *self, PyObject *Py_UNUSED(ignored))
     return PyBool_FromLong(queued >= need);
 }
 
+/* peek() -> (queued, peer_prod): unvalidated snapshot of the consumer half, for deciding whether
+ * the peer may be waiting for room (take() does the checking). */
+static PyObject *xenring_peek(XenRing *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->have_bufs) {
+        PyErr_SetString(PyExc_ValueError, "ring is closed");
+        return NULL;
+    }
+    uint32_t prod = ring_load32((const char *)self->intf.buf + self->c_prod);
+    return Py_BuildValue("(kk)", (unsigned long)(uint32_t)(prod - self->cons), (unsigned long)prod);
+}
+
 static PyObject *xenring_close(XenRing *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->busy) {
@@ -660,6 +672,8 @@ static PyMethodDef xenring_methods[] = {
     {"free_space", (PyCFunction)xenring_free_space, METH_NOARGS, "free bytes for our messages"},
     {"has_input", (PyCFunction)xenring_has_input, METH_NOARGS,
      "True if take() may make progress."},
+    {"peek", (PyCFunction)xenring_peek, METH_NOARGS,
+     "peek() -> (queued, peer_prod): unvalidated snapshot of the half we consume."},
     {"close", (PyCFunction)xenring_close, METH_NOARGS, "release the mappings"},
     {NULL, NULL, 0, NULL},
 };

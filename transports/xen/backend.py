@@ -82,6 +82,14 @@ def parse_uint(value: str | None, what: str) -> int:
     return int(value)
 
 
+def peer_may_wait(ring: Any, queued_before: int, prod_before: int, limit: int) -> bool:
+    """After consuming: could the producer be waiting for the room we just freed? Only if the
+    free space before was below the largest message (`limit`), or the producer moved meanwhile
+    (it may have found the ring full just before our consumer index moved). Saves a wake-up per
+    message otherwise; QEMU's backend likewise notifies only with its responses."""
+    return ring.size - queued_before < limit or ring.peek()[1] != prod_before
+
+
 def header_tag(parts: Sequence[Buffer]) -> int:
     head = b""
     for p in parts:
@@ -130,11 +138,12 @@ class XenBackendChannel:
         try:
             while True:
                 while True:
+                    queued, prod = r.ring.peek()
                     msg = r.ring.take(self._limit)
                     if msg is None:
                         break
-                    # Space was freed in the request ring: a frontend waiting to write may go on.
-                    r.evtchn.notify()
+                    if peer_may_wait(r.ring, queued, prod, self._limit):
+                        r.evtchn.notify()
                     tag = msg[5] | (msg[6] << 8)
                     self._routes.setdefault(tag, deque()).append(r)
                     await self._send_q.send(memoryview(msg))

@@ -28,7 +28,7 @@ import trio
 
 from transports.base import Buffer, FramingError
 from transports.xen._ext import ring_ext
-from transports.xen.backend import XenbusState, header_tag, ring_bytes
+from transports.xen.backend import XenbusState, header_tag, peer_may_wait, ring_bytes
 from transports.xen.doorbell import Doorbell
 from transports.xen.emu import frontend_dir
 from transports.xen.platform import EventChannel, SharedPages, XenPlatform, read_or
@@ -188,13 +188,15 @@ class XenFrontend:
             for k in range(n):
                 r = self.rings[(self._next_ring + k) % n]
                 try:
+                    queued, prod = r.ring.peek()
                     msg = r.ring.take(self._msize)
                 except ValueError as e:
                     raise FramingError(f"{self.peer}: {e}") from e
                 if msg is None:
                     continue
                 self._next_ring = (self._next_ring + k + 1) % n
-                r.evtchn.notify()  # the backend may be waiting for room in this ring
+                if peer_may_wait(r.ring, queued, prod, self._msize):
+                    r.evtchn.notify()  # the backend may be waiting for room in this ring
                 tag = msg[5] | (msg[6] << 8)
                 if tag not in self._inflight:
                     log.warning("%s: reply for unknown tag %d skipped", self.peer, tag)
