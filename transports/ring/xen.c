@@ -20,6 +20,7 @@
  * This file must never dereference shared memory outside the buffers it holds, nor parse a
  * message in place.
  */
+#define _GNU_SOURCE
 #include "ring.h"
 
 #include <string.h>
@@ -499,7 +500,7 @@ out:
 }
 
 /*
- * put_pread(tag, fd, offset, count, publish=True) -> int | None: an Rread whose data comes
+ * put_pread(tag, fd, offset, count, publish=True, nowait=False) -> int | None: an Rread whose data comes
  * straight from the file into the ring. None when 11+count bytes are not free yet. Raises OSError
  * before anything becomes visible to the peer if the read fails. With publish=False the message
  * is written but the producer index does not move until publish() (so a caller that read in a
@@ -510,8 +511,8 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
     unsigned int tag, count;
     int fd;
     long long offset;
-    int publish = 1;
-    if (!PyArg_ParseTuple(args, "IiLI|p:put_pread", &tag, &fd, &offset, &count, &publish))
+    int publish = 1, nowait = 0;
+    if (!PyArg_ParseTuple(args, "IiLI|pp:put_pread", &tag, &fd, &offset, &count, &publish, &nowait))
         return NULL;
     if (xenring_check(self) < 0)
         return NULL;
@@ -554,7 +555,18 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
         }
     }
     Py_ssize_t got = 0;
-    if (iovcnt > 0) {
+    if (iovcnt > 0 && nowait) {
+        /* Only what the page cache holds, never blocking on I/O: EAGAIN (nothing cached) or
+         * EOPNOTSUPP (filesystem without RWF_NOWAIT) tell the caller to read in a thread. A
+         * short read is a valid short Rread. */
+        ssize_t n;
+        do {
+            n = preadv2(fd, iov, iovcnt, (off_t)offset, RWF_NOWAIT);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        got = (Py_ssize_t)n;
+    } else if (iovcnt > 0) {
         self->busy = 1; /* the buffers stay exported by us, so the memory stays mapped */
         got = ring_preadv_nogil(fd, iov, iovcnt, (int64_t)offset, count);
         self->busy = 0;

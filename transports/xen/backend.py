@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 import struct
 from collections import deque
@@ -49,7 +50,8 @@ log = logging.getLogger("ninep.xen")
 MAX_RINGS = 8
 MAX_RING_ORDER = 9
 RREAD_HEADER = 11
-#: Above this many bytes a zero-copy read runs in a worker thread so the event loop keeps going.
+#: Reads the page cache cannot serve without blocking run in a worker thread; on filesystems
+#: without RWF_NOWAIT, so do reads above this size.
 THREAD_READ_THRESHOLD = 64 * 1024
 
 
@@ -214,16 +216,7 @@ class XenBackendChannel:
         async with r.lock:
             while True:
                 try:
-                    if count > THREAD_READ_THRESHOLD:
-                        # Read in a worker thread, publish from ours: the reply must not become
-                        # visible while the session still counts its tag as in flight.
-                        n = await trio.to_thread.run_sync(
-                            r.ring.put_pread, tag, fd, offset, count, False
-                        )
-                        if n is not None:
-                            r.ring.publish()
-                    else:
-                        n = r.ring.put_pread(tag, fd, offset, count)
+                    n = await self._pread_into(r, tag, fd, offset, count)
                 except ValueError as e:
                     if type(e).__name__ == "XenRingError":
                         self._ring_failed(r, str(e))
@@ -236,6 +229,26 @@ class XenBackendChannel:
         self._route(tag, pop=True)
         r.evtchn.notify()
         return int(n)
+
+    @staticmethod
+    async def _pread_into(r: BackendRing, tag: int, fd: int, offset: int, count: int) -> int | None:
+        """Rread from fd into ring r: from the page cache right here when it can be done without
+        blocking (RWF_NOWAIT), else in a worker thread."""
+        try:
+            n: int | None = r.ring.put_pread(tag, fd, offset, count, True, True)
+            return n
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP and count <= THREAD_READ_THRESHOLD:
+                n = r.ring.put_pread(tag, fd, offset, count)  # small read, no NOWAIT support
+                return n
+            if e.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
+                raise
+        # Read in a worker thread, publish from ours: the reply must not become visible while
+        # the session still counts its tag as in flight.
+        n = await trio.to_thread.run_sync(r.ring.put_pread, tag, fd, offset, count, False)
+        if n is not None:
+            r.ring.publish()
+        return n
 
     async def aclose(self) -> None:
         if self._closed:
