@@ -6,8 +6,9 @@ round trips, through the real server (`ninep.server`), client (`ninep.client`) a
 Server and client share one process and one trio thread for both transports (same CPU budget);
 the Xen side is the emulated platform (memfd grants, eventfd event channels), 2 rings of order 9
 as Linux negotiates. msize is the same for both (default 512 KiB, Linux's Xen maximum); a 1 MiB
-request is two pipelined Treads/Twrites, as netfs issues them. The export lives on /dev/shm so
-the disk is not what is measured. Prints one table.
+request is two pipelined Treads/Twrites, as netfs issues them. The export lives in /var/tmp, so a
+real filesystem's page cache serves the reads (the file is written first; `--dir` picks another
+place). Prints one table.
 """
 
 from __future__ import annotations
@@ -143,4 +144,5 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--getattrs", type=int, default=5000)
     ap.add_argument("--msize", type=int, default=512 * 1024)
+    ap.add_argument("--dir", default="/var/tmp", help="where the export and sockets live")
     trio.run(main, ap.parse_args())

@@ -354,7 +354,10 @@ class XenBackendDevice:
                 await self._serve(rings, handler, watch)
                 await self._wait_frontend(watch, {XenbusState.Initialising, XenbusState.Unknown})
         finally:
-            with contextlib.suppress(Exception):
+            # The backend is going away (server shutdown): tell the frontend, best effort.
+            with trio.move_on_after(1, shield=True), contextlib.suppress(Exception):
+                if self.history and self.history[-1] != XenbusState.Closed:
+                    await self._set_state(XenbusState.Closed)
                 await watch.aclose()
 
     async def _serve(self, rings: list[BackendRing], handler: ChannelHandler, watch: Any) -> None:

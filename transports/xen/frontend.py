@@ -73,6 +73,9 @@ class XenFrontend:
         self._next_ring = 0
         self._closed = False
         self._watch: Any = None
+        self._monitor_scope = trio.CancelScope()
+        #: Set when the backend left (Closing/Closed) or the platform connection broke.
+        self.backend_gone = False
 
     @classmethod
     async def connect(
@@ -158,6 +161,25 @@ class XenFrontend:
         await p.write(f"{self.fe}/state", str(int(XenbusState.Initialised)))
         await self._wait_backend({XenbusState.Connected}, {XenbusState.Closing, XenbusState.Closed})
         await p.write(f"{self.fe}/state", str(int(XenbusState.Connected)))
+        # Not tied to any caller's nursery: a Channel has none. It only watches the backend state.
+        trio.lowlevel.spawn_system_task(self._monitor, name=f"{self.peer} backend monitor")
+
+    async def _monitor(self) -> None:
+        """Ends the channel (receive → EndOfChannel) when the backend leaves, as Linux's
+        otherend_changed does."""
+        with self._monitor_scope:
+            try:
+                while True:
+                    s = await self._state(f"{self.be}/state")
+                    if s != XenbusState.Connected:
+                        log.info("%s: backend went to %s", self.peer, s.name)
+                        break
+                    await self._watch.wait()
+            except Exception as e:  # the platform connection broke: same outcome
+                log.info("%s: lost the platform: %s", self.peer, e)
+            self.backend_gone = True
+            if self._bell is not None:
+                self._bell.close()
 
     # -- Channel -------------------------------------------------------------------------------
 
@@ -217,6 +239,7 @@ class XenFrontend:
 
     async def _teardown(self, announce: bool) -> None:
         self._closed = True
+        self._monitor_scope.cancel()
         if self._bell is not None:
             self._bell.close()
         p = self.platform
