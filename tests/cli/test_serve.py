@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -174,4 +173,3 @@ def test_python_dash_m_and_console_script_agree() -> None:
     if exe.exists():  # installed by `pip install -e .`
         out2 = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True)
         assert out2.stdout == out.stdout
-    assert os.path.exists(REPO / "README.md")

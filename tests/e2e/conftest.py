@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,3 +52,25 @@ def make_backend(backend_kind: str, tmp_path: Path) -> Callable[..., Backend]:
 
     make.export = export  # type: ignore[attr-defined]
     return make
+
+
+@pytest.fixture
+def serve(transport: str, backend_kind: str, make_backend: Callable[..., Backend], tmp_path: Path) -> Callable[..., None]:
+    """`serve(scenario, options=…, **backend_kw)` runs `await scenario(server, connect)` against a
+    fresh server on this test's transport and backend, inside one trio run with a time limit."""
+    import trio
+
+    from tests.e2e.harness import served
+
+    def run(scenario: Callable[..., Any], *, options: Any = None, timeout: float = 30, **backend_kw: object) -> None:
+        async def main() -> None:
+            with trio.fail_after(timeout):
+                async with served(make_backend(**backend_kw), transport, tmp_path, options) as (server, connect):
+                    await scenario(server, connect)
+
+        trio.run(main)
+
+    run.export = make_backend.export  # type: ignore[attr-defined]
+    run.kind = backend_kind  # type: ignore[attr-defined]
+    run.transport = transport  # type: ignore[attr-defined]
+    return run

@@ -100,7 +100,15 @@ async def xen(nursery: trio.Nursery, server: Server, tmp: Path) -> Connector:
     return connect
 
 
-TRANSPORTS: dict[str, TransportSetup] = {"tcp": tcp, "unix": unix, "fd": fd, "xen": xen}
+async def vhost_user(nursery: trio.Nursery, server: Server, tmp: Path) -> Connector:
+    """virtio-9p: the vhost-user back-end, with `transports.virtio.Frontend` playing VMM and guest
+    driver (each client is one VMM connection, so one device and one 9P session)."""
+    return await _address_transport(f"vhost-user:{tmp}/vhost.sock", nursery, server)
+
+
+TRANSPORTS: dict[str, TransportSetup] = {
+    "tcp": tcp, "unix": unix, "fd": fd, "vhost-user": vhost_user, "xen": xen,
+}
 
 
 @asynccontextmanager

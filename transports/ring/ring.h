@@ -13,6 +13,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
 /* Memory barriers matching the Linux/Xen ring protocols (x86-64 and aarch64 via builtins). */
 #define ring_mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
@@ -32,51 +34,12 @@ static inline int ring_in_bounds(uint64_t off, uint64_t len, uint64_t size)
 }
 
 /*
- * preadv into memory the extension owns (a ring or a mapped guest region), with the GIL released
- * and EINTR retried. Loops until `want` bytes, end of file or an error; returns the number of
- * bytes read or -1 with errno set (only when nothing was read). The caller must keep the target
- * memory mapped for the duration (it holds a buffer export or a busy flag) and must not touch
- * Python objects from the iovecs.
+ * Whole-count file I/O between `fd` at `offset` and already bounds-checked memory segments
+ * (common.c). Safe to call with the GIL released; loops over short transfers, EINTR and IOV_MAX,
+ * stops at end of file. `iov` is consumed. Returns bytes moved, or -errno if nothing moved.
  */
-#include <sys/uio.h>
-#include <errno.h>
-static inline Py_ssize_t ring_preadv_nogil(int fd, struct iovec *iov, int iovcnt, int64_t offset, size_t want)
-{
-    size_t done = 0;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    while (done < want) {
-        ssize_t n = preadv(fd, iov, iovcnt, (off_t)(offset + (int64_t)done));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            err = errno;
-            break;
-        }
-        if (n == 0)
-            break;
-        done += (size_t)n;
-        /* Advance the iovec array past what was filled (short read from a pipe-like file). */
-        size_t left = (size_t)n;
-        while (iovcnt > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0) {
-            iov->iov_base = (char *)iov->iov_base + left;
-            iov->iov_len -= left;
-        } else {
-            break;
-        }
-    }
-    Py_END_ALLOW_THREADS
-    if (done == 0 && err != 0) {
-        errno = err;
-        return -1;
-    }
-    return (Py_ssize_t)done;
-}
+ssize_t ring_preadv_all(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
+ssize_t ring_pwritev_all(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
 
 /*
  * Method tables contributed by each part of the extension. A part that is not compiled in leaves

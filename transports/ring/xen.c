@@ -22,6 +22,7 @@
  */
 #define _GNU_SOURCE
 #include "ring.h"
+#include <errno.h>
 
 #include <string.h>
 #include <sys/mman.h>
@@ -568,10 +569,16 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
         got = (Py_ssize_t)n;
     } else if (iovcnt > 0) {
         self->busy = 1; /* the buffers stay exported by us, so the memory stays mapped */
-        got = ring_preadv_nogil(fd, iov, iovcnt, (int64_t)offset, count);
+        ssize_t moved;
+        Py_BEGIN_ALLOW_THREADS
+        moved = ring_preadv_all(fd, iov, iovcnt, offset);
+        Py_END_ALLOW_THREADS
         self->busy = 0;
-        if (got < 0)
+        if (moved < 0) {
+            errno = (int)-moved;
             return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        got = (Py_ssize_t)moved;
     }
     uint32_t n = (uint32_t)got;
     uint32_t size = P9_RREAD_HDR + n;
