@@ -8,7 +8,8 @@ each ring's ring_order and page refs, read from shared memory once) and refuses 
 going to Closing with a log line. Each connection is one `XenBackendChannel` handed to the
 server's handler.
 
-The channel reads requests from every ring (one task per ring, no threads), copying each whole
+The channel's `receive` reads requests from every ring in turn (one doorbell over all the rings'
+event channels; no task or thread per ring), copying each whole
 message out (`transports._ring.XenRing.take`) before anyone parses it; several requests of one
 ring may be in flight; a reply goes to the ring its request came from (found by tag), written
 whole once there is room. A ring whose frontend breaks the protocol is stopped and logged; the
@@ -108,13 +109,14 @@ class BackendRing:
     index: int
     ring: Any  # transports._ring.XenRing
     evtchn: EventChannel
-    bell: Doorbell
+    bell: Doorbell | None  # shared by all rings of a connection
     maps: list[GrantMapping]
     lock: trio.Lock = field(default_factory=trio.Lock)
     dead: bool = False
 
     def release(self) -> None:
-        self.bell.close()
+        if self.bell is not None:
+            self.bell.close()
         self.ring.close()
         for m in self.maps:
             with contextlib.suppress(BufferError):
@@ -130,30 +132,12 @@ class XenBackendChannel:
         self.max_message_size = min(max_msize, min(r.ring.size for r in rings))
         self._limit = self.max_message_size
         self._routes: dict[int, deque[BackendRing]] = {}
-        self._send_q, self._recv_q = trio.open_memory_channel[memoryview](0)
         self._framing_lost = False
         self._closed = False
-
-    # -- pumps (run by the device in its nursery) -------------------------------------------------
-
-    async def pump(self, r: BackendRing) -> None:
-        try:
-            while True:
-                while True:
-                    queued, prod = r.ring.peek()
-                    msg = r.ring.take(self._limit)
-                    if msg is None:
-                        break
-                    if peer_may_wait(r.ring, queued, prod, self._limit):
-                        r.evtchn.notify()
-                    tag = msg[5] | (msg[6] << 8)
-                    self._routes.setdefault(tag, deque()).append(r)
-                    await self._send_q.send(memoryview(msg))
-                await r.bell.wait()
-        except ValueError as e:  # XenRingError is a ValueError
-            self._ring_failed(r, str(e))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return
+        self._next_ring = 0
+        bell = rings[0].bell
+        assert bell is not None
+        self._bell: Doorbell = bell
 
     def _ring_failed(self, r: BackendRing, why: str) -> None:
         if r.dead:
@@ -162,17 +146,41 @@ class XenBackendChannel:
         log.warning("%s ring %d: %s; ring stopped", self.peer, r.index, why)
         if all(x.dead for x in self.rings):
             self._framing_lost = True
-            self._send_q.close()
 
     # -- Channel -------------------------------------------------------------------------------
 
     async def receive(self) -> memoryview:
-        try:
-            return await self._recv_q.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
+        """The next request from any ring (round robin), copied out whole. Called by one task;
+        it waits on the doorbell of every ring at once, so no task per ring is needed."""
+        n = len(self.rings)
+        while True:
+            if self._closed:
+                raise trio.EndOfChannel
             if self._framing_lost:
-                raise FramingError(f"{self.peer}: every ring broke the protocol") from None
-            raise trio.EndOfChannel from None
+                raise FramingError(f"{self.peer}: every ring broke the protocol")
+            for k in range(n):
+                r = self.rings[(self._next_ring + k) % n]
+                if r.dead:
+                    continue
+                try:
+                    queued, prod = r.ring.peek()
+                    msg = r.ring.take(self._limit)
+                except ValueError as e:  # XenRingError is a ValueError
+                    self._ring_failed(r, str(e))
+                    continue
+                if msg is None:
+                    continue
+                self._next_ring = (self._next_ring + k + 1) % n
+                if peer_may_wait(r.ring, queued, prod, self._limit):
+                    r.evtchn.notify()
+                self._routes.setdefault(msg[5] | (msg[6] << 8), deque()).append(r)
+                return memoryview(msg)
+            if self._framing_lost:
+                continue
+            try:
+                await self._bell.wait()
+            except trio.ClosedResourceError:
+                raise trio.EndOfChannel from None
 
     def set_msize(self, msize: int) -> None:
         self._limit = max(7, min(msize, self.max_message_size))
@@ -198,7 +206,7 @@ class XenBackendChannel:
         async with r.lock:
             try:
                 while not r.ring.put(parts):
-                    await r.bell.wait()
+                    await self._bell.wait()
             except trio.ClosedResourceError:
                 return
             except ValueError as e:
@@ -225,7 +233,7 @@ class XenBackendChannel:
                     raise
                 if n is not None:
                     break
-                await r.bell.wait()
+                await self._bell.wait()
         self._route(tag, pop=True)
         r.evtchn.notify()
         return int(n)
@@ -254,9 +262,7 @@ class XenBackendChannel:
         if self._closed:
             return
         self._closed = True
-        self._send_q.close()
-        for r in self.rings:
-            r.bell.close()
+        self._bell.close()  # shared by every ring: wakes receive and waiting writers
 
 
 @dataclass
@@ -368,8 +374,6 @@ class XenBackendDevice:
                 "%s: connected, %d ring(s) of %d bytes", self.peer, len(rings), rings[0].ring.size
             )
             async with trio.open_nursery() as nursery:
-                for r in rings:
-                    nursery.start_soon(chan.pump, r)
 
                 async def run_handler() -> None:
                     try:
@@ -460,7 +464,11 @@ class XenBackendDevice:
                     ) from None
                 channels.append(ch)
                 ring = ring_ext().XenRing(intf, data, order, False)
-                rings.append(BackendRing(i, ring, ch, Doorbell([ch]), [intf, data]))
+                rings.append(BackendRing(i, ring, ch, None, [intf, data]))
+            # One doorbell over every ring's event channel, shared by the reader and the writers.
+            bell = Doorbell(channels)
+            for r in rings:
+                r.bell = bell
         except BaseException:
             with trio.CancelScope(shield=True):
                 for r in rings:
