@@ -391,3 +391,24 @@ def test_frontend_leaving_while_replies_wait_for_room(sock_path: str) -> None:
             await front.aclose()
 
     run(main)
+
+
+def test_backend_owned_indices_scribbled_by_the_frontend_are_ignored(sock_path: str) -> None:
+    async def main() -> None:
+        async with environment(sock_path) as env:
+            raw, good = await setup(env)
+            await raw_exchange(raw, 0, 1)  # 11 bytes each way
+            raw.set_idx(0, OUT_CONS, 0xDEAD0000)  # the backend's consumer index
+            raw.set_idx(0, IN_PROD, 0xBEEF0000)  # the backend's producer index
+            m = msg(2, b"x")
+            write_out(raw, 0, 11, m)
+            raw.set_idx(0, OUT_PROD, 11 + len(m))
+            raw.rings[0].evtchn.notify()
+            # The backend acts on its own copies and writes them back over the scribbles.
+            await wait_until(lambda: _true(raw.get_idx(0, IN_PROD) == 11 + len(m)))
+            assert raw.get_idx(0, OUT_CONS) == 11 + len(m)
+            reply = bytes(raw.rings[0].data.view[11 : 11 + len(m)])
+            assert reply[4] == 101 and reply[5] == 2 and reply[7:] == b"x"
+            await others_still_work(raw, good)
+
+    run(main)
