@@ -22,6 +22,7 @@ threads) and never touches paths of the host: everything goes through the Backen
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -48,6 +49,11 @@ READDIR_BATCH = 512
 RESOLVE_CHUNK = 32
 #: Concurrent walk/getattr calls while resolving directory entries.
 RESOLVE_PARALLEL = 16
+#: Entries of one listing handed to the kernel with attributes (readdirplus: each costs a walk,
+#: a getattr and a table entry until the kernel forgets it). Past this many, entries carry only
+#: name, type and inode number, and the kernel looks up the ones it needs; a directory of any
+#: size is then listed without holding a handle per entry.
+FULL_ENTRIES = 1024
 #: Names remembered per inode (hard links) for finding a file again on a path-based server.
 MAX_NAMES = 4
 
@@ -64,6 +70,61 @@ _OPEN_FLAGS = (
     (os.O_EXCL, P.L_O_EXCL),
     (os.O_CREAT, P.L_O_CREAT),
 )
+
+
+def _find_nodeid_offset() -> int | None:
+    """Where pyfuse3 keeps the node id of an EntryAttributes (fuse_entry_param.ino).
+
+    pyfuse3's `st_ino` sets both the node id (the inode the kernel links and will forget) and
+    attr.st_ino (the d_ino readdir shows). A readdirplus entry with node id 0 is shown but not
+    linked (Linux fuse_direntplus_link), which is what a listing without lookups needs; pyfuse3
+    has no API for it, so the field is located once here and the layout checked: node id,
+    generation, st_dev, st_ino (struct fuse_entry_param). None if the layout is not that."""
+    try:
+        magic = 0x5A17_00C0_FFEE_1234
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = magic
+        raw = ctypes.string_at(id(e), type(e).__basicsize__)
+        hits = [
+            i
+            for i in range(0, len(raw) - 7, 8)
+            if int.from_bytes(raw[i : i + 8], "little") == magic
+        ]
+        if len(hits) != 2 or hits[1] - hits[0] != 24:
+            return None
+        ctypes.c_uint64.from_address(id(e) + hits[0]).value = 0
+        if e.st_ino != 0 or ctypes.c_uint64.from_address(id(e) + hits[1]).value != magic:
+            return None
+        return hits[0]
+    except Exception:  # any surprise: do without
+        return None
+
+
+_NODEID_OFFSET = _find_nodeid_offset()
+
+
+def _unlinked_entry(ino: int, mode: int) -> pyfuse3.EntryAttributes | None:
+    """A readdirplus entry showing inode number `ino` with no node for the kernel to link."""
+    if _NODEID_OFFSET is None:
+        return None
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = ino
+    e.st_mode = mode
+    e.entry_timeout = 0
+    e.attr_timeout = 0
+    ctypes.c_uint64.from_address(id(e) + _NODEID_OFFSET).value = 0
+    return e
+
+
+_DT_TO_IFMT = {
+    P.DT_DIR: stat.S_IFDIR,
+    P.DT_REG: stat.S_IFREG,
+    P.DT_LNK: stat.S_IFLNK,
+    P.DT_FIFO: stat.S_IFIFO,
+    P.DT_SOCK: stat.S_IFSOCK,
+    P.DT_CHR: stat.S_IFCHR,
+    P.DT_BLK: stat.S_IFBLK,
+}
 
 
 def open_flags_to_dotl(flags: int, *, create: bool = False) -> int:
@@ -263,8 +324,9 @@ class _Resolved:
     """A directory entry made ready for readdirplus: the Node to register and its attributes."""
 
     entry: DirEntry
-    node: Node | None  # None: '.'/'..' or the resolution failed (entry skipped)
+    node: Node | None  # None: '.'/'..', a light entry, or the resolution failed
     attr: Attr | None
+    gone: bool = False  # the name vanished since it was listed: leave it out
 
 
 @dataclass(slots=True)
@@ -277,6 +339,8 @@ class _DirHandle:
     index: dict[int, int] = field(default_factory=dict)  # entry.offset -> position in batch
     # Entries resolved for a kernel buffer that had no room left: reused by the next call.
     ready: dict[int, _Resolved] = field(default_factory=dict)  # entry.offset -> resolved
+    # Entries handed to the kernel with attributes since the listing started (FULL_ENTRIES).
+    full_sent: int = 0
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -830,11 +894,14 @@ class FuseOperations(pyfuse3.Operations):
                 try:
                     node = await self._on(dh.inode, lambda d: self._walk_one(d, e.name), names=True)
                     attr = await self.backend.getattr(node, P.GETATTR_ALL)
-                except OSError:
-                    # Removed since the listing (or unreadable): leave it out.
+                except OSError as err:
                     if node is not None:
                         await self._release_nodes([node])
-                    out[i] = _Resolved(e, None, None)
+                    if err.errno != errno.ENOENT and _NODEID_OFFSET is None:
+                        raise
+                    # Removed since the listing: left out. Unreachable for another reason
+                    # (EMFILE, EACCES...): listed without attributes.
+                    out[i] = _Resolved(e, None, None, gone=err.errno == errno.ENOENT)
                     return
                 out[i] = _Resolved(e, node, attr)
 
@@ -862,11 +929,17 @@ class FuseOperations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
         cookie = start_id
+        if cookie == 0:
+            dh.full_sent = 0
         while True:
             entries = await self._entries_after(dh, cookie)
             if not entries:
                 return
-            resolved = await self._resolve(dh, entries[:RESOLVE_CHUNK])
+            if dh.full_sent >= FULL_ENTRIES and _NODEID_OFFSET is not None:
+                light = [_Resolved(e, None, None) for e in entries[:READDIR_BATCH]]
+                resolved = light
+            else:
+                resolved = await self._resolve(dh, entries[:RESOLVE_CHUNK])
             release: list[Node] = []
             full = False
             for r in resolved:
@@ -875,11 +948,18 @@ class FuseOperations(pyfuse3.Operations):
                     if r.node is not None:
                         dh.ready[e.offset] = r  # resolved already: the next call starts here
                     continue
+                attrs: pyfuse3.EntryAttributes | None
                 if e.name in (".", ".."):
                     attrs = self._dot_entry(dh, e)
-                elif r.node is None or r.attr is None:
+                elif r.gone:
                     cookie = e.offset  # vanished since it was listed: skip it
                     continue
+                elif r.node is None or r.attr is None:
+                    ifmt = _DT_TO_IFMT.get(e.type, stat.S_IFREG)
+                    attrs = _unlinked_entry(self.inodes.number_for(e.qid.path), ifmt)
+                    if attrs is None:
+                        cookie = e.offset
+                        continue
                 else:
                     attrs = self._entry(self.inodes.number_for(r.attr.qid.path), r.attr)
                 if not pyfuse3.readdir_reply(token, os.fsencode(e.name), attrs, e.offset):
@@ -892,6 +972,7 @@ class FuseOperations(pyfuse3.Operations):
                     # The kernel now holds a lookup on this entry (readdirplus).
                     ent, drop = self.inodes.register(r.node, r.attr.qid, dh.inode.ino, e.name)
                     ent.last_attr = r.attr
+                    dh.full_sent += 1
                     release += drop
             await self._release_nodes(release)
             if full:

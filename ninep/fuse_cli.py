@@ -149,7 +149,7 @@ async def open_backend(
     return backend, root
 
 
-async def _signals(ops: Any, cancel: trio.CancelScope) -> None:
+async def _signals(ops: Any, stopped: list[bool]) -> None:
     import pyfuse3
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as sigs:
@@ -158,6 +158,7 @@ async def _signals(ops: Any, cancel: trio.CancelScope) -> None:
                 log.info("tables: %s", ops.stats())
                 continue
             log.info("%s: unmounting", signal.Signals(sig).name)
+            stopped.append(True)
             pyfuse3.terminate()
 
 
@@ -195,16 +196,17 @@ async def _mount(
     log.info("mounted %s on %s (%s)", args.source, mountpoint, ",".join(sorted(opts)))
     ready()
     unmounted = False
+    stopped: list[bool] = []  # a signal asked us to stop (the kernel mount is still there)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_signals, ops, nursery.cancel_scope)
+            nursery.start_soon(_signals, ops, stopped)
             await pyfuse3.main()
-            unmounted = True
+            unmounted = not stopped
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             # After fusermount3 -u the kernel side is gone already; otherwise detach it now.
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=not unmounted)
             await ops.forget_all()
             await backend.aclose()
         log.info("unmounted %s%s", mountpoint, "" if unmounted else " (terminated)")

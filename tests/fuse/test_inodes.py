@@ -70,7 +70,11 @@ def test_table_returns_to_baseline_after_churn(mnt: Mount) -> None:
 
 
 def test_listing_then_forget(mnt: Mount) -> None:
-    """readdirplus hands the kernel a lookup per entry; dropping caches gives them all back."""
+    """readdirplus hands the kernel a lookup for the first FULL_ENTRIES entries of a listing
+    (the rest go without, so a huge directory does not fill the table); stat of every entry
+    looks them all up; dropping caches gives them all back."""
+    from ninep.fuse import FULL_ENTRIES
+
     d = mnt.path / "listed"
     d.mkdir()
     n = 3000
@@ -79,8 +83,15 @@ def test_listing_then_forget(mnt: Mount) -> None:
     drop_caches()
     base = settle(mnt, 5)
     names = os.listdir(d)
-    assert len(names) == n
-    assert mnt.stats()["inodes"] >= n // 2  # entries came with lookups (readdirplus)
+    assert sorted(names) == sorted(f"e{i}" for i in range(n))
+    listed = mnt.stats()["inodes"]
+    assert base + FULL_ENTRIES // 2 <= listed <= base + FULL_ENTRIES + 5
+    inos = {os.lstat(d / name).st_ino for name in names}
+    assert len(inos) == n
+    assert mnt.stats()["inodes"] >= base + n
+    # the d_ino readdir shows is the st_ino stat shows, with or without attributes
+    with os.scandir(d) as it:
+        assert {e.inode() for e in it} == inos
     drop_caches()
     assert settle(mnt, base + 5) <= base + 5
 
