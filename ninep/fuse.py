@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -344,6 +345,20 @@ class _DirHandle:
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+#: Handlers that change nothing, so running them again after EMFILE is safe.
+_RETRY_ON_EMFILE = frozenset(
+    {
+        "lookup",
+        "getattr",
+        "open",
+        "opendir",
+        "readdir",
+        "readlink",
+        "getxattr",
+        "listxattr",
+        "statfs",
+    }
+)
 R = TypeVar("R")
 
 
@@ -351,10 +366,21 @@ def _handler(fn: F) -> F:
     """Map backend errors to FUSEError and log each call when debugging."""
     name = fn.__name__
 
+    retry = name in _RETRY_ON_EMFILE
+
     @functools.wraps(fn)
     async def wrapper(self: FuseOperations, *args: Any) -> Any:
         try:
-            result = await fn(self, *args)
+            try:
+                result = await fn(self, *args)
+            except OSError as e:
+                # Out of fds (or fids): make the kernel give some inodes back, then try again.
+                if not retry or e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                if not self._shed(force=True):
+                    raise
+                await trio.sleep(0.2)
+                result = await fn(self, *args)
         except pyfuse3.FUSEError as e:
             if self.debug:
                 log.debug("%s%s -> %s", name, _short(args), errno.errorcode.get(e.errno, e.errno))
@@ -417,8 +443,14 @@ class FuseOperations(pyfuse3.Operations):
         attr_timeout: float = 1.0,
         entry_timeout: float = 1.0,
         debug: bool = False,
+        max_inodes: int | None = None,
     ) -> None:
         super().__init__()
+        #: Above this many inodes the oldest unused ones are handed back (see _shed): every
+        #: inode holds a backend handle (an fd for a local export, a fid for a 9P server).
+        self.max_inodes = max_inodes
+        self._asked: set[int] = set()
+        self._last_shed = 0.0
         self.backend = backend
         self.inodes = InodeTable()
         self.root = self.inodes.add_root(root)
@@ -430,6 +462,39 @@ class FuseOperations(pyfuse3.Operations):
         self._next_fh = 1
 
     # ----------------------------------------------------------------- helpers
+
+    def _maybe_shed(self) -> None:
+        if self.max_inodes is not None and len(self.inodes) > self.max_inodes:
+            self._shed()
+
+    def _shed(self, force: bool = False) -> int:
+        """Ask the kernel to drop the dentries of the oldest unused inodes, down to 80% of the
+        limit; it then forgets them and their backend handles are released. The kernel only
+        knows inodes through its dentries, so this is the one way to make it let go early.
+        Entries already asked (the kernel forgets asynchronously) are not asked again."""
+        by_ino = self.inodes.by_ino
+        self._asked = {i for i in self._asked if i in by_ino}
+        limit = self.max_inodes if self.max_inodes is not None else len(by_ino)
+        want = len(by_ino) - int(limit * 0.8) - len(self._asked)
+        if force:
+            want = max(want, 64)
+        asked = 0
+        for ent in list(by_ino.values()):
+            if asked >= want:
+                break
+            if ent.ino == ROOT_INODE or ent.nopen or ent.busy or not ent.names:
+                continue
+            if ent.ino in self._asked:
+                continue
+            for parent, name in ent.names:
+                if parent in by_ino:
+                    pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+            self._asked.add(ent.ino)
+            asked += 1
+        if asked and time.monotonic() - self._last_shed > 5:
+            self._last_shed = time.monotonic()
+            log.info("inode table at %d: asked the kernel to forget %d", len(by_ino), asked)
+        return asked
 
     def stats(self) -> dict[str, int]:
         """Table sizes (logged on SIGUSR1 by the CLI, read by tests)."""
@@ -545,7 +610,9 @@ class FuseOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         """One more kernel lookup of the file `node` (fresh from a walk) describes."""
         ent, drop = self.inodes.register(node, attr.qid, parent.ino, name)
+        self._asked.discard(ent.ino)
         await self._release_nodes(drop)
+        self._maybe_shed()
         return self._seen(ent, attr)
 
     async def _walk_one(self, dir: Node, name: str) -> Node:
@@ -972,9 +1039,11 @@ class FuseOperations(pyfuse3.Operations):
                     # The kernel now holds a lookup on this entry (readdirplus).
                     ent, drop = self.inodes.register(r.node, r.attr.qid, dh.inode.ino, e.name)
                     ent.last_attr = r.attr
+                    self._asked.discard(ent.ino)
                     dh.full_sent += 1
                     release += drop
             await self._release_nodes(release)
+            self._maybe_shed()
             if full:
                 return
 

@@ -71,6 +71,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uname", default=None, help="user name sent in Tattach (default: $USER)")
     p.add_argument("--msize", type=int, default=1024 * 1024, help="9P msize to ask for")
     p.add_argument("--timeout", type=float, default=1.0, help="kernel attribute/entry cache (s)")
+    p.add_argument(
+        "--max-inodes",
+        type=int,
+        default=None,
+        help="inodes to keep before asking the kernel to forget old ones (default: from the "
+        "fd limit for a host directory, 40000 for a 9P server)",
+    )
     p.add_argument("--debug", action="store_true", help="log every FUSE call")
     p.add_argument("--daemon", action="store_true", help="detach once the mount is up")
     p.add_argument("--log-file", default=None, help="log here (with --daemon: instead of nowhere)")
@@ -118,6 +125,15 @@ def raise_fd_limit() -> None:
             return
         except (ValueError, OSError):
             continue
+
+
+def default_max_inodes(source: str) -> int:
+    """Local exports hold an fd per inode: stay well inside RLIMIT_NOFILE. 9P servers hold a
+    fid per inode: stay inside what servers commonly allow (ninep: 65536 per connection)."""
+    if parse_source(source).kind == "remote":
+        return 40_000
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(256, int(soft * 0.6))
 
 
 async def open_backend(
@@ -182,6 +198,7 @@ async def _mount(
         attr_timeout=args.timeout,
         entry_timeout=args.timeout,
         debug=args.debug,
+        max_inodes=args.max_inodes or default_max_inodes(args.source),
     )
     extra = [o for opt in args.options for o in opt.split(",")]
     opts = mount_options(f"ninep:{args.source}", readonly=args.readonly, extra=extra)

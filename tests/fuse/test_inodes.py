@@ -10,6 +10,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,26 @@ def test_inode_numbers_stable(mnt: Mount) -> None:
     os.rename(d / "f", d / "sub" / "moved")
     assert (d / "sub" / "moved").stat().st_ino == first["f"]
     assert os.stat(mnt.path).st_ino == 1
+
+
+def test_inode_limit_sheds_old_inodes(tmp_path: Path) -> None:
+    """With --max-inodes the mount asks the kernel to forget its oldest unused inodes, so
+    touching many more files than the limit (each inode holds a host fd) keeps the table
+    bounded and every stat succeeds with a stable inode number."""
+    from .conftest import close_mount, start_mount
+
+    export = tmp_path / "e"
+    export.mkdir()
+    n = 3000
+    for i in range(n):
+        os.close(os.open(export / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    m = start_mount(str(export), tmp_path / "m", tmp_path / "log", "--max-inodes", "500")
+    try:
+        first = [os.lstat(m.path / f"f{i}").st_ino for i in range(n)]
+        assert m.stats()["inodes"] <= 500 + 200
+        again = [os.lstat(m.path / f"f{i}").st_ino for i in range(n)]
+        assert again == first and len(set(first)) == n
+        assert m.stats()["inodes"] <= 500 + 200
+        assert "asked the kernel to forget" in m.log.read_text()
+    finally:
+        close_mount(m)
