@@ -449,6 +449,10 @@ class FuseOperations(pyfuse3.Operations):
         #: Above this many inodes the oldest unused ones are handed back (see _shed): every
         #: inode holds a backend handle (an fd for a local export, a fid for a 9P server).
         self.max_inodes = max_inodes
+        #: Whether backend Nodes can stop naming their file (9P servers whose fids are paths,
+        #: like diod): then ENOENT/ESTALE on a Node makes us walk to the file again. Local and
+        #: memory Nodes hold the file itself.
+        self.stale_nodes = backend.info.name not in ("local", "memory")
         self._asked: set[int] = set()
         self._last_shed = 0.0
         self.backend = backend
@@ -464,7 +468,8 @@ class FuseOperations(pyfuse3.Operations):
     # ----------------------------------------------------------------- helpers
 
     def _maybe_shed(self) -> None:
-        if self.max_inodes is not None and len(self.inodes) > self.max_inodes:
+        # Entries already asked are on their way out: only more than that calls for a scan.
+        if self.max_inodes is not None and len(self.inodes) - len(self._asked) > self.max_inodes:
             self._shed()
 
     def _shed(self, force: bool = False) -> int:
@@ -488,7 +493,12 @@ class FuseOperations(pyfuse3.Operations):
                 continue
             for parent, name in ent.names:
                 if parent in by_ino:
-                    pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+                    # "deleted": without it the kernel drops the dentry but keeps the inode in
+                    # its cache (and sends no forget); with it the unused inode is evicted. A
+                    # later lookup brings the same inode number back.
+                    pyfuse3.invalidate_entry_async(
+                        parent, os.fsencode(name), deleted=ent.ino, ignore_enoent=True
+                    )
             self._asked.add(ent.ino)
             asked += 1
         if asked and time.monotonic() - self._last_shed > 5:
@@ -554,7 +564,9 @@ class FuseOperations(pyfuse3.Operations):
             try:
                 return await op(ent.node)
             except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ESTALE) or not ent.names:
+                if not self.stale_nodes or e.errno not in (errno.ENOENT, errno.ESTALE):
+                    raise
+                if not ent.names:
                     raise
                 if names and await self._node_ok(ent.node):
                     raise
@@ -595,15 +607,23 @@ class FuseOperations(pyfuse3.Operations):
         return False
 
     async def _walk_again(self, parent: _Inode, name: str, depth: int) -> Node | None:
-        for attempt in range(2):
-            try:
-                return await self._walk_one(parent.node, name)
-            except OSError as e:
-                if attempt or e.errno not in (errno.ENOENT, errno.ESTALE):
-                    return None
-                if await self._node_ok(parent.node) or not await self._rewalk(parent, depth + 1):
-                    return None
-        return None
+        parent.busy += 1
+        try:
+            for attempt in range(2):
+                try:
+                    return await self._walk_one(parent.node, name)
+                except OSError as e:
+                    if attempt or e.errno not in (errno.ENOENT, errno.ESTALE):
+                        return None
+                    if await self._node_ok(parent.node):
+                        return None
+                    if not await self._rewalk(parent, depth + 1):
+                        return None
+            return None
+        finally:
+            parent.busy -= 1
+            if not parent.busy and (parent.retired or parent.dropped):
+                await self._release_nodes(self.inodes.reap(parent))
 
     async def _register(
         self, node: Node, attr: Attr, parent: _Inode, name: str
@@ -667,7 +687,10 @@ class FuseOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         drops: list[Node] = []
         for ino, n in inode_list:
-            drops += self.inodes.forget(ino, n)
+            gone = self.inodes.forget(ino, n)
+            if gone:
+                self._asked.discard(ino)
+                drops += gone
         if self.debug:
             log.debug("forget(%d inodes) -> table %d", len(inode_list), len(self.inodes))
         await self._release_nodes(drops)

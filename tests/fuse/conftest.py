@@ -188,6 +188,8 @@ def start_mount(
 def close_mount(m: Mount) -> None:
     try:
         unmount(m.path)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            m.proc.wait(10)  # it ends by itself once unmounted
     finally:
         stop(m.proc)
         for s in m.servers:
