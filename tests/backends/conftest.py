@@ -40,10 +40,14 @@ def make_backend(kind: str, root: Path, **kw: Any) -> Any:
         return MemoryBackend(**kw)
     from fs_backends.local import LocalBackend
 
+    if kind == "local-mapped":
+        from fs_backends.security import MappedXattrCredentials
+
+        kw.setdefault("credentials", MappedXattrCredentials())
     return LocalBackend(str(root), **kw)
 
 
-BACKENDS = ["memory", "local"]
+BACKENDS = ["memory", "local", "local-mapped"]
 
 
 @pytest.fixture(params=BACKENDS)
