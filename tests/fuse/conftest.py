@@ -120,12 +120,11 @@ def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> Non
 
 
 def unmount(mnt: Path) -> None:
-    subprocess.run(
-        ["fusermount3", "-u", "-z", str(mnt)],
-        check=False,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """Unmount now if nothing uses the mount, else lazily (a failed test may leave files open)."""
+    for cmd in (["fusermount3", "-u"], ["fusermount3", "-u", "-z"]):
+        r = subprocess.run([*cmd, str(mnt)], check=False, capture_output=True)
+        if r.returncode == 0 or not is_mounted(mnt):
+            return
 
 
 @dataclass
@@ -172,7 +171,19 @@ def start_mount(
     host: Path | None = None,
 ) -> Mount:
     mnt.mkdir(parents=True, exist_ok=True)
-    cmd = [PY, "-m", "ninep.fuse_cli", source, str(mnt), "--log-file", str(log), *extra]
+    # allow_other: tests also act as other users through the mount (root mounts it).
+    cmd = [
+        PY,
+        "-m",
+        "ninep.fuse_cli",
+        source,
+        str(mnt),
+        "--log-file",
+        str(log),
+        "-o",
+        "allow_other",
+        *extra,
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     deadline = time.monotonic() + 20

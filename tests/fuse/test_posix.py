@@ -212,6 +212,25 @@ def test_chmod_chown_touch(work: Work, mount: Mount) -> None:
         assert (hs.st_uid, hs.st_gid, hs.st_mtime_ns) == (1234, 5678, 6 * 10**9)
 
 
+def test_files_belong_to_their_creator(work: Work) -> None:
+    """A user other than the one who mounted creates files, directories, symlinks and fifos:
+    they are theirs (locally through the passthrough model; over 9P, where the attach user
+    creates, by a chown that follows)."""
+    d, host = work
+    os.chmod(d, 0o1777)
+    as_user = ["setpriv", "--reuid=1234", "--regid=5678", "--clear-groups"]
+    # started in the directory: the user cannot search pytest's 0700 parents
+    sh(*as_user, "sh", "-c", "echo x > f && mkdir sub && ln -s f sym && mkfifo p", cwd=d)
+    for name in ("f", "sub", "sym", "p"):
+        st = (d / name).lstat()
+        assert (st.st_uid, st.st_gid) == (1234, 5678), name
+        if host is not None:
+            hst = (host / name).lstat()
+            assert (hst.st_uid, hst.st_gid) == (1234, 5678), name
+    with pytest.raises(subprocess.CalledProcessError):  # and the kernel checks modes for them
+        subprocess.run([*as_user, "chmod", "0777", "."], cwd=d, check=True, capture_output=True)
+
+
 def test_truncate(work: Work) -> None:
     d, _ = work
     f = d / "t"
