@@ -236,8 +236,8 @@ def _write(path: str, text: str) -> None:
 
 
 def _scratch_dir(export_real: str) -> str:
-    for d in ("/mnt", "/tmp", "/run", "/dev", "/var"):
-        if os.path.isdir(d) and not os.path.islink(d):
+    for d in ("/mnt", "/tmp", "/run", "/dev", "/var", "/opt", "/srv", "/home"):
+        if os.path.isdir(d) and not os.path.islink(d) and not (export_real + "/").startswith(d + "/"):
             return d
     raise ConfineError("no directory to build the helper's root on")
 
@@ -246,11 +246,18 @@ def _build_root(export_fd: int) -> None:
     """In a private mount namespace: a tmpfs root holding the export and a fresh /proc, then
     pivot_root into it and detach the host's tree."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    base = _scratch_dir("")
+    # A mount of the old namespace cannot be bind-mounted by fd: go by the path the fd has in
+    # this namespace's copy of the tree, then check the result is the very same directory.
+    export_real = os.readlink(f"/proc/self/fd/{export_fd}")
+    want = os.fstat(export_fd)
+    base = _scratch_dir(export_real)
     mount("ninep-helper", base, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
     os.mkdir(base + "/export", 0o755)
     os.mkdir(base + "/proc", 0o555)
-    mount(f"/proc/self/fd/{export_fd}", base + "/export", None, MS_BIND | MS_REC)
+    mount(export_real, base + "/export", None, MS_BIND | MS_REC)
+    got = os.stat(base + "/export")
+    if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino):
+        raise ConfineError("the export changed while the helper was confining itself")
     mount("proc", base + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.chdir(base)
     pivot_root(".", ".")

@@ -27,6 +27,8 @@ from typing import Any
 
 import trio
 
+from fs_backends import local as _local  # noqa: F401  (imported before confinement hides them)
+from fs_backends import security as _security  # noqa: F401
 from fs_backends.base import FsError
 from fs_backends.proxy import confine as C
 from fs_backends.proxy import wire as W
@@ -520,3 +522,32 @@ def run(
     trio.run(main)
     return 0
 
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `ninep proxy-helper` (also `python -m fs_backends.proxy`)."""
+    p.add_argument("export", help="the directory to confine to and serve")
+    p.add_argument("--socket-fd", type=int, required=True,
+                   help="an inherited unix SOCK_SEQPACKET socket to answer requests on")
+    p.add_argument("--model", default="none",
+                   choices=("none", "passthrough", "mapped-xattr", "mapped-file"),
+                   help="credential model (passthrough needs root; the others run unprivileged)")
+    p.add_argument("--readonly", action="store_true")
+    p.add_argument("--multidevs", choices=("remap", "forbid", "warn"), default="remap")
+    p.add_argument("--no-userns", action="store_true",
+                   help="use the root-only mount-namespace confinement even if user namespaces work")
+    p.add_argument("--fmode", default=None, help="host mode of new files (mapped models)")
+    p.add_argument("--dmode", default=None, help="host mode of new directories (mapped models)")  # fmt: skip
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="ninep-proxy-helper %(levelname)s %(message)s")
+    return run(
+        args.socket_fd,
+        args.export,
+        args.model,
+        readonly=args.readonly,
+        multidevs=args.multidevs,
+        options=args,
+        allow_userns=not args.no_userns,
+    )
