@@ -258,6 +258,9 @@ def _build_root(export_fd: int) -> None:
     got = os.stat(base + "/export")
     if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino):
         raise ConfineError("the export changed while the helper was confining itself")
+    # In the helper's view only: device nodes under the export can never be opened (even by
+    # a compromised passthrough helper holding CAP_MKNOD), nothing there can be executed.
+    mount(None, base + "/export", None, MS_REMOUNT | MS_BIND | MS_NODEV | MS_NOSUID | MS_NOEXEC)
     mount("proc", base + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.chdir(base)
     pivot_root(".", ".")
