@@ -38,12 +38,16 @@ def make_backend(kind: str, root: Path, **kw: Any) -> Any:
         from fs_backends.memory import MemoryBackend
 
         return MemoryBackend(**kw)
+    if kind == "proxy":
+        from fs_backends.proxy import proxy_backend
+
+        return proxy_backend(str(root), **kw)
     from fs_backends.local import LocalBackend
 
     return LocalBackend(str(root), **kw)
 
 
-BACKENDS = ["memory", "local"]
+BACKENDS = ["memory", "local", "proxy"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -63,3 +67,18 @@ def fs(kind: str, export: Path) -> Iterator[Sync]:
     b = Sync(make_backend(kind, export))
     yield b
     b.aclose()
+
+
+# Things the proxy backend deliberately cannot do: its passthrough helper keeps only
+# CAP_CHOWN/DAC_OVERRIDE/FOWNER/FSETID/MKNOD, and trusted.* xattrs need CAP_SYS_ADMIN.
+PROXY_UNSUPPORTED = {"test_xattr_on_symlink": "trusted.* xattrs need CAP_SYS_ADMIN, which the proxy helper drops"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or callspec.params.get("kind") != "proxy":
+            continue
+        reason = PROXY_UNSUPPORTED.get(getattr(item, "originalname", item.name))
+        if reason:
+            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
