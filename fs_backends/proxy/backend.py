@@ -305,6 +305,10 @@ class ProxyBackend:
             extra=dict(f),
         )
 
+    def listening(self) -> None:
+        """Called by the server once its listeners are bound (`ninep serve` replaces this with
+        the server's own confinement, see fs_backends.proxy.serve)."""
+
     # -- helper lifecycle ------------------------------------------------------------------------
 
     def _start(self) -> Connection:
