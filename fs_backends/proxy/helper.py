@@ -497,7 +497,8 @@ def run(
         return 3
     try:
         backend = make_local_backend(
-            C.ROOT_EXPORT, model, readonly=readonly, multidevs=multidevs, options=options
+            C.ROOT_EXPORT, model, readonly=readonly, multidevs=multidevs, options=options,
+            userns=conf.mode == "userns",
         )
     except Exception as e:
         log.error("cannot serve %s: %s", export, e)

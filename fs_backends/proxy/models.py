@@ -8,6 +8,9 @@ exist, without copying any of their logic.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import stat
 from typing import Any
 
 MODELS = ("none", "passthrough", "mapped-xattr", "mapped-file")
@@ -32,8 +35,32 @@ def model_available(model: str) -> bool:
     return any(getattr(security, n, None) is not None for n in _CLASS_NAMES.get(model, ()))
 
 
+def _userns_tolerant(cls: type) -> type:
+    """In a user namespace chown to an id outside the map fails with EINVAL where the host says
+    EPERM; the `none` model ignores the latter at creation, so it must ignore the former too."""
+
+    class UsernsTolerant(cls):  # type: ignore[valid-type,misc]
+        def _own(self, fd: int, fmt: int, mode: int, cred: Any) -> None:
+            try:
+                super()._own(fd, fmt, mode, cred)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.ignore_create_chown_errors:
+                    raise
+                if fmt != stat.S_IFLNK:
+                    os.chmod(f"/proc/self/fd/{fd}", mode & 0o7777)
+
+    UsernsTolerant.__name__ = cls.__name__
+    return UsernsTolerant
+
+
 def make_local_backend(
-    root: str, model: str, *, readonly: bool, multidevs: str, options: argparse.Namespace | None
+    root: str,
+    model: str,
+    *,
+    readonly: bool,
+    multidevs: str,
+    options: argparse.Namespace | None,
+    userns: bool = False,
 ) -> Any:
     """A LocalBackend over `root` under `model`."""
     from fs_backends import local, security
@@ -47,6 +74,8 @@ def make_local_backend(
     for name in _CLASS_NAMES[model]:
         cls = getattr(security, name, None)
         if cls is not None:
+            if userns:
+                cls = _userns_tolerant(cls)
             return local.LocalBackend(
                 root, readonly=readonly, credentials=cls(), multidevs=multidevs  # type: ignore[arg-type]
             )
