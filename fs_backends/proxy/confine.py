@@ -246,15 +246,19 @@ def _build_root(export_fd: int) -> None:
     """In a private mount namespace: a tmpfs root holding the export and a fresh /proc, then
     pivot_root into it and detach the host's tree."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    # A mount of the old namespace cannot be bind-mounted by fd: go by the path the fd has in
-    # this namespace's copy of the tree, then check the result is the very same directory.
-    export_real = os.readlink(f"/proc/self/fd/{export_fd}")
+    # A mount of the old namespace cannot be bind-mounted by fd, and the helper's user may not
+    # be able to walk the path to the export: the cwd was set to the export before unshare (so
+    # it now names this namespace's copy of it); bind "." and check it is the same directory.
     want = os.fstat(export_fd)
+    here = os.stat(".")
+    if (here.st_dev, here.st_ino) != (want.st_dev, want.st_ino):
+        raise ConfineError("lost the export while entering the namespace")
+    export_real = os.readlink(f"/proc/self/fd/{export_fd}")
     base = _scratch_dir(export_real)
     mount("ninep-helper", base, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
     os.mkdir(base + "/export", 0o755)
     os.mkdir(base + "/proc", 0o555)
-    mount(export_real, base + "/export", None, MS_BIND | MS_REC)
+    mount(".", base + "/export", None, MS_BIND | MS_REC)
     got = os.stat(base + "/export")
     if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino):
         raise ConfineError("the export changed while the helper was confining itself")
@@ -349,11 +353,14 @@ def confine(
             )
 
     names: list[str] = []
+    os.fchdir(export_fd)
     if mode == "userns":
         if root:
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
+            # Changing ids made us non-dumpable, which leaves /proc/self/*_map owned by root.
+            prctl(PR_SET_DUMPABLE, 1)
         flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID
         try:
             unshare(flags | extra)
