@@ -226,8 +226,10 @@ def test_malformed_messages(raw: RawHelper) -> None:
     raw.send_raw(W.message(W.GETATTR, 9, b"\0" * (W.MAX_REQUEST + 100)))
     h, r, _ = raw.recv()
     assert h.rid == 9 and r.u32() == errno.EMSGSIZE
-    # Too short to carry a header: dropped, nothing answered, helper still serving.
+    # Too short to carry a header: answered EBADMSG under id 0; the helper keeps serving.
     raw.send_raw(b"\x01\x00\x04")
+    h, r, _ = raw.recv()
+    assert h.rid == 0 and r.u32() == errno.EBADMSG
     assert root_path(raw, root) > 0
 
 
