@@ -330,10 +330,12 @@ def confine(
     report_child: Callable[[int, int], None],
     *,
     allow_userns: bool = True,
+    export_fd: int | None = None,
 ) -> Confinement:
     """Confine this process (see the module docstring). Returns in the confined child, where the
     export is at ROOT_EXPORT. Raises ConfineError when no confinement is possible."""
-    export_fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if export_fd is None:
+        export_fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     st = os.fstat(export_fd)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfineError(f"{export} is not a directory")
@@ -359,8 +361,9 @@ def confine(
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
-            # Changing ids made us non-dumpable, which leaves /proc/self/*_map owned by root.
-            prctl(PR_SET_DUMPABLE, 1)
+        # Changing ids (here or in a launcher) made us non-dumpable, which leaves
+        # /proc/self/*_map owned by root; we set it back to 0 once confined.
+        prctl(PR_SET_DUMPABLE, 1)
         flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID
         try:
             unshare(flags | extra)

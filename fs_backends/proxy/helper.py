@@ -460,14 +460,14 @@ def _report_child(sock_fd: int, pid: int) -> None:
         s.close()
 
 
-def _isolate_fds(sock_fd: int) -> None:
+def _isolate_fds(*keep: int | None) -> None:
     """Nothing but the socket and stderr crosses into the helper."""
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
     for fd in map(int, os.listdir("/proc/self/fd")):
-        if fd > 2 and fd != sock_fd:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:
@@ -483,15 +483,18 @@ def run(
     multidevs: str = "remap",
     options: argparse.Namespace | None = None,
     allow_userns: bool = True,
+    export_fd: int | None = None,
 ) -> int:
     """The helper's main: confine, build the backend, say HELLO, serve until the socket closes."""
     sock = socket.socket(fileno=sock_fd)
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
         log.error("--socket-fd must be a unix SOCK_SEQPACKET socket")
         return 2
-    _isolate_fds(sock_fd)
+    _isolate_fds(sock_fd, export_fd)
     try:
-        conf = C.confine(export, model, sock_fd, _report_child, allow_userns=allow_userns)
+        conf = C.confine(
+            export, model, sock_fd, _report_child, allow_userns=allow_userns, export_fd=export_fd
+        )
     except (C.ConfineError, OSError) as e:
         log.error("cannot confine the helper: %s", e)
         return 3
@@ -533,6 +536,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="none",
                    choices=("none", "passthrough", "mapped-xattr", "mapped-file"),
                    help="credential model (passthrough needs root; the others run unprivileged)")
+    p.add_argument("--export-fd", type=int, default=None,
+                   help="an inherited O_PATH/O_DIRECTORY fd of EXPORT, used instead of its path")
     p.add_argument("--readonly", action="store_true")
     p.add_argument("--multidevs", choices=("remap", "forbid", "warn"), default="remap")
     p.add_argument("--no-userns", action="store_true",
@@ -551,4 +556,5 @@ def main_from_args(args: argparse.Namespace) -> int:
         multidevs=args.multidevs,
         options=args,
         allow_userns=not args.no_userns,
+        export_fd=args.export_fd,
     )

@@ -14,7 +14,9 @@ This module never talks the helper protocol; it only creates processes and socke
 
 from __future__ import annotations
 
+import argparse
 import array
+import contextlib
 import errno
 import logging
 import os
@@ -39,10 +41,15 @@ class HelperSpec:
     readonly: bool = False
     multidevs: str = "remap"
     extra_args: list[str] = field(default_factory=list)
+    #: an O_PATH fd of the export opened while privileged (the launcher's user may not be able
+    #: to walk to the export by path)
+    export_fd: int | None = None
 
     def argv(self, fd: int) -> list[str]:
         a = [sys.executable, "-m", "fs_backends.proxy", "--socket-fd", str(fd),
              "--model", self.model, "--multidevs", self.multidevs]  # fmt: skip
+        if self.export_fd is not None:
+            a += ["--export-fd", str(self.export_fd)]
         if self.readonly:
             a.append("--readonly")
         return a + self.extra_args + ["--", self.export]
@@ -111,6 +118,62 @@ class DirectSpawner:
         self._procs.clear()
 
 
+class ForkSpawner:
+    """Starts helpers by fork() without exec: for the single-threaded launcher only (forking a
+    threaded process is unsafe), and needed there because the launcher's user may not be able
+    to exec the interpreter (e.g. a Python under /root)."""
+
+    def __init__(self, spec: HelperSpec) -> None:
+        self.spec = spec
+        self.pids: set[int] = set()
+
+    def spawn(self) -> tuple[socket.socket, int]:
+        from fs_backends.proxy import helper
+
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                mine.close()
+                os.setsid()
+                p = argparse.ArgumentParser()
+                helper.add_arguments(p)
+                args = p.parse_args(self.spec.argv(theirs.fileno())[3:])
+                code = helper.main_from_args(args)
+            except BaseException:
+                log.exception("proxy helper failed")
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pids.add(pid)
+        return mine, pid
+
+    def reap(self, pid: int, timeout: float = 0) -> int | None:
+        if pid not in self.pids:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                self.pids.discard(pid)
+                return None
+            if got:
+                self.pids.discard(pid)
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for pid in list(self.pids):
+            if self.reap(pid, 2) is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.reap(pid, 2)
+
+
 # -- the launcher -------------------------------------------------------------------------------
 
 _SPAWN = b"S"
@@ -134,11 +197,12 @@ def _launcher_main(sock: socket.socket, spec: HelperSpec, uid: int, gid: int) ->
 
     try:
         C.prctl(C.PR_SET_PDEATHSIG, signal.SIGKILL)
+        spec.export_fd = os.open(spec.export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if os.geteuid() == 0 and (uid, gid) != (0, 0):
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
-        spawner = DirectSpawner(spec)
+        spawner = ForkSpawner(spec)
         recent: list[float] = []
         while True:
             try:
@@ -149,7 +213,7 @@ def _launcher_main(sock: socket.socket, spec: HelperSpec, uid: int, gid: int) ->
                 os.close(fd)
             if not msg:
                 break
-            for pid in list(spawner._procs):
+            for pid in list(spawner.pids):
                 spawner.reap(pid)
             if msg != _SPAWN or fds:
                 sock.send(struct.pack("<ii", -errno.EINVAL, 0))
