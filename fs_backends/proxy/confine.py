@@ -31,6 +31,7 @@ This module must only be called in a process that was started to become a helper
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -166,10 +167,8 @@ def drop_privileges(keep: tuple[int, ...]) -> None:
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-    try:
+    with contextlib.suppress(OSError):
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    except OSError:
-        pass
     capset(keep)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
@@ -291,10 +290,8 @@ def _fork_into_pidns(sock_fd: int, report_child: Callable[[int, int], None]) -> 
         os.close(r)
         return
     os.close(r)
-    try:
+    with contextlib.suppress(OSError):
         report_child(sock_fd, pid)
-    except OSError:
-        pass
     os.close(sock_fd)
     _outer_wait(pid, w)
 
@@ -341,6 +338,7 @@ def confine(
         raise ConfineError(f"{export} is not a directory")
     root = os.geteuid() == 0
     extra = CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    keep: tuple[int, ...]
 
     if model == "passthrough":
         if not root:

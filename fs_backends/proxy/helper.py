@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import errno
 import logging
 import os
@@ -468,10 +469,8 @@ def _isolate_fds(*keep: int | None) -> None:
     os.close(null)
     for fd in map(int, os.listdir("/proc/self/fd")):
         if fd > 2 and fd not in keep:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def run(

@@ -39,7 +39,7 @@ def _userns_tolerant(cls: type) -> type:
     """In a user namespace chown to an id outside the map fails with EINVAL where the host says
     EPERM; the `none` model ignores the latter at creation, so it must ignore the former too."""
 
-    class UsernsTolerant(cls):  # type: ignore[valid-type,misc]
+    class UsernsTolerant(cls):
         def _own(self, fd: int, fmt: int, mode: int, cred: Any) -> None:
             try:
                 super()._own(fd, fmt, mode, cred)

@@ -16,6 +16,7 @@ This module must never be imported by the helper (it is the server's side).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pwd
@@ -127,7 +128,5 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                            help="user the 9P server runs as once the proxy helper is started "
                                 f"(default {DEFAULT_USER} when started as root)")),
     ):  # fmt: skip
-        try:
-            p.add_argument(*args, **kw)  # type: ignore[arg-type]
-        except argparse.ArgumentError:
-            pass  # another part already offers it
+        with contextlib.suppress(argparse.ArgumentError):  # another part already offers it
+            p.add_argument(*args, **kw)

@@ -273,7 +273,5 @@ class LauncherSpawner:
 
     def close(self) -> None:
         self.sock.close()
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from fs_backends.base import Attr, Cred, DirEntry, FsError, Qid, SetAttr, StatFs
 
+_Str = str  # the classes below have methods named `str`
+
 VERSION = 1
 HEADER = struct.Struct("<HHII")
 REPLY = 0x8000
@@ -70,11 +72,7 @@ LOCKFD = 24
 HELLO = 0x4001  # the confined helper is ready: key/value facts about its confinement
 CHILD = 0x4002  # from the helper's outer process: the host pid of the confined child
 
-_OPS = (
-    "ATTACH WALK RELEASE GETATTR SETATTR OPEN CREATE CLOSE READDIR MKDIR SYMLINK MKNOD LINK "
-    "READLINK RENAME RENAMEAT UNLINKAT REMOVE STATFS XATTR_GET XATTR_LIST XATTR_SET "
-    "XATTR_REMOVE LOCKFD"
-).split()
+_OPS = ["ATTACH", "WALK", "RELEASE", "GETATTR", "SETATTR", "OPEN", "CREATE", "CLOSE", "READDIR", "MKDIR", "SYMLINK", "MKNOD", "LINK", "READLINK", "RENAME", "RENAMEAT", "UNLINKAT", "REMOVE", "STATFS", "XATTR_GET", "XATTR_LIST", "XATTR_SET", "XATTR_REMOVE", "LOCKFD"]
 OP_NAMES: dict[int, str] = {globals()[n]: n for n in _OPS}
 
 
@@ -179,7 +177,7 @@ class Reader:
     def str(self, limit: int = PATH_MAX) -> str:
         return self.raw(limit).decode("utf-8", "surrogateescape")
 
-    def name(self) -> str:
+    def name(self) -> _Str:
         """One path component: non-empty, no '/', no NUL, not '.' (and '..' only where the
         caller allows it: walks)."""
         b = self.raw(NAME_MAX)

@@ -5,6 +5,7 @@ after every test."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -57,10 +58,8 @@ def root_path(h: RawHelper, node: int) -> int:
 def read_all_fds(fds: list[int]) -> bytes:
     out = b""
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             out += os.pread(fd, 1 << 16, 0)
-        except OSError:
-            pass
         os.close(fd)
     return out
 
@@ -78,7 +77,7 @@ def test_helper_is_confined(raw: RawHelper, model: str) -> None:
     assert sorted(os.listdir(f"/proc/{raw.child_pid}/root")) == ["export", "proc"]
     assert os.readlink(f"/proc/{raw.child_pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
     assert os.readlink(f"/proc/{raw.child_pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
-    st = open(f"/proc/{raw.child_pid}/status").read()
+    st = Path(f"/proc/{raw.child_pid}/status").read_text()
     uid_line = next(line for line in st.splitlines() if line.startswith("Uid:"))
     if model != "passthrough":
         assert uid_line.split()[1:] == [str(OWNER)] * 4

@@ -81,7 +81,7 @@ def test_sigkill_gives_eio_then_recovers(
         await b.aclose()
         # Both helper processes are gone.
         for pid in old:
-            assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+            assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
     trio.run(main)
     assert (export / "file").read_bytes() == b"inside\nmore"

@@ -43,11 +43,9 @@ def wait_log(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: fl
     deadline = time.monotonic() + timeout
     while True:
         text = log.read_text() if log.exists() else ""
-        m = None
-        for m in re.finditer(pattern, text):
-            pass
-        if m:
-            return m
+        found = list(re.finditer(pattern, text))
+        if found:
+            return found[-1]
         if proc.poll() is not None:
             raise AssertionError(f"server exited:\n{text}")
         if time.monotonic() > deadline:
