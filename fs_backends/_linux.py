@@ -281,3 +281,27 @@ def fstatfs(fd: int) -> tuple[int, int, int, int, int, int, int, int, int]:
     )
     fsid = (fs0 & 0xFFFFFFFF) | ((fs1 & 0xFFFFFFFF) << 32)
     return t & 0xFFFFFFFF, bsize, blocks, bfree, bavail, files, ffree, fsid, namelen
+
+
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
+
+
+def inode_generation(fd: int) -> int:
+    """The inode generation number (FS_IOC_GETVERSION) of an opened file; OSError (ENOTTY)
+    where the filesystem has none."""
+    r = fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 8)
+    return int(struct.unpack("<q", r)[0]) & 0xFFFFFFFFFFFFFFFF
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the resulting soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft

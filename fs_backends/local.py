@@ -44,7 +44,7 @@ from fs_backends.base import (
     SetAttr,
     StatFs,
 )
-from fs_backends.security import Credentials, default_credentials
+from fs_backends.security import Credentials, credentials_for_model, default_credentials
 from ninep import protocol as P
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,16 @@ def _qtype(mode: int) -> int:
 
 
 _DT_QT = {P.DT_DIR: P.QTDIR, P.DT_LNK: P.QTSYMLINK}
+_QT_FMT = {P.QTDIR: stat.S_IFDIR, P.QTSYMLINK: stat.S_IFLNK}
+_FMT_DT = {
+    stat.S_IFDIR: P.DT_DIR,
+    stat.S_IFREG: P.DT_REG,
+    stat.S_IFLNK: P.DT_LNK,
+    stat.S_IFCHR: P.DT_CHR,
+    stat.S_IFBLK: P.DT_BLK,
+    stat.S_IFIFO: P.DT_FIFO,
+    stat.S_IFSOCK: P.DT_SOCK,
+}
 
 
 class _Fd:
@@ -127,6 +137,8 @@ class LocalNode:
     parent: _Fd | None  # the directory this node was reached through, None if unknown/root
     name: bytes
     released: bool = False
+    gen: int | None = None  # FS_IOC_GETVERSION, fetched once; -1 where the fs has none
+    cfmt: int = 0  # S_IFMT the client sees (differs from fmt under the mapped models)
 
 
 @dataclass(eq=False)
@@ -171,6 +183,7 @@ class LocalBackend:
             raise RuntimeError("LocalBackend needs /proc mounted (fd reopening)")
         self.creds = credentials if credentials is not None else default_credentials()
         self.creds.check_usable()
+        _linux.raise_nofile_limit()  # one O_PATH fd per fid: the default soft limit is low
         self.multidevs = multidevs
         fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
@@ -193,6 +206,7 @@ class LocalBackend:
         self._at: dict[tuple[int, int, bytes], set[LocalNode]] = {}
         self._live: set[LocalNode] = set()
         self._open: set[LocalOpenFile] = set()
+        self._open_by_ident: dict[tuple[int, int], set[LocalOpenFile]] = {}
         self._locks: dict[tuple[int, int], _FileLocks] = {}
         self._dev_prefix: dict[int, int] = {self._root.dev: 0}
         self._fullmap: dict[tuple[int, int], int] = {}
@@ -261,9 +275,12 @@ class LocalBackend:
         version = (mtime[0] ^ mtime[1] ^ (size << 8)) & 0xFFFFFFFF
         return Qid(_qtype(mode), version, self._qpath(dev, ino))
 
-    def _qid_st(self, st: os.stat_result) -> Qid:
+    def _qid_st(self, st: os.stat_result, fd: int | None = None) -> Qid:
+        mode = st.st_mode
+        if fd is not None and self.creds.maps_modes:
+            mode = self.creds.map_mode(fd, mode)
         return self._qid(
-            st.st_mode,
+            mode,
             st.st_dev,
             st.st_ino,
             (int(st.st_mtime), st.st_mtime_ns % 1_000_000_000),
@@ -288,7 +305,11 @@ class LocalBackend:
 
     def _make_node(self, h: _Fd, st: os.stat_result, parent: _Fd | None, name: bytes) -> LocalNode:
         """A node owning `h` (one reference) and a new reference on `parent`."""
-        n = LocalNode(self._qid_st(st), h, stat.S_IFMT(st.st_mode), parent, name)
+        qid = self._qid_st(st, h.fd)
+        n = LocalNode(qid, h, stat.S_IFMT(st.st_mode), parent, name)
+        n.cfmt = _QT_FMT.get(qid.type, stat.S_IFMT(st.st_mode))
+        if self.creds.maps_modes and qid.type == P.QTFILE:
+            n.cfmt = stat.S_IFMT(self.creds.map_mode(h.fd, st.st_mode))
         with self._mu:
             if parent is not None:
                 parent.refs += 1
@@ -396,6 +417,7 @@ class LocalBackend:
         cur = self._alive(node)
         if not names:
             clone = LocalNode(node.qid, self._incref(cur), node.fmt, None, node.name)
+            clone.cfmt = node.cfmt
             with self._mu:
                 if node.parent is not None:
                     node.parent.refs += 1
@@ -438,15 +460,22 @@ class LocalBackend:
 
     async def getattr(self, node: LocalNode, mask: int) -> Attr:
         h = self._alive(node)
-        return await self._run(self._getattr_sync, node, h)
+        return await self._run(self._getattr_sync, node, h, mask)
 
-    def _getattr_sync(self, node: LocalNode, h: _Fd) -> Attr:
+    def _getattr_sync(self, node: LocalNode, h: _Fd, mask: int) -> Attr:
         sx = self.creds.map_stat(h.fd, _linux.statx(h.fd))
         qid = self._qid(sx.mode, sx.dev, sx.ino, sx.mtime, sx.size)
         node.qid = qid
         valid = P.GETATTR_BASIC
         if sx.mask & _linux.STATX_BTIME:
             valid |= P.GETATTR_BTIME
+        gen = 0
+        if mask & P.GETATTR_GEN:
+            if node.gen is None:
+                node.gen = self._generation(h, node.fmt)
+            if node.gen >= 0:
+                gen = node.gen
+                valid |= P.GETATTR_GEN
         return Attr(
             valid=valid,
             qid=qid,
@@ -466,7 +495,33 @@ class LocalBackend:
             ctime_nsec=sx.ctime[1],
             btime_sec=sx.btime[0] if valid & P.GETATTR_BTIME else 0,
             btime_nsec=sx.btime[1] if valid & P.GETATTR_BTIME else 0,
+            gen=gen,
         )
+
+    def _writable_fd(self, h: _Fd) -> int | None:
+        with self._mu:
+            for f in self._open_by_ident.get(h.ident, ()):
+                if f.fd is not None and f.flags & P.L_O_ACCMODE in (P.L_O_WRONLY, P.L_O_RDWR):
+                    return f.fd
+        return None
+
+    @staticmethod
+    def _generation(h: _Fd, fmt: int) -> int:
+        # The ioctl needs a real open file; only regular files and directories are opened.
+        if fmt not in (stat.S_IFREG, stat.S_IFDIR):
+            return -1
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOATIME
+        try:
+            try:
+                fd = os.open(_proc(h.fd), flags)
+            except PermissionError:
+                fd = os.open(_proc(h.fd), flags & ~os.O_NOATIME)
+            try:
+                return _linux.inode_generation(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return -1
 
     async def setattr(self, node: LocalNode, attr: SetAttr, cred: Cred) -> None:
         h = self._alive(node)
@@ -476,7 +531,7 @@ class LocalBackend:
 
     def _setattr_sync(self, node: LocalNode, h: _Fd, attr: SetAttr) -> None:
         v = attr.valid
-        fmt = node.fmt
+        fmt = node.cfmt
         if v & P.SETATTR_MODE:
             self.creds.chmod(h.fd, fmt, attr.mode)
         if v & (P.SETATTR_UID | P.SETATTR_GID):
@@ -490,8 +545,13 @@ class LocalBackend:
                 raise FsError(errno.EISDIR)
             if fmt != stat.S_IFREG or attr.size < 0:
                 raise FsError(errno.EINVAL)
-            # truncate(2) through the magic link works on unlinked files and O_PATH fds.
-            os.truncate(_proc(h.fd), attr.size)
+            wfd = self._writable_fd(h)
+            if wfd is not None:
+                # The client may hold the only write permission through its open file.
+                os.ftruncate(wfd, attr.size)
+            else:
+                # truncate(2) through the magic link works on unlinked files and O_PATH fds.
+                os.truncate(_proc(h.fd), attr.size)
         if v & (P.SETATTR_ATIME | P.SETATTR_MTIME):
             omit = (0, _linux.UTIME_OMIT)
             now = (0, _linux.UTIME_NOW)
@@ -510,7 +570,7 @@ class LocalBackend:
             # Only ctime asked for: a chown that changes nothing updates ctime alone.
             _linux.fchown_fd(h.fd, -1, -1)
         with contextlib.suppress(OSError):
-            node.qid = self._qid_st(os.fstat(h.fd))
+            node.qid = self._qid_st(os.fstat(h.fd), h.fd)
 
     # -- open / create / close / io ---------------------------------------------------------------
 
@@ -532,8 +592,12 @@ class LocalBackend:
         elif flags & P.L_O_DIRECTORY:
             raise FsError(errno.ENOTDIR)
 
-    def _reopen(self, h: _Fd, fmt: int, flags: int) -> int:
+    def _reopen(self, h: _Fd, fmt: int, cfmt: int, flags: int) -> int:
+        """Open the object `h` refers to; `fmt` is its host type, `cfmt` what the client sees
+        (a mapped-model device node is a host regular file and is refused all the same)."""
         self._check_openable(fmt, flags)
+        if cfmt != fmt:
+            self._check_openable(cfmt, flags)
         oflags = translate_open_flags(flags) | os.O_CLOEXEC | os.O_NOCTTY
         if fmt == stat.S_IFDIR:
             oflags |= os.O_DIRECTORY
@@ -545,14 +609,18 @@ class LocalBackend:
             return os.open(_proc(h.fd), oflags & ~os.O_NOATIME)
 
     def _open_sync(self, node: LocalNode, h: _Fd, flags: int) -> LocalOpenFile:
-        fd = self._reopen(h, node.fmt, flags)
+        fd = self._reopen(h, node.fmt, node.cfmt, flags)
         if flags & P.L_O_TRUNC:
             with contextlib.suppress(OSError):
-                node.qid = self._qid_st(os.fstat(fd))
+                node.qid = self._qid_st(os.fstat(fd), h.fd)
         f = LocalOpenFile(node, fd, flags, self._incref(h), node.fmt == stat.S_IFDIR)
+        self._add_open(f)
+        return f
+
+    def _add_open(self, f: LocalOpenFile) -> None:
         with self._mu:
             self._open.add(f)
-        return f
+            self._open_by_ident.setdefault(f.h.ident, set()).add(f)
 
     async def create(
         self, dir: LocalNode, name: str, flags: int, mode: int, cred: Cred
@@ -589,8 +657,7 @@ class LocalBackend:
             raise
         node = self._make_node(_Fd(pfd, st.st_dev, st.st_ino), st, dh, bname)
         f = LocalOpenFile(node, fd, flags, self._incref(node.h), False)
-        with self._mu:
-            self._open.add(f)
+        self._add_open(f)
         return node, f
 
     async def close(self, f: LocalOpenFile) -> None:
@@ -608,6 +675,11 @@ class LocalBackend:
         finally:
             with self._mu:
                 self._open.discard(f)
+                same = self._open_by_ident.get(f.h.ident)
+                if same is not None:
+                    same.discard(f)
+                    if not same:
+                        del self._open_by_ident[f.h.ident]
                 if f.fd is not None:
                     os.close(f.fd)
                     f.fd = None
@@ -645,19 +717,27 @@ class LocalBackend:
             return []
         return await self._run(self._readdir_sync, f, fd, offset, max_entries)
 
-    def _entry_qid(self, dirfd: int, dev: int, ino: int, dtype: int, name: bytes) -> Qid | None:
-        # Directories may be mount points (their d_ino is the covered inode), so they are
-        # stat'ed; other entries take d_ino on the directory's device.
-        if dtype in (P.DT_DIR, P.DT_UNKNOWN) or self.multidevs == "forbid":
+    def _entry(
+        self, dirfd: int, dev: int, ino: int, dtype: int, name: bytes
+    ) -> tuple[Qid, int] | None:
+        """(qid, d_type) of one directory entry, None if it vanished. Directories may be mount
+        points (their d_ino is the covered inode) and are stat'ed; so is everything under a
+        model that maps modes; other entries take d_ino on the directory's device."""
+        maps = self.creds.maps_modes
+        if dtype in (P.DT_DIR, P.DT_UNKNOWN) or self.multidevs == "forbid" or maps:
             try:
                 st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except FileNotFoundError:
                 return None
+            mode = st.st_mode
+            if maps and stat.S_ISREG(mode):
+                mode = self.creds.map_mode_at(dirfd, name, mode)
+            dtype = _FMT_DT.get(stat.S_IFMT(mode), P.DT_UNKNOWN)
             try:
-                return self._qid_st(st)
+                return Qid(_qtype(mode), 0, self._qpath(st.st_dev, st.st_ino)), dtype
             except FsError:
-                return Qid(_qtype(st.st_mode), 0, ino)
-        return Qid(_DT_QT.get(dtype, P.QTFILE), 0, self._qpath(dev, ino))
+                return Qid(_qtype(mode), 0, ino), dtype
+        return Qid(_DT_QT.get(dtype, P.QTFILE), 0, self._qpath(dev, ino)), dtype
 
     def _readdir_sync(
         self, f: LocalOpenFile, fd: int, offset: int, max_entries: int
@@ -680,14 +760,18 @@ class LocalBackend:
                         if at_root:
                             q = Qid(P.QTDIR, 0, self._qpath(h.dev, h.ino))
                         else:
-                            q = self._entry_qid(fd, h.dev, ino, P.DT_DIR, name)
+                            e = self._entry(fd, h.dev, ino, P.DT_DIR, name)
+                            q = e[0] if e is not None else None
                         dtype = P.DT_DIR
                     elif self.creds.reserved_name(name):
                         continue
                     else:
-                        q = self._entry_qid(fd, h.dev, ino, dtype, name)
+                        e = self._entry(fd, h.dev, ino, dtype, name)
+                        if e is None:
+                            continue  # vanished meanwhile
+                        q, dtype = e
                     if q is None:
-                        continue  # vanished meanwhile
+                        continue
                     out.append(DirEntry(q, off, dtype if real else P.DT_UNKNOWN, os.fsdecode(name)))
                     if len(out) >= max_entries:
                         break
@@ -698,7 +782,7 @@ class LocalBackend:
     def _new_qid(self, dh: _Fd, bname: bytes) -> Qid:
         fd = _linux.lookup(dh.fd, bname, os.O_PATH)
         try:
-            return self._qid_st(os.fstat(fd))
+            return self._qid_st(os.fstat(fd), fd)
         finally:
             os.close(fd)
 
@@ -755,7 +839,7 @@ class LocalBackend:
 
     async def readlink(self, node: LocalNode) -> str:
         h = self._alive(node)
-        if node.fmt != stat.S_IFLNK:
+        if node.cfmt != stat.S_IFLNK:
             raise FsError(errno.EINVAL)
         return os.fsdecode(await self._run(self.creds.readlink, h.fd))
 
@@ -802,7 +886,14 @@ class LocalBackend:
             self._register(node)
         return ph, found
 
-    def _find_name(self, dirfd: int, h: _Fd) -> bytes:
+    def _find_name(self, pathfd: int, h: _Fd) -> bytes:
+        dirfd = os.open(_proc(pathfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return self._find_name_in(dirfd, h)
+        finally:
+            os.close(dirfd)
+
+    def _find_name_in(self, dirfd: int, h: _Fd) -> bytes:
         off = 0
         candidates: list[bytes] = []
         while True:
@@ -855,9 +946,10 @@ class LocalBackend:
                 self._decref_locked(n.parent)
                 n.parent, n.name = None, b""
 
-    async def rename(self, node: LocalNode, newdir: LocalNode, newname: str) -> None:
+    async def rename(self, node: LocalNode, newdir: LocalNode | None, newname: str) -> None:
+        """Trename; `newdir` None renames within the directory the node is in now."""
         self._alive(node)
-        nh = self._dir(newdir)
+        nh0 = self._dir(newdir) if newdir is not None else None
         nname = self._bname(newname, creating=True)
         self._ro()
 
@@ -865,6 +957,7 @@ class LocalBackend:
             with self._ns:
                 ph, oname = self._locate(node)
                 try:
+                    nh = nh0 if nh0 is not None else ph
                     os.rename(oname, nname, src_dir_fd=ph.fd, dst_dir_fd=nh.fd)
                     self._moved(ph.ident, oname, nh, nname, node.h.ident)
                 finally:
@@ -940,17 +1033,16 @@ class LocalBackend:
             raise FsError(errno.ERANGE if name else errno.EINVAL)
         if write:
             self._ro()
-        self.creds.check_xattr(name, write)
+        # Which names a client may touch is the credential model's business (its xattr_* hooks).
 
     async def xattr_get(self, node: LocalNode, name: str) -> bytes:
         h = self._alive(node)
         self._xname(name, False)
-        # Following the /proc magic link lands on the node itself, symlinks included.
-        return await self._run(os.getxattr, _proc(h.fd), name)
+        return await self._run(self.creds.xattr_get, h.fd, name)
 
     async def xattr_list(self, node: LocalNode) -> list[str]:
         h = self._alive(node)
-        return self.creds.filter_xattrs(await self._run(os.listxattr, _proc(h.fd)))
+        return await self._run(self.creds.xattr_list, h.fd)
 
     async def xattr_set(self, node: LocalNode, name: str, value: bytes, flags: int) -> None:
         h = self._alive(node)
@@ -962,12 +1054,12 @@ class LocalBackend:
         hflags = (os.XATTR_CREATE if flags & P.XATTR_CREATE else 0) | (
             os.XATTR_REPLACE if flags & P.XATTR_REPLACE else 0
         )
-        await self._run(os.setxattr, _proc(h.fd), name, bytes(value), hflags)
+        await self._run(self.creds.xattr_set, h.fd, name, bytes(value), hflags)
 
     async def xattr_remove(self, node: LocalNode, name: str) -> None:
         h = self._alive(node)
         self._xname(name, True)
-        await self._run(os.removexattr, _proc(h.fd), name)
+        await self._run(self.creds.xattr_remove, h.fd, name)
 
     # -- locks ----------------------------------------------------------------------------------------
 
@@ -1125,4 +1217,29 @@ class LocalBackend:
             self._decref_locked(self._root)
 
 
-__all__ = ["LocalBackend", "LocalNode", "LocalOpenFile", "translate_open_flags"]
+def backend_for_model(
+    export: str,
+    *,
+    model: str | None = None,
+    readonly: bool = False,
+    multidevs: Literal["remap", "forbid", "warn"] = "remap",
+    options: Any = None,
+) -> LocalBackend:
+    """A LocalBackend under the security model named as QEMU names them (the CLI's hook).
+    `options` may carry `fmode`/`dmode` (mapped models). Raises ValueError for a model this
+    build lacks and PermissionError for passthrough without root."""
+    creds = credentials_for_model(
+        model,
+        fmode=getattr(options, "fmode", None),
+        dmode=getattr(options, "dmode", None),
+    )
+    return LocalBackend(export, readonly=readonly, credentials=creds, multidevs=multidevs)
+
+
+__all__ = [
+    "LocalBackend",
+    "LocalNode",
+    "LocalOpenFile",
+    "backend_for_model",
+    "translate_open_flags",
+]

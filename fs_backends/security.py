@@ -110,9 +110,20 @@ class Credentials:
 
     # -- reading back ----------------------------------------------------------------------
 
+    #: whether map_mode/map_mode_at can differ from the host mode (False skips the calls)
+    maps_modes = False
+
     def map_stat(self, fd: int, st: Statx) -> Statx:
         """What the client sees of mode/uid/gid/rdev of the object `fd` refers to."""
         return st
+
+    def map_mode(self, fd: int, host_mode: int) -> int:
+        """The st_mode the client sees for the object `fd` (an O_PATH fd) refers to."""
+        return host_mode
+
+    def map_mode_at(self, dirfd: int, name: bytes, host_mode: int) -> int:
+        """The same for entry `name` of directory `dirfd` (readdir, without opening it)."""
+        return host_mode
 
     def readlink(self, fd: int) -> bytes:
         return _readlink_fd(fd)
@@ -127,6 +138,24 @@ class Credentials:
     def chown(self, fd: int, uid: int, gid: int) -> None:
         """Change owner; -1 keeps a field. (-1, -1) still updates ctime."""
         _linux.fchown_fd(fd, uid, gid)
+
+    # -- xattrs: all access goes through these, so a model can hide, rename or refuse names --
+
+    def xattr_get(self, fd: int, name: str) -> bytes:
+        self.check_xattr(name, False)
+        # Following the /proc magic link lands on the object itself, symlinks included.
+        return os.getxattr(_proc(fd), name)
+
+    def xattr_list(self, fd: int) -> list[str]:
+        return self.filter_xattrs(os.listxattr(_proc(fd)))
+
+    def xattr_set(self, fd: int, name: str, value: bytes, flags: int) -> None:
+        self.check_xattr(name, True)
+        os.setxattr(_proc(fd), name, value, flags)
+
+    def xattr_remove(self, fd: int, name: str) -> None:
+        self.check_xattr(name, True)
+        os.removexattr(_proc(fd), name)
 
     # -- names -----------------------------------------------------------------------------
 
@@ -174,13 +203,268 @@ class NoneCredentials(Credentials):
         self.privileged_xattrs = root
 
 
+_UID = "user.virtfs.uid"
+_GID = "user.virtfs.gid"
+_MODE = "user.virtfs.mode"
+_RDEV = "user.virtfs.rdev"
+_VIRTFS_PREFIX = "user.virtfs."
+# POSIX ACLs cannot be stored as system.* on files the client does not really own; QEMU keeps
+# them under user.virtfs. and shows them as the system.* names.
+_ACL_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
+_PATH_MAX = 4096
+
+
+def _get_u(path: str | bytes, name: str, size: int, follow: bool = True) -> int | None:
+    try:
+        v = os.getxattr(path, name, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.EPERM, errno.ENOTSUP):
+            return None
+        raise
+    if not v:
+        return None
+    # QEMU reads into a variable of the type's size: shorter values fill its low bytes.
+    return int.from_bytes(v[:size].ljust(size, b"\0"), "little")
+
+
+class MappedXattrCredentials(Credentials):
+    """QEMU's security_model=mapped-xattr: host files belong to the server's user, the client's
+    uid/gid/mode/rdev live in user.virtfs.{uid,gid,mode,rdev} (little-endian u32/u32/u32/u64,
+    byte-compatible with hw/9pfs/9p-local.c), device nodes, fifos, sockets and symlinks are
+    stored as regular files (a symlink's target is the file's content), user.virtfs.* is hidden
+    from the client. Needs no privilege."""
+
+    name = "mapped-xattr"
+    maps_modes = True  # readdir stats and maps every entry, so its d_type is the client's
+
+    def __init__(self, fmode: int = 0o600, dmode: int = 0o700) -> None:
+        self.fmode = fmode & 0o7777
+        self.dmode = dmode & 0o7777
+
+    # -- recording -------------------------------------------------------------------------
+
+    @staticmethod
+    def _set(
+        fd: int,
+        uid: int = -1,
+        gid: int = -1,
+        mode: int = -1,
+        rdev: int = -1,
+    ) -> None:
+        p = _proc(fd)
+        if uid != -1:
+            os.setxattr(p, _UID, (uid & 0xFFFFFFFF).to_bytes(4, "little"))
+        if gid != -1:
+            os.setxattr(p, _GID, (gid & 0xFFFFFFFF).to_bytes(4, "little"))
+        if mode != -1:
+            os.setxattr(p, _MODE, (mode & 0xFFFFFFFF).to_bytes(4, "little"))
+        if rdev != -1:
+            os.setxattr(p, _RDEV, (rdev & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))
+
+    def _record_name(
+        self, dirfd: int, name: bytes, host_fmt: int, rmdir: bool, **attrs: int
+    ) -> None:
+        try:
+            fd = _linux.lookup(dirfd, name, os.O_PATH)
+            try:
+                if stat.S_IFMT(os.fstat(fd).st_mode) != host_fmt:
+                    raise FsError(errno.EAGAIN)
+                os.chmod(_proc(fd), self.dmode if rmdir else self.fmode)
+                self._set(fd, **attrs)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink_quietly(dirfd, name, rmdir)
+            raise
+
+    def create_file(self, dirfd: int, name: bytes, oflags: int, mode: int, cred: Cred) -> int:
+        fd = os.open(
+            name,
+            oflags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY,
+            self.fmode,
+            dir_fd=dirfd,
+        )
+        try:
+            os.fchmod(fd, self.fmode)
+            self._set(fd, cred.uid, cred.gid, stat.S_IFREG | (mode & 0o7777))
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(dirfd, name, False)
+            raise
+        return fd
+
+    def create_dir(self, dirfd: int, name: bytes, mode: int, cred: Cred) -> None:
+        os.mkdir(name, self.dmode, dir_fd=dirfd)
+        self._record_name(
+            dirfd, name, stat.S_IFDIR, True,
+            uid=cred.uid, gid=cred.gid, mode=stat.S_IFDIR | (mode & 0o7777),
+        )  # fmt: skip
+
+    def create_node(
+        self, dirfd: int, name: bytes, fmt: int, mode: int, rdev: int, cred: Cred
+    ) -> None:
+        os.mknod(name, stat.S_IFREG | self.fmode, 0, dir_fd=dirfd)
+        self._record_name(
+            dirfd, name, stat.S_IFREG, False,
+            uid=cred.uid, gid=cred.gid, mode=fmt | (mode & 0o7777), rdev=rdev,
+        )  # fmt: skip
+
+    def create_symlink(self, dirfd: int, name: bytes, target: bytes, cred: Cred) -> None:
+        fd = os.open(
+            name,
+            os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+            self.fmode,
+            dir_fd=dirfd,
+        )
+        try:
+            view = memoryview(target)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, self.fmode)
+            self._set(fd, cred.uid, cred.gid, stat.S_IFLNK | 0o777)
+        except BaseException:
+            _unlink_quietly(dirfd, name, False)
+            raise
+        finally:
+            os.close(fd)
+
+    # -- reading back ----------------------------------------------------------------------
+
+    def map_stat(self, fd: int, st: Statx) -> Statx:
+        p = _proc(fd)
+        uid = _get_u(p, _UID, 4)
+        gid = _get_u(p, _GID, 4)
+        mode = _get_u(p, _MODE, 4)
+        rdev = _get_u(p, _RDEV, 8)
+        if uid is not None:
+            st.uid = uid
+        if gid is not None:
+            st.gid = gid
+        if mode is not None:
+            st.mode = mode
+        if rdev is not None:
+            st.rdev = rdev
+        return st
+
+    def map_mode(self, fd: int, host_mode: int) -> int:
+        mode = _get_u(_proc(fd), _MODE, 4)
+        return host_mode if mode is None else mode
+
+    def map_mode_at(self, dirfd: int, name: bytes, host_mode: int) -> int:
+        # One component below our own directory fd, not following it: QEMU's *at emulation.
+        mode = _get_u(b"/proc/self/fd/%d/" % dirfd + name, _MODE, 4, follow=False)
+        return host_mode if mode is None else mode
+
+    def readlink(self, fd: int) -> bytes:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            return _readlink_fd(fd)  # a real symlink made on the host
+        rfd = os.open(_proc(fd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            return os.pread(rfd, _PATH_MAX, 0)
+        finally:
+            os.close(rfd)
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def chmod(self, fd: int, fmt: int, mode: int) -> None:
+        cur = self.map_mode(fd, os.fstat(fd).st_mode)
+        self._set(fd, mode=stat.S_IFMT(cur) | (mode & 0o7777))
+
+    def chown(self, fd: int, uid: int, gid: int) -> None:
+        if uid == -1 and gid == -1:
+            _linux.fchown_fd(fd, -1, -1)  # only touches ctime, as QEMU does
+        else:
+            self._set(fd, uid=uid, gid=gid)
+
+    # -- xattrs ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _host_name(name: str) -> str:
+        if name in _ACL_NAMES:
+            return _VIRTFS_PREFIX + name
+        if name.startswith("user."):
+            if name.startswith(_VIRTFS_PREFIX):
+                raise FsError(errno.EACCES)
+            return name
+        raise FsError(errno.EOPNOTSUPP)
+
+    def xattr_get(self, fd: int, name: str) -> bytes:
+        try:
+            host = self._host_name(name)
+        except FsError as e:
+            if e.errno == errno.EACCES:
+                raise FsError(errno.ENODATA) from None
+            raise
+        return os.getxattr(_proc(fd), host)
+
+    def xattr_list(self, fd: int) -> list[str]:
+        out = []
+        for n in os.listxattr(_proc(fd)):
+            if n.startswith(_VIRTFS_PREFIX):
+                rest = n[len(_VIRTFS_PREFIX) :]
+                if rest in _ACL_NAMES:
+                    out.append(rest)
+            elif n.startswith("user."):
+                out.append(n)
+        return out
+
+    def xattr_set(self, fd: int, name: str, value: bytes, flags: int) -> None:
+        os.setxattr(_proc(fd), self._host_name(name), value, flags)
+
+    def xattr_remove(self, fd: int, name: str) -> None:
+        host = self._host_name(name)
+        try:
+            os.removexattr(_proc(fd), host)
+        except OSError as e:
+            # Removing an ACL that was never set succeeds, as on a real filesystem.
+            if not (e.errno == errno.ENODATA and name in _ACL_NAMES):
+                raise
+
+    def check_xattr(self, name: str, write: bool) -> None:
+        self._host_name(name)
+
+    def filter_xattrs(self, names: list[str]) -> list[str]:
+        return [n for n in names if not n.startswith(_VIRTFS_PREFIX)]
+
+
+def _unlink_quietly(dirfd: int, name: bytes, rmdir: bool) -> None:
+    try:
+        if rmdir:
+            os.rmdir(name, dir_fd=dirfd)
+        else:
+            os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
+
+
+def credentials_for_model(
+    model: str | None, *, fmode: int | None = None, dmode: int | None = None
+) -> Credentials:
+    """The credential model named as QEMU names them (None = the default for this process)."""
+    if model in ("mapped", "mapped-xattr"):
+        return MappedXattrCredentials(
+            fmode if fmode is not None else 0o600, dmode if dmode is not None else 0o700
+        )
+    if fmode is not None or dmode is not None:
+        raise ValueError("fmode/dmode only apply to the mapped security models")
+    if model is None:
+        return default_credentials()
+    if model == "passthrough":
+        return PassthroughCredentials()
+    if model == "none":
+        return NoneCredentials()
+    raise ValueError(f"security model {model!r} is not available")
+
+
 def default_credentials() -> Credentials:
     return PassthroughCredentials() if os.geteuid() == 0 else NoneCredentials()
 
 
 __all__ = [
     "Credentials",
+    "MappedXattrCredentials",
     "NoneCredentials",
     "PassthroughCredentials",
+    "credentials_for_model",
     "default_credentials",
 ]

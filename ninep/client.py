@@ -26,6 +26,7 @@ from ninep import messages as m
 from ninep.codec import HEADER, Codec, codec_for, unpack_dirents
 from ninep.protocol import (
     GETATTR_ALL,
+    IOHDRSZ,
     L_O_CREAT,
     L_O_RDONLY,
     L_O_RDWR,
@@ -96,6 +97,8 @@ class Client:
                 await channel.aclose()
 
     async def version(self, msize: int, version: str) -> tuple[int, str]:
+        # As Linux's p9_client_create: never ask for more than the transport can carry.
+        msize = min(msize, self.channel.max_message_size)
         reply = await self.rpc(m.Tversion(msize, version), tag=NOTAG)
         assert isinstance(reply, m.Rversion)
         if reply.version == VERSION_UNKNOWN:
@@ -276,7 +279,8 @@ class Client:
         await self.call(m.Tsetattr(fid, valid, mode, uid, gid, size, atime[0], atime[1], mtime[0], mtime[1]), m.Rsetattr)
 
     async def readdir(self, fid: int, offset: int = 0, count: int | None = None) -> list[tuple[Qid, int, int, str]]:
-        r = await self.call(m.Treaddir(fid, offset, count or self.msize - READ_HEADER), m.Rreaddir)
+        # msize - IOHDRSZ as Linux asks: diod refuses counts above that.
+        r = await self.call(m.Treaddir(fid, offset, count or self.msize - IOHDRSZ), m.Rreaddir)
         return unpack_dirents(r.data)
 
     async def readdir_all(self, fid: int) -> list[tuple[Qid, int, int, str]]:

@@ -11,6 +11,7 @@ import errno
 import logging
 import pwd
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -64,8 +65,6 @@ def check_name(name: str, *, creating: bool = True) -> None:
 def check_walk_name(name: str) -> None:
     if not name or "/" in name or "\0" in name:
         raise OSError(errno.EINVAL, f"illegal file name {name!r}")
-    if name == ".":
-        raise OSError(errno.ENOENT, "'.' is not a walkable name")
 
 
 # --- fid lifetime --------------------------------------------------------------------------------
@@ -132,7 +131,9 @@ def _cred(uname: str, n_uname: int) -> Cred:
 
 
 async def auth(s: Session, msg: m.Tauth) -> m.Message:
-    raise OSError(errno.EOPNOTSUPP, "authentication not required")
+    # ENOENT is what diod answers and what its client (libnpclient) takes as "no authentication
+    # required, go on and attach"; other errors make it give up.
+    raise OSError(errno.ENOENT, "authentication not required")
 
 
 async def attach(s: Session, msg: m.Tattach) -> m.Message:
@@ -154,7 +155,7 @@ async def attach(s: Session, msg: m.Tattach) -> m.Message:
 async def flush(s: Session, msg: m.Tflush) -> m.Message:
     req = s.inflight.get(msg.oldtag)
     if req is not None and msg.oldtag != msg.tag:
-        req.scope.cancel()
+        s.interrupt(req)
         await req.done.wait()
     return m.Rflush()
 
@@ -169,16 +170,30 @@ async def walk(s: Session, msg: m.Twalk) -> m.Message:
         raise OSError(errno.EBADF, f"fid {msg.newfid} already in use")
     for name in msg.wname:
         check_walk_name(name)
-    nodes = await s.backend.walk(fid.node, msg.wname)
-    if len(nodes) < len(msg.wname) or (not msg.wname and not nodes):
+    # "." stays where the walk is (QEMU and diod allow it; diodls walks it). Backends never see it.
+    real = [n for n in msg.wname if n != "."]
+    try:
+        nodes = await s.backend.walk(fid.node, real)
+    except OSError:
+        if msg.wname[0] != ".":
+            raise
+        nodes = []  # the leading "." steps succeeded: a partial walk
+    qids, cur, j = [], fid.node.qid, 0
+    for name in msg.wname:
+        if name != ".":
+            if j >= len(nodes):
+                break
+            cur, j = nodes[j].qid, j + 1
+        qids.append(cur)
+    if len(qids) < len(msg.wname):
         # A partial walk: report how far it got; newfid is left untouched.
         for n in nodes:
             await s.backend.release(n)
-        return m.Rwalk([n.qid for n in nodes])
+        return m.Rwalk(qids)
     target = nodes[-1]
     for n in nodes[:-1]:
         await s.backend.release(n)
-    new = Fid(target, fid.cred, msg.wname[-1] if msg.wname else fid.name)
+    new = Fid(target, fid.cred, real[-1] if real else fid.name)
     if msg.newfid == msg.fid:
         if fid.open is not None:
             await s.backend.release(target)
@@ -192,8 +207,8 @@ async def walk(s: Session, msg: m.Twalk) -> m.Message:
         except OSError:
             await s.backend.release(target)
             raise
-    # A clone (no names) answers no qids: nwqid is one per name walked.
-    return m.Rwalk([n.qid for n in nodes] if msg.wname else [])
+    # One qid per name walked: a clone (no names) answers none.
+    return m.Rwalk(qids)
 
 
 async def clunk(s: Session, msg: m.Tclunk) -> m.Message:
@@ -479,9 +494,9 @@ async def lock(s: Session, msg: m.Tlock) -> m.Message:
         status = await s.backend.lock(fid.open, lk, owner)
         if status != LOCK_BLOCKED or not msg.flags & LOCK_FLAGS_BLOCK:
             return m.Rlock(status)
-        # A blocking request waits here, cancellable by Tflush, instead of making the client
+        # A blocking request waits here, interruptible by Tflush, instead of making the client
         # poll; the backend call itself never blocks.
-        await trio.sleep(delay)
+        await s.interruptible(msg.tag, partial(trio.sleep, delay))
         delay = min(delay * 2, 0.1)
 
 

@@ -2,9 +2,12 @@
 
 The session reads whole messages from a Channel, runs each request as its own trio task (many in
 flight, answered as they finish), and hands decoded T-messages to the handlers in `ninep.ops`.
-Tflush cancels the request's cancel scope and is answered after it; a cancelled request gets no
-reply. When the connection ends every in-flight request is cancelled and every fid clunked, so a
-client dying mid-request leaks nothing.
+Tflush interrupts the request where it waits (a blocking lock: `Session.interruptible`) and is
+answered after it; a request interrupted that way gets no reply. Backend calls are never abandoned
+half-way — their results (fds, new fids) would leak — so a request flushed while in one completes
+and replies, which the protocol allows (a client must honour a reply that arrives before Rflush).
+When the connection ends every waiting request is interrupted, the rest finish, and every fid is
+clunked, so a client dying mid-request leaks nothing.
 
 This module must never touch the host filesystem or a socket directly: files go through the
 Backend, bytes through the Channel.
@@ -64,14 +67,21 @@ class SessionOptions:
     drain_seconds: float = 3.0
 
 
+class Flushed(Exception):
+    """Raised inside a request interrupted by Tflush or by the connection ending: no reply."""
+
+
 @dataclass(slots=True)
 class Request:
     tag: int
     msgtype: int
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: Set by Tflush (or teardown); `wait_scope` is the interruptible wait in progress, if any.
+    flushed: bool = False
+    wait_scope: trio.CancelScope | None = None
     done: trio.Event = field(default_factory=trio.Event)
     started: float = 0.0
-    #: Set just before the reply goes out: from then on the client may reuse the tag.
+    #: Set just before the reply goes out: from then on the client may legitimately reuse the tag
+    #: (it can see the reply before this task has removed the request from `inflight`).
     answered: bool = False
 
 
@@ -116,7 +126,8 @@ class Session:
                 except trio.BrokenResourceError as e:
                     log.info("connection %d from %s broken: %s", self.conn_id, peer, e)
                 finally:
-                    nursery.cancel_scope.cancel()
+                    # Waiting requests are interrupted; the others finish their backend call.
+                    self.interrupt_all()
         finally:
             with trio.CancelScope(shield=True):
                 await self.clunk_all()
@@ -128,8 +139,31 @@ class Session:
         with trio.move_on_after(self.options.drain_seconds):
             for req in list(self.inflight.values()):
                 await req.done.wait()
+        self.interrupt_all()
+
+    def interrupt(self, req: Request) -> None:
+        req.flushed = True
+        if req.wait_scope is not None:
+            req.wait_scope.cancel()
+
+    def interrupt_all(self) -> None:
         for req in list(self.inflight.values()):
-            req.scope.cancel()
+            self.interrupt(req)
+
+    async def interruptible(self, tag: int, wait: Callable[[], Awaitable[object]]) -> None:
+        """Runs `wait()` so that Tflush of `tag` (or the connection ending) interrupts it, in
+        which case the request ends with no reply. Only for waits with no side effects."""
+        req = self.inflight.get(tag)
+        if req is None or req.flushed:
+            raise Flushed
+        with trio.CancelScope() as scope:
+            req.wait_scope = scope
+            try:
+                await wait()
+            finally:
+                req.wait_scope = None
+        if scope.cancelled_caught or req.flushed:
+            raise Flushed
 
     async def clunk_all(self) -> None:
         from ninep.ops import release_fid
@@ -183,8 +217,10 @@ class Session:
             await self.send_error(tag, errno.ESHUTDOWN)
             return
         old = self.inflight.get(tag)
-        if old is not None and not old.answered:
-            raise FramingError(f"tag {tag} reused while still in flight")
+        if old is not None:
+            if not old.answered:
+                raise FramingError(f"tag {tag} reused while still in flight")
+            await old.done.wait()
         await self._slots.acquire()
         req = Request(tag, msgtype, started=time.perf_counter())
         self.inflight[tag] = req
@@ -194,15 +230,19 @@ class Session:
         reply: m.Message | Sent | None = None
         err: tuple[int, str] | None = None
         try:
-            with req.scope:
+            # Shielded: only `interruptible` waits inside may be cut short (see module docstring).
+            with trio.CancelScope(shield=True):
                 try:
                     msg = self.codec.decode(buf)
                     if self.options.trace:
                         trace_log.info("%d <- %s", self.conn_id, msg)
                     handler = self._handlers.get(req.msgtype)
                     if handler is None:
-                        raise OSError(errno.EOPNOTSUPP, f"{T(req.msgtype).name if req.msgtype in T._value2member_map_ else req.msgtype} not supported in {self.dialect}")
+                        name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
+                        raise OSError(errno.EOPNOTSUPP, f"{name} not supported in {self.dialect}")
                     reply = await handler(self, msg)
+                except Flushed:
+                    pass
                 except DecodeError as e:
                     log.info("connection %d: malformed message (type %s tag %s): %s", self.conn_id, req.msgtype, req.tag, e)
                     err = (e.errno, str(e))
@@ -214,9 +254,6 @@ class Session:
                 except Exception:
                     log.exception("connection %d: request %s failed", self.conn_id, T(req.msgtype).name)
                     err = (errno.EIO, "internal error")
-            # Outside the scope: a reply that was computed is always sent whole, even if a flush
-            # arrives meanwhile; a request cancelled before it had a reply sends nothing.
-            with trio.CancelScope(shield=True):
                 req.answered = reply is not None or err is not None
                 if isinstance(reply, m.Message):
                     reply.tag = req.tag
@@ -247,7 +284,9 @@ class Session:
         if dialect == V9P2000_L:
             msg: m.Message = m.Rlerror(err, tag=tag)
         else:
-            msg = m.Rerror(os.strerror(err) if dialect == V9P2000_U else text, err, tag=tag)
+            # Always the standard strerror text: 9P2000 clients (Linux, plan9port) map the string
+            # back to an errno with a table of exactly these strings; `text` stays in the logs.
+            msg = m.Rerror(os.strerror(err), err, tag=tag)
         await self.channel.send(codec_for(dialect).encode(msg))
 
     # --- version ------------------------------------------------------------------------------
@@ -259,8 +298,7 @@ class Session:
         except DecodeError as e:
             raise FramingError(f"malformed Tversion: {e}") from None
         # Tversion aborts everything outstanding and resets the fid table.
-        for req in list(self.inflight.values()):
-            req.scope.cancel()
+        self.interrupt_all()
         for req in list(self.inflight.values()):
             await req.done.wait()
         await self.clunk_all()

@@ -215,8 +215,18 @@ class SocketListener:
                         os.unlink(path)
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            await sock.bind(self.sockaddr)
-            sock.listen(128)
+            if self.family == socket.AF_UNIX:
+                # Bind under a temporary name and rename once listening, so the path appears only
+                # when connections are accepted (scripts and QEMU may wait for it to exist).
+                tmp = f"{self.sockaddr}.{os.getpid()}.tmp"
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                await sock.bind(tmp)
+                sock.listen(128)
+                os.rename(tmp, str(self.sockaddr))
+            else:
+                await sock.bind(self.sockaddr)
+                sock.listen(128)
             self.bound = sock.getsockname()
             log.info("listening on %s", self.address if self.family == socket.AF_UNIX else f"tcp:{self.bound[0]}:{self.bound[1]}")
             task_status.started()

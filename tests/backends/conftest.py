@@ -38,16 +38,23 @@ def make_backend(kind: str, root: Path, **kw: Any) -> Any:
         from fs_backends.memory import MemoryBackend
 
         return MemoryBackend(**kw)
-    if kind == "proxy":
+    if kind in ("proxy", "proxy-mapped"):
         from fs_backends.proxy import proxy_backend
 
-        return proxy_backend(str(root), **kw)
+        # proxy: passthrough as root (a mount-namespace helper keeping five capabilities);
+        # proxy-mapped: mapped-xattr in a user namespace, no privilege at all.
+        model = "mapped-xattr" if kind == "proxy-mapped" else None
+        return proxy_backend(str(root), model, **kw)
     from fs_backends.local import LocalBackend
 
+    if kind == "local-mapped":
+        from fs_backends.security import MappedXattrCredentials
+
+        kw.setdefault("credentials", MappedXattrCredentials())
     return LocalBackend(str(root), **kw)
 
 
-BACKENDS = ["memory", "local", "proxy"]
+BACKENDS = ["memory", "local", "local-mapped", "proxy", "proxy-mapped"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -77,7 +84,7 @@ PROXY_UNSUPPORTED = {"test_xattr_on_symlink": "trusted.* xattrs need CAP_SYS_ADM
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is None or callspec.params.get("kind") != "proxy":
+        if callspec is None or callspec.params.get("kind") not in ("proxy", "proxy-mapped"):
             continue
         reason = PROXY_UNSUPPORTED.get(getattr(item, "originalname", item.name))
         if reason:

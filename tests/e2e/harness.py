@@ -75,7 +75,40 @@ async def fd(nursery: trio.Nursery, server: Server, tmp: Path) -> Connector:
     return connect
 
 
-TRANSPORTS: dict[str, TransportSetup] = {"tcp": tcp, "unix": unix, "fd": fd}
+async def xen(nursery: trio.Nursery, server: Server, tmp: Path) -> Connector:
+    """An emulated xenstore; each client is a new guest domain with its own 9pfs device."""
+    from transports.xen.emu import serve_xenstore
+
+    sock = f"{tmp}/xs.sock"
+    domids = iter(range(1, 0x7FF0))
+
+    async def world(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as inner:
+            await inner.start(serve_xenstore, sock)
+            task_status.started(inner)
+            await server.serve([])  # returns once shut down and drained
+            inner.cancel_scope.cancel()
+
+    inner: trio.Nursery = await nursery.start(world)
+
+    async def connect() -> Channel:
+        address = f"xen:{next(domids)}/0,xenstore={sock}"
+        listener = listener_from_address(address, ListenOptions(max_msize=server.options.max_msize))
+        await inner.start(listener.serve, server.handle)
+        return await connect_address(address, ConnectOptions())
+
+    return connect
+
+
+async def vhost_user(nursery: trio.Nursery, server: Server, tmp: Path) -> Connector:
+    """virtio-9p: the vhost-user back-end, with `transports.virtio.Frontend` playing VMM and guest
+    driver (each client is one VMM connection, so one device and one 9P session)."""
+    return await _address_transport(f"vhost-user:{tmp}/vhost.sock", nursery, server)
+
+
+TRANSPORTS: dict[str, TransportSetup] = {
+    "tcp": tcp, "unix": unix, "fd": fd, "vhost-user": vhost_user, "xen": xen,
+}
 
 
 @asynccontextmanager

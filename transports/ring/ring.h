@@ -13,6 +13,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
 /* Memory barriers matching the Linux/Xen ring protocols (x86-64 and aarch64 via builtins). */
 #define ring_mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
@@ -30,6 +32,14 @@ static inline int ring_in_bounds(uint64_t off, uint64_t len, uint64_t size)
 {
     return off <= size && len <= size - off;
 }
+
+/*
+ * Whole-count file I/O between `fd` at `offset` and already bounds-checked memory segments
+ * (common.c). Safe to call with the GIL released; loops over short transfers, EINTR and IOV_MAX,
+ * stops at end of file. `iov` is consumed. Returns bytes moved, or -errno if nothing moved.
+ */
+ssize_t ring_preadv_all(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
+ssize_t ring_pwritev_all(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
 
 /*
  * Method tables contributed by each part of the extension. A part that is not compiled in leaves

@@ -1,0 +1,383 @@
+"""The compiled split-virtqueue device side against a well-behaved and a hostile driver."""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.virtio.ringkit import GPA_BASE, INDIRECT, MEM_SIZE, NEXT, UVA_BASE, WRITE, Ring
+from transports.virtio._ext import MemTable, VirtqError
+
+
+@pytest.fixture
+def ring():
+    r = Ring()
+    yield r
+    r.close()
+
+
+def test_chain_is_one_byte_stream(ring: Ring) -> None:
+    d = ring.data
+    ring.write(d, b"hello ")
+    ring.write(d + 0x100, b"world")
+    ring.chain((d, 6, False), (d + 0x100, 5, False), (d + 0x200, 3, True), (d + 0x300, 10, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    assert chain.request == b"hello world"
+    assert chain.capacity == 13
+    assert chain.segments == 2
+    # The reply crosses from the first writable buffer into the second.
+    assert chain.write([b"ab", b"cdef"]) == 6
+    assert ring.read(d + 0x200, 3) == b"abc"
+    assert ring.read(d + 0x300, 3) == b"def"
+    assert chain.complete(6) is True
+    assert ring.used_idx() == 1
+    assert ring.used_elem(0) == (0, 6)  # used.len is exactly the bytes written
+    assert ring.queue.pop() is None
+
+
+def test_request_is_a_private_copy(ring: Ring) -> None:
+    ring.write(ring.data, b"ABCDEFG")
+    ring.chain((ring.data, 7, False), (ring.data + 0x100, 16, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    ring.write(ring.data, b"XXXXXXX")  # the driver changes its buffer after the pop
+    assert chain.request == b"ABCDEFG"
+
+
+def test_out_of_order_completion(ring: Ring) -> None:
+    for i in range(3):
+        ring.chain((ring.data + 0x100 * i, 8, False), (ring.data + 0x1000 + 0x100 * i, 8, True), start=2 * i)
+        ring.offer(2 * i)
+    chains = [ring.queue.pop() for _ in range(3)]
+    assert ring.queue.inflight == 3
+    for c, n in zip(reversed(chains), (1, 2, 3), strict=True):
+        c.complete(n)
+    assert [ring.used_elem(i) for i in range(3)] == [(4, 1), (2, 2), (0, 3)]
+    assert ring.queue.inflight == 0
+
+
+def test_reply_too_large_writes_nothing(ring: Ring) -> None:
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 4, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    with pytest.raises(ValueError):
+        chain.write([b"12345"])
+    assert ring.read(ring.data + 0x100, 4) == b"\0\0\0\0"
+    with pytest.raises(ValueError):
+        chain.complete(5)
+    chain.complete(0)
+    with pytest.raises(RuntimeError):
+        chain.complete(0)
+
+
+def test_device_never_writes_readable_buffers(ring: Ring) -> None:
+    ring.write(ring.data, b"R" * 16)
+    ring.chain((ring.data, 16, False), (ring.data + 0x100, 4, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    chain.write([b"WWWW"])
+    assert ring.read(ring.data, 16) == b"R" * 16
+
+
+def test_indirect_chain(ring: Ring) -> None:
+    table = ring.data + 0x8000
+    ring.write(ring.data, b"in-table")
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 8, True), table=table)
+    ring.put(0, table, 32, INDIRECT)
+    ring.offer(0)
+    chain = ring.queue.pop()
+    assert chain.request == b"in-table" and chain.capacity == 8
+
+
+def broken(ring: Ring, match: str) -> None:
+    with pytest.raises(VirtqError, match=match):
+        ring.queue.pop()
+    assert ring.queue.broken
+    with pytest.raises(VirtqError):  # stays broken until the VMM resets the ring
+        ring.queue.pop()
+
+
+def test_descriptor_loop(ring: Ring) -> None:
+    ring.put(0, ring.data, 8, NEXT, 1)
+    ring.put(1, ring.data, 8, NEXT, 0)
+    ring.offer(0)
+    broken(ring, "loops")
+
+
+def test_loop_inside_indirect_table(ring: Ring) -> None:
+    table = ring.data + 0x8000
+    ring.put(0, ring.data, 8, NEXT, 1, table)
+    ring.put(1, ring.data + 0x100, 8, WRITE | NEXT, 1, table)
+    ring.put(0, table, 32, INDIRECT)
+    ring.offer(0)
+    broken(ring, "loops")
+
+
+def test_indirect_inside_indirect(ring: Ring) -> None:
+    outer, inner = ring.data + 0x8000, ring.data + 0x9000
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 8, True), table=inner)
+    ring.put(0, inner, 32, INDIRECT, 0, outer)
+    ring.put(0, outer, 16, INDIRECT)
+    ring.offer(0)
+    broken(ring, "INDIRECT inside")
+
+
+def test_indirect_with_next_refused(ring: Ring) -> None:
+    table = ring.data + 0x8000
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 8, True), table=table)
+    ring.put(0, table, 32, INDIRECT | NEXT, 1)
+    ring.offer(0)
+    broken(ring, "INDIRECT descriptor with NEXT")
+
+
+def test_indirect_in_middle_of_chain(ring: Ring) -> None:
+    ring.put(0, ring.data, 8, NEXT, 1)
+    ring.put(1, ring.data + 0x8000, 32, INDIRECT)
+    ring.offer(0)
+    broken(ring, "middle")
+
+
+def test_indirect_needs_the_feature() -> None:
+    r = Ring(indirect=False)
+    try:
+        r.put(0, r.data + 0x8000, 32, INDIRECT)
+        r.offer(0)
+        broken(r, "without the feature")
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("length", [0, 24, 16 * 5000])
+def test_bad_indirect_table_length(ring: Ring, length: int) -> None:
+    ring.put(0, ring.data + 0x8000, length, INDIRECT)
+    ring.offer(0)
+    broken(ring, "bad indirect table")
+
+
+@pytest.mark.parametrize(
+    "addr,length",
+    [
+        (GPA_BASE + MEM_SIZE - 8, 16),  # runs off the end
+        (GPA_BASE + MEM_SIZE, 1),  # starts past the end
+        (GPA_BASE - 16, 8),  # before the start
+        (0, 8),
+        (2**64 - 8, 16),  # wraps around
+        (UVA_BASE, 8),  # a VMM address, not a guest-physical one
+    ],
+)
+def test_buffer_outside_guest_memory(ring: Ring, addr: int, length: int) -> None:
+    ring.chain((addr, length, False), (ring.data, 16, True))
+    ring.offer(0)
+    broken(ring, "outside guest memory|wraps")
+
+
+def test_indirect_table_outside_guest_memory(ring: Ring) -> None:
+    ring.put(0, GPA_BASE + MEM_SIZE - 16, 32, INDIRECT)
+    ring.offer(0)
+    broken(ring, "indirect table outside")
+
+
+def test_readable_after_writable(ring: Ring) -> None:
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 8, True), (ring.data + 0x200, 8, False))
+    ring.offer(0)
+    broken(ring, "readable descriptor after a writable")
+
+
+@pytest.mark.parametrize("jump", [9, 100, 0xFFFF])  # 0xFFFF: the index moved backwards
+def test_avail_idx_jump(ring: Ring, jump: int) -> None:
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 8, True))
+    ring.set_avail_idx(jump)
+    broken(ring, "more than the queue size")
+
+
+def test_head_and_next_out_of_range(ring: Ring) -> None:
+    ring.offer(8)
+    broken(ring, "head index 8 out of range")
+    r = Ring()
+    try:
+        r.put(0, r.data, 8, NEXT, 9)
+        r.offer(0)
+        broken(r, "next index 9 out of range")
+    finally:
+        r.close()
+
+
+def test_request_size_limit() -> None:
+    r = Ring(max_request=4096)
+    try:
+        r.chain((r.data, 4097, False), (r.data + 0x2000, 16, True))
+        r.offer(0)
+        broken(r, "request larger")
+    finally:
+        r.close()
+
+
+def test_no_interrupt_flag(ring: Ring) -> None:
+    ring.set_avail_flags(1)
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 8, True))
+    ring.offer(0)
+    assert ring.queue.pop().complete(1) is False
+    assert ring.used_idx() == 1
+
+
+def test_event_idx_suppression() -> None:
+    r = Ring(event_idx=True)
+    try:
+        for i in range(4):
+            r.chain((r.data + 0x100 * i, 8, False), (r.data + 0x1000 + 0x100 * i, 8, True), start=2 * i)
+            r.offer(2 * i)
+        chains = [r.queue.pop() for _ in range(4)]
+        assert r.avail_event() == 4  # the device asks to be kicked at the next new buffer
+        assert r.queue.pop() is None
+        r.set_used_event(2)  # the driver wants an interrupt once used.idx passes 2
+        assert [c.complete(1) for c in chains] == [True, False, True, False]
+    finally:
+        r.close()
+
+
+def test_memory_table_change_while_in_flight(ring: Ring) -> None:
+    ring.write(ring.data, b"request")
+    ring.chain((ring.data, 7, False), (ring.data + 0x100, 16, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    # The VMM replaces the table: same memory through a new fd and mapping.
+    fd2 = os.dup(ring.fd)
+    try:
+        ring.queue.remap(MemTable([(fd2, GPA_BASE, MEM_SIZE, UVA_BASE, 0)]), *map(ring.uva, (ring.desc, ring.avail, ring.used)))
+    finally:
+        os.close(fd2)
+    ring.table = None  # drop the last outside reference to the old mapping
+    assert chain.write([b"reply"]) == 5  # the chain keeps its own mapping alive
+    chain.complete(5)
+    assert ring.read(ring.data + 0x100, 5) == b"reply"
+    assert ring.used_elem(0) == (0, 5)
+    # A table that no longer contains the rings breaks the queue instead of dangling.
+    other = os.memfd_create("other")
+    os.ftruncate(other, 1 << 16)
+    try:
+        with pytest.raises(VirtqError, match="outside guest memory"):
+            ring.queue.remap(MemTable([(other, 0, 1 << 16, 0, 0)]), *map(ring.uva, (ring.desc, ring.avail, ring.used)))
+    finally:
+        os.close(other)
+    assert ring.queue.broken
+
+
+def test_stopped_queue_drops_completions(ring: Ring) -> None:
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 8, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    assert ring.queue.stop() == 1
+    assert chain.complete(3) is False
+    assert ring.used_idx() == 0
+    assert ring.queue.pop() is None
+
+
+def test_memtable_refuses_bad_regions() -> None:
+    fd = os.memfd_create("small")
+    os.ftruncate(fd, 4096)
+    try:
+        with pytest.raises(ValueError, match="past the end"):
+            MemTable([(fd, 0, 8192, 0, 0)])
+        with pytest.raises(ValueError):
+            MemTable([(fd, 2**64 - 4096, 8192, 0, 0)])
+        with pytest.raises(ValueError, match="overlaps"):
+            MemTable([(fd, 0, 4096, 0, 0), (fd, 0, 4096, 1 << 20, 0)])
+        with pytest.raises(ValueError):
+            MemTable([])
+    finally:
+        os.close(fd)
+
+
+def test_pread_zero_copy_layout(ring: Ring) -> None:
+    d = ring.data
+    # Linux's zero-copy Rread: an 11-byte header area, then payload pages elsewhere.
+    ring.write(d, b"T" * 23)
+    ring.chain((d, 23, False), (d + 0x1000, 11, True), (d + 0x3000, 4096, True), (d + 0x5000, 4096, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    content = os.urandom(6000)
+    with tempfile.TemporaryFile() as f:
+        f.write(content)
+        f.flush()
+        n = chain.pread(f.fileno(), 100, 8000)
+    assert n == 5900  # stops at end of file
+    assert ring.read(d + 0x3000, 4096) == content[100:4196]
+    assert ring.read(d + 0x5000, 5900 - 4096) == content[4196:]
+    assert ring.read(d + 0x1000, 11) == bytes(11)  # header area untouched until written
+    chain.write([struct.pack("<IBHI", 11 + n, 117, 1, n)])
+    chain.complete(11 + n)
+    assert ring.used_elem(0) == (0, 11 + n)
+
+
+def test_pread_error_is_oserror(ring: Ring) -> None:
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 64, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    with pytest.raises(OSError):
+        chain.pread(-1, 0, 10)
+    chain.complete(0)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    descs=st.lists(
+        st.tuples(
+            st.integers(GPA_BASE - 64, GPA_BASE + MEM_SIZE + 64) | st.integers(0, 2**64 - 1),
+            st.integers(0, 0x3000) | st.integers(0, 2**32 - 1),
+            st.integers(0, 7),
+            st.integers(0, 12),
+        ),
+        min_size=8,
+        max_size=8,
+    ),
+    heads=st.lists(st.integers(0, 10), min_size=1, max_size=10),
+    idx=st.integers(0, 0xFFFF) | st.integers(1, 10),
+)
+def test_random_driver_never_crashes(descs, heads, idx) -> None:
+    r = Ring()
+    try:
+        for i, (addr, length, flags, nxt) in enumerate(descs):
+            r.put(i, addr, length, flags, nxt)
+        for h in heads:
+            r.offer(h)
+        if idx > 10:
+            r.set_avail_idx(idx)
+        before = bytes(r.mem)
+        while True:
+            try:
+                chain = r.queue.pop()
+            except VirtqError:
+                assert r.queue.broken
+                break
+            if chain is None:
+                break
+            n = chain.capacity
+            chain.write([b"\xaa" * n])
+            chain.complete(n)
+        # The device changed nothing but the used ring and device-writable buffers.
+        after = bytes(r.mem)
+        allowed = [(r.used, 6 + 8 * r.num)]
+        allowed += [(a, n) for a, n, f, _ in descs if f & WRITE and not f & INDIRECT]
+        expected = bytearray(before)
+        for a, n in allowed:
+            lo, hi = max(a, GPA_BASE), min(a + n, GPA_BASE + MEM_SIZE)
+            if lo < hi:
+                expected[lo - GPA_BASE : hi - GPA_BASE] = after[lo - GPA_BASE : hi - GPA_BASE]
+        assert expected == after, "the device wrote outside the used ring and writable buffers"
+    finally:
+        r.close()
+
+
+def test_driver_writing_the_used_index_does_not_move_the_device(ring: Ring) -> None:
+    ring.chain((ring.data, 8, False), (ring.data + 0x100, 8, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    struct.pack_into("<H", ring.mem, ring.off(ring.used + 2), 40)  # the wrong side writes used.idx
+    chain.complete(2)
+    assert ring.used_idx() == 1 and ring.used_elem(0) == (0, 2)

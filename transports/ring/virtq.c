@@ -1,0 +1,796 @@
+/*
+ * Device side of a virtio split virtqueue (virtio 1.x, split-ring.tex) over guest memory shared
+ * by a VMM (vhost-user) or by the in-process test front-end.
+ *
+ * Types:
+ *   MemTable  - the guest memory regions, mmapped from the fds the VMM passed. Unmapped only when
+ *               the last reference goes, so a chain popped before a memory-table change stays
+ *               valid until it is completed.
+ *   VirtQueue - one queue: ring addresses translated once, last_avail/used shadows, EVENT_IDX.
+ *   Chain     - one popped descriptor chain: a private copy of its device-readable bytes and the
+ *               host segments of its device-writable part, written as one byte stream.
+ *
+ * The driver is hostile. Every ring index and descriptor field is read once into a local (see
+ * ring.h), checked, then used; guest addresses are translated with overflow-safe bounds checks;
+ * loops, over-long chains, nested or misplaced INDIRECT, readable-after-writable and avail.idx
+ * jumps larger than the queue mark the queue broken (VirtqError) instead of being served.
+ * This file must never write a device-readable buffer or any memory outside a mapped region.
+ */
+#include "ring.h"
+
+#include <endian.h>
+#include <stdarg.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+
+#define VQ_MAX_REGIONS 64
+#define VQ_MAX_SIZE 32768
+#define VQ_MAX_INDIRECT 4096
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+
+static PyObject *VirtqError;
+
+/* ------------------------------------------------------------------------------------------ */
+/* MemTable                                                                                    */
+
+typedef struct {
+    uint64_t gpa, size, uva;
+    uint8_t *host;     /* first byte of the region (map_base + mmap_offset) */
+    void *map_base;
+    size_t map_len;
+} vq_region;
+
+typedef struct {
+    PyObject_HEAD
+    int nregions;
+    vq_region regions[VQ_MAX_REGIONS];
+} MemTableObject;
+
+static void memtable_dealloc(MemTableObject *self)
+{
+    for (int i = 0; i < self->nregions; i++)
+        munmap(self->regions[i].map_base, self->regions[i].map_len);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int memtable_init(MemTableObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"regions", NULL};
+    PyObject *seq;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &seq))
+        return -1;
+    if (self->nregions) {
+        PyErr_SetString(PyExc_RuntimeError, "MemTable already initialised");
+        return -1;
+    }
+    PyObject *fast = PySequence_Fast(seq, "regions must be a sequence of (fd, gpa, size, uva, mmap_offset)");
+    if (fast == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n < 1 || n > VQ_MAX_REGIONS) {
+        PyErr_Format(PyExc_ValueError, "between 1 and %d memory regions expected", VQ_MAX_REGIONS);
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int fd;
+        unsigned long long gpa, size, uva, off;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "iKKKK", &fd, &gpa, &size, &uva, &off))
+            goto fail;
+        if (size == 0 || gpa + size < gpa || uva + size < uva || off + size < off || off + size > SIZE_MAX ||
+            (off & 4095) != 0) {
+            PyErr_Format(PyExc_ValueError, "memory region %zd has an invalid size or offset", i);
+            goto fail;
+        }
+        /* Mapping beyond the end of the file would turn a guest access into SIGBUS. */
+        struct stat st;
+        if (fstat(fd, &st) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < off + size) {
+            PyErr_Format(PyExc_ValueError, "memory region %zd extends past the end of its file", i);
+            goto fail;
+        }
+        for (int j = 0; j < self->nregions; j++) {
+            vq_region *r = &self->regions[j];
+            if (gpa < r->gpa + r->size && r->gpa < gpa + size) {
+                PyErr_Format(PyExc_ValueError, "memory region %zd overlaps region %d", i, j);
+                goto fail;
+            }
+        }
+        size_t len = (size_t)(off + size);
+        void *base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (base == MAP_FAILED) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        vq_region *r = &self->regions[self->nregions++];
+        r->gpa = gpa;
+        r->size = size;
+        r->uva = uva;
+        r->map_base = base;
+        r->map_len = len;
+        r->host = (uint8_t *)base + off;
+    }
+    Py_DECREF(fast);
+    return 0;
+fail:
+    Py_DECREF(fast);
+    for (int i = 0; i < self->nregions; i++)
+        munmap(self->regions[i].map_base, self->regions[i].map_len);
+    self->nregions = 0;
+    return -1;
+}
+
+/* Host pointer of [addr, addr+len) when it lies inside one region (by gpa, or by VMM address). */
+static uint8_t *mem_contig(const MemTableObject *m, uint64_t addr, uint64_t len, int by_uva)
+{
+    for (int i = 0; i < m->nregions; i++) {
+        const vq_region *r = &m->regions[i];
+        uint64_t base = by_uva ? r->uva : r->gpa;
+        if (addr < base)
+            continue;
+        uint64_t off = addr - base;
+        if (ring_in_bounds(off, len, r->size))
+            return r->host + off;
+    }
+    return NULL;
+}
+
+/* Region holding guest-physical `gpa` (at least one byte), and how many bytes remain in it. */
+static uint8_t *mem_at(const MemTableObject *m, uint64_t gpa, uint64_t *avail)
+{
+    for (int i = 0; i < m->nregions; i++) {
+        const vq_region *r = &m->regions[i];
+        if (gpa >= r->gpa && gpa - r->gpa < r->size) {
+            *avail = r->size - (gpa - r->gpa);
+            return r->host + (gpa - r->gpa);
+        }
+    }
+    return NULL;
+}
+
+static PyTypeObject MemTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "transports._ring.MemTable",
+    .tp_doc = "MemTable(regions): guest memory mapped from (fd, gpa, size, uva, mmap_offset) tuples. "
+              "The fds stay owned by the caller.",
+    .tp_basicsize = sizeof(MemTableObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)memtable_init,
+    .tp_dealloc = (destructor)memtable_dealloc,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* VirtQueue                                                                                   */
+
+typedef struct {
+    PyObject_HEAD
+    MemTableObject *mem;
+    uint8_t *desc, *avail, *used;
+    uint32_t num;
+    uint16_t last_avail, used_idx, signalled_used;
+    uint8_t signalled_valid, event_idx, indirect, broken, stopped;
+    uint64_t max_request;
+    uint64_t inflight;
+} VirtQueueObject;
+
+static PyTypeObject VirtQueueType;
+
+static PyObject *vq_fail(VirtQueueObject *q, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    q->broken = 1;
+    PyErr_FormatV(VirtqError, fmt, ap);
+    va_end(ap);
+    return NULL;
+}
+
+/* Translates the three ring areas of `q` through `mem`; 0 on success, -1 with VirtqError. */
+static int vq_map(VirtQueueObject *q, MemTableObject *mem, uint64_t desc, uint64_t avail, uint64_t used, int by_uva)
+{
+    uint64_t n = q->num;
+    if ((desc & 15) || (avail & 1) || (used & 3)) {
+        PyErr_SetString(VirtqError, "misaligned ring address");
+        return -1;
+    }
+    uint8_t *d = mem_contig(mem, desc, 16 * n, by_uva);
+    uint8_t *a = mem_contig(mem, avail, 6 + 2 * n, by_uva);
+    uint8_t *u = mem_contig(mem, used, 6 + 8 * n, by_uva);
+    if (d == NULL || a == NULL || u == NULL) {
+        PyErr_SetString(VirtqError, "ring address outside guest memory");
+        return -1;
+    }
+    Py_INCREF(mem);
+    Py_XSETREF(q->mem, mem);
+    q->desc = d;
+    q->avail = a;
+    q->used = u;
+    return 0;
+}
+
+static int vq_init(VirtQueueObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"mem", "num", "desc", "avail", "used", "by_uva", "event_idx",
+                             "indirect", "last_avail", "max_request", NULL};
+    MemTableObject *mem;
+    unsigned int num;
+    unsigned long long desc, avail, used, max_request = 16u << 20;
+    int by_uva = 1, event_idx = 0, indirect = 0;
+    unsigned int last_avail = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!IKKK|$pppIK", kwlist, &MemTableType, &mem, &num, &desc,
+                                     &avail, &used, &by_uva, &event_idx, &indirect, &last_avail, &max_request))
+        return -1;
+    if (self->mem != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "VirtQueue already initialised");
+        return -1;
+    }
+    if (num == 0 || num > VQ_MAX_SIZE || (num & (num - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "queue size must be a power of two up to 32768");
+        return -1;
+    }
+    if (last_avail > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "last_avail must fit 16 bits");
+        return -1;
+    }
+    self->num = num;
+    self->event_idx = (uint8_t)event_idx;
+    self->indirect = (uint8_t)indirect;
+    self->last_avail = (uint16_t)last_avail;
+    self->max_request = max_request;
+    if (vq_map(self, mem, desc, avail, used, by_uva) < 0)
+        return -1;
+    /* The used index continues from wherever the ring is (it survives a back-end restart). */
+    self->used_idx = le16toh(ring_load16(self->used + 2));
+    return 0;
+}
+
+static void vq_dealloc(VirtQueueObject *self)
+{
+    Py_XDECREF(self->mem);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* remap(mem, desc, avail, used, by_uva=True): follow a memory-table change; shadows are kept. */
+static PyObject *vq_remap(VirtQueueObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"mem", "desc", "avail", "used", "by_uva", NULL};
+    MemTableObject *mem;
+    unsigned long long desc, avail, used;
+    int by_uva = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!KKK|p", kwlist, &MemTableType, &mem, &desc, &avail, &used,
+                                     &by_uva))
+        return NULL;
+    if (vq_map(self, mem, desc, avail, used, by_uva) < 0) {
+        self->broken = 1;
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags, next;
+} vq_desc;
+
+static inline void vq_read_desc(const uint8_t *table, uint32_t i, vq_desc *d)
+{
+    const uint8_t *p = table + 16 * (size_t)i;
+    d->addr = le64toh(ring_load64(p));
+    d->len = le32toh(ring_load32(p + 8));
+    d->flags = le16toh(ring_load16(p + 12));
+    d->next = le16toh(ring_load16(p + 14));
+}
+
+typedef struct {
+    struct iovec *v;
+    int n, cap;
+    uint64_t total;
+} vq_segs;
+
+static int segs_push(vq_segs *s, uint8_t *p, uint64_t len)
+{
+    if (s->n == s->cap) {
+        int cap = s->cap ? s->cap * 2 : 16;
+        struct iovec *v = PyMem_Realloc(s->v, sizeof(*v) * (size_t)cap);
+        if (v == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        s->v = v;
+        s->cap = cap;
+    }
+    s->v[s->n].iov_base = p;
+    s->v[s->n].iov_len = (size_t)len;
+    s->n++;
+    s->total += len;
+    return 0;
+}
+
+/* Appends the host segments of guest buffer [addr, addr+len), split at region boundaries. */
+static int segs_add(VirtQueueObject *q, vq_segs *s, uint64_t addr, uint32_t len)
+{
+    uint64_t left = len;
+    if (addr + left < addr) {
+        vq_fail(q, "descriptor address wraps around");
+        return -1;
+    }
+    while (left) {
+        uint64_t room;
+        uint8_t *p = mem_at(q->mem, addr, &room);
+        if (p == NULL) {
+            vq_fail(q, "descriptor buffer 0x%llx+%u outside guest memory", (unsigned long long)addr, len);
+            return -1;
+        }
+        uint64_t take = left < room ? left : room;
+        if (segs_push(s, p, take) < 0)
+            return -1;
+        addr += take;
+        left -= take;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Chain                                                                                       */
+
+typedef struct {
+    PyObject_HEAD
+    VirtQueueObject *queue;
+    MemTableObject *mem;   /* keeps the segments mapped even if the memory table changes */
+    PyObject *request;     /* bytes: the device-readable part, copied once */
+    struct iovec *w;       /* device-writable segments */
+    int nw;
+    uint64_t capacity;
+    uint16_t head;
+    uint8_t done, busy;
+} ChainObject;
+
+static PyTypeObject ChainType;
+
+static void chain_dealloc(ChainObject *self)
+{
+    if (self->queue && !self->done)
+        self->queue->inflight--;
+    Py_XDECREF(self->queue);
+    Py_XDECREF(self->mem);
+    Py_XDECREF(self->request);
+    PyMem_Free(self->w);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Walks the chain starting at `head`; fills readable/writable segments or fails the queue. */
+static int vq_walk(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr)
+{
+    const uint8_t *table = q->desc;
+    uint32_t limit = q->num, count = 0, i = head;
+    int in_indirect = 0;
+    vq_desc d;
+    if (i >= q->num) {
+        vq_fail(q, "head index %u out of range", i);
+        return -1;
+    }
+    vq_read_desc(table, i, &d);
+    if (d.flags & VRING_DESC_F_INDIRECT) {
+        if (!q->indirect) {
+            vq_fail(q, "INDIRECT descriptor without the feature");
+            return -1;
+        }
+        if (d.flags & VRING_DESC_F_NEXT) {
+            vq_fail(q, "INDIRECT descriptor with NEXT");
+            return -1;
+        }
+        if (d.len == 0 || d.len % 16 || d.len / 16 > VQ_MAX_INDIRECT || (d.addr & 7)) {
+            vq_fail(q, "bad indirect table (len %u)", d.len);
+            return -1;
+        }
+        table = mem_contig(q->mem, d.addr, d.len, 0);
+        if (table == NULL) {
+            vq_fail(q, "indirect table outside guest memory");
+            return -1;
+        }
+        limit = d.len / 16;
+        in_indirect = 1;
+        i = 0;
+        vq_read_desc(table, i, &d);
+    }
+    for (;;) {
+        if (++count > limit) {
+            vq_fail(q, "descriptor chain loops or is longer than its table");
+            return -1;
+        }
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            vq_fail(q, in_indirect ? "INDIRECT inside an indirect table" : "INDIRECT in the middle of a chain");
+            return -1;
+        }
+        if (d.flags & VRING_DESC_F_WRITE) {
+            if (segs_add(q, wr, d.addr, d.len) < 0)
+                return -1;
+            if (wr->total > UINT32_MAX) {
+                vq_fail(q, "writable part larger than 4 GiB");
+                return -1;
+            }
+        } else {
+            if (wr->n > 0 || wr->total > 0) {
+                vq_fail(q, "device-readable descriptor after a writable one");
+                return -1;
+            }
+            if (segs_add(q, rd, d.addr, d.len) < 0)
+                return -1;
+            if (rd->total > q->max_request) {
+                vq_fail(q, "request larger than %llu bytes", (unsigned long long)q->max_request);
+                return -1;
+            }
+        }
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            return 0;
+        i = d.next;
+        if (i >= limit) {
+            vq_fail(q, "next index %u out of range", i);
+            return -1;
+        }
+        vq_read_desc(table, i, &d);
+    }
+}
+
+static inline uint16_t *vq_avail_event(VirtQueueObject *q) { return (uint16_t *)(q->used + 4 + 8 * (size_t)q->num); }
+static inline uint16_t *vq_used_event(VirtQueueObject *q) { return (uint16_t *)(q->avail + 4 + 2 * (size_t)q->num); }
+
+/* pop() -> Chain | None: the next available chain, or None when the driver has queued nothing. */
+static PyObject *vq_pop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
+{
+    if (q->broken)
+        return vq_fail(q, "queue is broken");
+    if (q->stopped)
+        Py_RETURN_NONE;
+    uint16_t avail_idx = le16toh(ring_load16(q->avail + 2));
+    if (avail_idx == q->last_avail) {
+        if (!q->event_idx)
+            Py_RETURN_NONE;
+        /* Ask for a kick at the next buffer, then look again so a racing add is not missed. */
+        ring_store16(vq_avail_event(q), htole16(q->last_avail));
+        ring_mb();
+        avail_idx = le16toh(ring_load16(q->avail + 2));
+        if (avail_idx == q->last_avail)
+            Py_RETURN_NONE;
+    }
+    if ((uint16_t)(avail_idx - q->last_avail) > q->num)
+        return vq_fail(q, "avail.idx moved by %u, more than the queue size %u",
+                       (unsigned)(uint16_t)(avail_idx - q->last_avail), q->num);
+    ring_rmb(); /* read ring entries only after seeing the index that published them */
+    uint16_t head = le16toh(ring_load16(q->avail + 4 + 2 * (size_t)(q->last_avail % q->num)));
+
+    vq_segs rd = {0}, wr = {0};
+    ChainObject *c = NULL;
+    if (vq_walk(q, head, &rd, &wr) < 0)
+        goto fail;
+    c = PyObject_New(ChainObject, &ChainType);
+    if (c == NULL)
+        goto fail;
+    c->queue = NULL;
+    c->mem = NULL;
+    c->w = NULL;
+    c->nw = 0;
+    c->done = c->busy = 0;
+    c->head = head;
+    c->capacity = wr.total;
+    c->request = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)rd.total);
+    if (c->request == NULL)
+        goto fail;
+    char *dst = PyBytes_AS_STRING(c->request);
+    for (int k = 0; k < rd.n; k++) {
+        memcpy(dst, rd.v[k].iov_base, rd.v[k].iov_len);
+        dst += rd.v[k].iov_len;
+    }
+    PyMem_Free(rd.v);
+    c->w = wr.v;
+    c->nw = wr.n;
+    Py_INCREF(q);
+    c->queue = q;
+    Py_INCREF(q->mem);
+    c->mem = q->mem;
+    q->inflight++;
+    q->last_avail++;
+    if (q->event_idx)
+        ring_store16(vq_avail_event(q), htole16(q->last_avail));
+    return (PyObject *)c;
+fail:
+    PyMem_Free(rd.v);
+    if (c != NULL) {
+        c->w = NULL;
+        Py_DECREF(c);
+    }
+    PyMem_Free(wr.v);
+    return NULL;
+}
+
+/* Publishes one used element; returns whether the driver wants an interrupt. */
+static int vq_push(VirtQueueObject *q, uint16_t head, uint32_t len)
+{
+    uint8_t *elem = q->used + 4 + 8 * (size_t)(q->used_idx % q->num);
+    ring_store32(elem, htole32(head));
+    ring_store32(elem + 4, htole32(len));
+    ring_wmb(); /* len before used.idx */
+    q->used_idx++;
+    ring_store16(q->used + 2, htole16(q->used_idx));
+    ring_mb(); /* used.idx visible before reading the driver's suppression state */
+    if (!q->event_idx)
+        return !(le16toh(ring_load16(q->avail)) & VRING_AVAIL_F_NO_INTERRUPT);
+    uint16_t event = le16toh(ring_load16(vq_used_event(q)));
+    uint16_t old = q->signalled_used, new_ = q->used_idx;
+    int valid = q->signalled_valid;
+    q->signalled_used = new_;
+    q->signalled_valid = 1;
+    return !valid || (uint16_t)(new_ - event - 1) < (uint16_t)(new_ - old);
+}
+
+/* stop(): no more pops; completions of chains still in flight are dropped. Returns last_avail. */
+static PyObject *vq_stop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
+{
+    q->stopped = 1;
+    return PyLong_FromUnsignedLong(q->last_avail);
+}
+
+/* mark_broken(reason): the Python side found the chain unusable (e.g. no room for a header). */
+static PyObject *vq_mark_broken(VirtQueueObject *q, PyObject *arg)
+{
+    q->broken = 1;
+    PyErr_SetObject(VirtqError, arg);
+    return NULL;
+}
+
+static PyObject *vq_get_last_avail(VirtQueueObject *q, void *Py_UNUSED(c)) { return PyLong_FromLong(q->last_avail); }
+static PyObject *vq_get_used_idx(VirtQueueObject *q, void *Py_UNUSED(c)) { return PyLong_FromLong(q->used_idx); }
+static PyObject *vq_get_broken(VirtQueueObject *q, void *Py_UNUSED(c)) { return PyBool_FromLong(q->broken); }
+static PyObject *vq_get_num(VirtQueueObject *q, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLong(q->num); }
+static PyObject *vq_get_inflight(VirtQueueObject *q, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLongLong(q->inflight); }
+
+static PyGetSetDef vq_getset[] = {
+    {"last_avail", (getter)vq_get_last_avail, NULL, "next avail index the device will read", NULL},
+    {"used_idx", (getter)vq_get_used_idx, NULL, "next used index the device will write", NULL},
+    {"broken", (getter)vq_get_broken, NULL, "the driver broke the ring rules; needs a reset", NULL},
+    {"num", (getter)vq_get_num, NULL, "queue size", NULL},
+    {"inflight", (getter)vq_get_inflight, NULL, "chains popped and not completed", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef vq_methods[] = {
+    {"pop", (PyCFunction)vq_pop, METH_NOARGS, "Next available Chain, or None. Raises VirtqError if the ring is broken."},
+    {"remap", (PyCFunction)(void (*)(void))vq_remap, METH_VARARGS | METH_KEYWORDS,
+     "Follow a memory-table change: remap(mem, desc, avail, used, by_uva=True)."},
+    {"stop", (PyCFunction)vq_stop, METH_NOARGS, "Stop the queue; returns last_avail (for GET_VRING_BASE)."},
+    {"mark_broken", (PyCFunction)vq_mark_broken, METH_O, "Mark the queue broken and raise VirtqError(reason)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject VirtQueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "transports._ring.VirtQueue",
+    .tp_doc = "VirtQueue(mem, num, desc, avail, used, *, by_uva=True, event_idx=False, indirect=False, "
+              "last_avail=0, max_request=16MiB): device side of a split virtqueue.",
+    .tp_basicsize = sizeof(VirtQueueObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)vq_init,
+    .tp_dealloc = (destructor)vq_dealloc,
+    .tp_methods = vq_methods,
+    .tp_getset = vq_getset,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Chain methods                                                                               */
+
+static int chain_check(ChainObject *c)
+{
+    if (c->done) {
+        PyErr_SetString(PyExc_RuntimeError, "chain already completed");
+        return -1;
+    }
+    if (c->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "chain busy in another thread");
+        return -1;
+    }
+    return 0;
+}
+
+/* Copies `len` bytes from `src` into the writable stream at `pos`. Caller checked the bounds. */
+static void chain_put(ChainObject *c, uint64_t pos, const uint8_t *src, uint64_t len)
+{
+    for (int k = 0; k < c->nw && len; k++) {
+        uint64_t seg = c->w[k].iov_len;
+        if (pos >= seg) {
+            pos -= seg;
+            continue;
+        }
+        uint64_t take = seg - pos < len ? seg - pos : len;
+        memcpy((uint8_t *)c->w[k].iov_base + pos, src, (size_t)take);
+        src += take;
+        len -= take;
+        pos = 0;
+    }
+}
+
+/* write(parts, offset=0) -> int: scatter the buffers, in order, into the writable part. */
+static PyObject *chain_write(ChainObject *c, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"parts", "offset", NULL};
+    PyObject *parts;
+    unsigned long long offset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|K", kwlist, &parts, &offset))
+        return NULL;
+    if (chain_check(c) < 0)
+        return NULL;
+    PyObject *fast = PySequence_Fast(parts, "parts must be a sequence of buffers");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    Py_buffer *views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
+    Py_ssize_t got = 0;
+    uint64_t total = 0;
+    PyObject *result = NULL;
+    if (views == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, got), &views[got], PyBUF_SIMPLE) < 0)
+            goto out;
+        total += (uint64_t)views[got].len;
+    }
+    if (!ring_in_bounds(offset, total, c->capacity)) {
+        PyErr_Format(PyExc_ValueError, "reply of %llu bytes at %llu does not fit the %llu-byte buffer",
+                     (unsigned long long)total, offset, (unsigned long long)c->capacity);
+        goto out;
+    }
+    uint64_t pos = offset;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        chain_put(c, pos, views[k].buf, (uint64_t)views[k].len);
+        pos += (uint64_t)views[k].len;
+    }
+    result = PyLong_FromUnsignedLongLong(total);
+out:
+    for (Py_ssize_t k = 0; k < got; k++)
+        PyBuffer_Release(&views[k]);
+    PyMem_Free(views);
+    Py_DECREF(fast);
+    return result;
+}
+
+/*
+ * pread(fd, offset, count, skip=11) -> int: reads up to `count` bytes of file `fd` at `offset`
+ * straight into the writable part after its first `skip` bytes (the Rread header area), with the
+ * GIL released. Returns the bytes read; raises OSError if nothing could be read.
+ */
+static PyObject *chain_pread(ChainObject *c, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "offset", "count", "skip", NULL};
+    int fd;
+    unsigned long long offset, count, skip = 11;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKK|K", kwlist, &fd, &offset, &count, &skip))
+        return NULL;
+    if (chain_check(c) < 0)
+        return NULL;
+    if (skip > c->capacity) {
+        PyErr_SetString(PyExc_ValueError, "header area larger than the reply buffer");
+        return NULL;
+    }
+    if (count > c->capacity - skip)
+        count = c->capacity - skip;
+    struct iovec *iov = PyMem_Malloc(sizeof(*iov) * (size_t)(c->nw ? c->nw : 1));
+    if (iov == NULL)
+        return PyErr_NoMemory();
+    int cnt = 0;
+    uint64_t pos = skip, want = count;
+    for (int k = 0; k < c->nw && want; k++) {
+        uint64_t seg = c->w[k].iov_len;
+        if (pos >= seg) {
+            pos -= seg;
+            continue;
+        }
+        uint64_t take = seg - pos < want ? seg - pos : want;
+        iov[cnt].iov_base = (uint8_t *)c->w[k].iov_base + pos;
+        iov[cnt].iov_len = (size_t)take;
+        cnt++;
+        want -= take;
+        pos = 0;
+    }
+    ssize_t n;
+    c->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    n = ring_preadv_all(fd, iov, cnt, offset);
+    Py_END_ALLOW_THREADS
+    c->busy = 0;
+    PyMem_Free(iov);
+    if (n < 0) {
+        errno = (int)-n;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(n);
+}
+
+/* complete(length) -> bool: return the chain to the driver with used.len = length; True when
+ * the driver asked to be interrupted. A stopped queue drops the completion (returns False). */
+static PyObject *chain_complete(ChainObject *c, PyObject *arg)
+{
+    unsigned long long len;
+    if (!PyArg_Parse(arg, "K", &len))
+        return NULL;
+    if (chain_check(c) < 0)
+        return NULL;
+    if (len > c->capacity) {
+        PyErr_SetString(PyExc_ValueError, "used length larger than the writable part");
+        return NULL;
+    }
+    VirtQueueObject *q = c->queue;
+    c->done = 1;
+    q->inflight--;
+    if (q->stopped || q->broken)
+        Py_RETURN_FALSE;
+    return PyBool_FromLong(vq_push(q, c->head, (uint32_t)len));
+}
+
+static PyObject *chain_get_request(ChainObject *c, void *Py_UNUSED(x)) { return Py_NewRef(c->request); }
+static PyObject *chain_get_capacity(ChainObject *c, void *Py_UNUSED(x)) { return PyLong_FromUnsignedLongLong(c->capacity); }
+static PyObject *chain_get_head(ChainObject *c, void *Py_UNUSED(x)) { return PyLong_FromLong(c->head); }
+static PyObject *chain_get_done(ChainObject *c, void *Py_UNUSED(x)) { return PyBool_FromLong(c->done); }
+static PyObject *chain_get_segments(ChainObject *c, void *Py_UNUSED(x)) { return PyLong_FromLong(c->nw); }
+
+static PyGetSetDef chain_getset[] = {
+    {"request", (getter)chain_get_request, NULL, "private copy of the device-readable bytes", NULL},
+    {"capacity", (getter)chain_get_capacity, NULL, "total device-writable bytes", NULL},
+    {"head", (getter)chain_get_head, NULL, "head descriptor index", NULL},
+    {"done", (getter)chain_get_done, NULL, "completed", NULL},
+    {"segments", (getter)chain_get_segments, NULL, "number of writable host segments", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef chain_methods[] = {
+    {"write", (PyCFunction)(void (*)(void))chain_write, METH_VARARGS | METH_KEYWORDS,
+     "write(parts, offset=0) -> int: scatter buffers into the writable part."},
+    {"pread", (PyCFunction)(void (*)(void))chain_pread, METH_VARARGS | METH_KEYWORDS,
+     "pread(fd, offset, count, skip=11) -> int: preadv from a file into the writable part, GIL released."},
+    {"complete", (PyCFunction)chain_complete, METH_O, "complete(length) -> bool: push to the used ring; True = notify."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ChainType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "transports._ring.Chain",
+    .tp_doc = "One popped descriptor chain (made by VirtQueue.pop).",
+    .tp_basicsize = sizeof(ChainObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)chain_dealloc,
+    .tp_methods = chain_methods,
+    .tp_getset = chain_getset,
+};
+
+int ring_virtq_init(PyObject *m)
+{
+    if (PyType_Ready(&MemTableType) < 0 || PyType_Ready(&VirtQueueType) < 0 || PyType_Ready(&ChainType) < 0)
+        return -1;
+    VirtqError = PyErr_NewExceptionWithDoc("transports._ring.VirtqError",
+                                           "The driver broke the virtqueue rules; the queue needs a reset.",
+                                           NULL, NULL);
+    if (VirtqError == NULL)
+        return -1;
+    if (PyModule_AddObjectRef(m, "VirtqError", VirtqError) < 0 ||
+        PyModule_AddObjectRef(m, "MemTable", (PyObject *)&MemTableType) < 0 ||
+        PyModule_AddObjectRef(m, "VirtQueue", (PyObject *)&VirtQueueType) < 0 ||
+        PyModule_AddObjectRef(m, "Chain", (PyObject *)&ChainType) < 0)
+        return -1;
+    return 0;
+}
+
+PyMethodDef ring_virtq_methods[] = {
+    {NULL, NULL, 0, NULL},
+};

@@ -1,0 +1,159 @@
+"""The server-side Channel of one running virtqueue: each available descriptor chain is one 9P
+request; its reply goes back into the same chain.
+
+Replies are matched to chains by the tag in the 7-byte header (tags are unique among a
+session's requests in flight; a duplicate is tolerated by answering chains of one tag in order).
+Requests are handed out as soon as they are popped, so the server may process several at once
+and answer them in any order. `send_rread` reads a file straight into the chain's buffers.
+
+This module must never parse a 9P message beyond its header, except the two fields it needs to
+return a flushed request's buffers to the driver (Tflush's oldtag).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import trio
+
+from transports.base import Buffer
+from transports.virtio._ext import Chain
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<IBH")
+RREAD_HEADER = struct.Struct("<IBHI")
+RLERROR = struct.Struct("<IBHI")
+TFLUSH, RFLUSH, RREAD, RLERROR_TYPE = 108, 109, 117, 7
+EINVAL, EMSGSIZE = 22, 90
+
+
+def _header_of(parts: Sequence[Buffer]) -> bytes:
+    head = b""
+    for part in parts:
+        head += bytes(memoryview(part)[: 7 - len(head)])
+        if len(head) >= 7:
+            return head
+    raise ValueError("reply shorter than a 9P header")
+
+
+class QueueChannel:
+    """One virtqueue seen as a Channel (server side). Created by the back-end when the queue
+    starts; closed when it stops (the VMM stopped the ring, reset, disconnected, or the driver
+    broke the ring rules)."""
+
+    def __init__(self, peer: str, max_message_size: int, notify: Callable[[], None]) -> None:
+        self.peer = peer
+        self.max_message_size = max_message_size
+        self._msize = max_message_size
+        self._notify = notify
+        self._send_q, self._recv_q = trio.open_memory_channel[memoryview](math.inf)
+        self._inflight: dict[int, deque[Chain]] = {}
+        self._flushes: dict[int, int] = {}  # tag of a Tflush -> the tag it flushes
+        self._closed = False
+        self.zero_copy_reads = 0  # Rreads that went file -> guest buffers directly
+
+    # -- fed by the back-end ------------------------------------------------------------------
+    def deliver(self, chain: Chain) -> None:
+        """Accepts a popped chain: checks its framing and queues it for `receive`."""
+        if self._closed:
+            self._complete(chain, 0)  # nobody serves this ring any more
+            return
+        request = chain.request
+        size, mtype, tag = HEADER.unpack_from(request)  # caller guarantees >= 7 bytes
+        if size < 7 or size > len(request) or size > self._msize:
+            log.warning("%s: request of %d bytes declares size %d; answered EMSGSIZE", self.peer, len(request), size)
+            self._answer_error(chain, tag, EMSGSIZE)
+            return
+        message = memoryview(request)[:size]
+        if mtype == TFLUSH and size >= 9:
+            (oldtag,) = struct.unpack_from("<H", request, 7)
+            self._flushes[tag] = oldtag
+        self._inflight.setdefault(tag, deque()).append(chain)
+        self._send_q.send_nowait(message)
+
+    def _answer_error(self, chain: Chain, tag: int, errno: int) -> None:
+        if chain.capacity >= RLERROR.size:
+            chain.write([RLERROR.pack(RLERROR.size, RLERROR_TYPE, tag, errno)])
+            self._complete(chain, RLERROR.size)
+        else:
+            self._complete(chain, 0)
+
+    def _complete(self, chain: Chain, length: int) -> None:
+        if chain.complete(length):
+            self._notify()
+
+    def _take(self, tag: int) -> Chain | None:
+        chains = self._inflight.get(tag)
+        if not chains:
+            return None
+        chain = chains.popleft()
+        if not chains:
+            del self._inflight[tag]
+        return chain
+
+    # -- Channel ------------------------------------------------------------------------------
+    async def receive(self) -> memoryview:
+        try:
+            return await self._recv_q.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise trio.EndOfChannel from None
+
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        if self._closed:
+            return  # the ring is gone; its buffers went with it
+        size, mtype, tag = HEADER.unpack(_header_of(parts))
+        chain = self._take(tag)
+        if chain is None:
+            log.warning("%s: reply for tag %d matches no request in flight; dropped", self.peer, tag)
+            return
+        try:
+            written = chain.write(parts)
+        except ValueError as exc:
+            log.warning("%s: %s; answered EMSGSIZE", self.peer, exc)
+            self._answer_error(chain, tag, EMSGSIZE)
+            return
+        self._complete(chain, written)
+        if mtype == RFLUSH:
+            oldtag = self._flushes.pop(tag, None)
+            if oldtag is not None and oldtag != tag:
+                # The flushed request will get no reply; hand its buffers back, empty.
+                old = self._take(oldtag)
+                if old is not None:
+                    self._complete(old, 0)
+
+    async def send_rread(self, tag: int, fd: int, offset: int, count: int) -> int:
+        chain = None if self._closed else self._take(tag)
+        if chain is None:
+            raise OSError(EINVAL, "no request in flight for this tag")
+        count = max(0, min(count, self._msize - RREAD_HEADER.size))
+        try:
+            n: int = await trio.to_thread.run_sync(chain.pread, fd, offset, count, RREAD_HEADER.size)
+        except BaseException:
+            # Nothing was sent: the session answers with `send` (an Rlerror) on the same chain.
+            if not self._closed:
+                self._inflight.setdefault(tag, deque()).appendleft(chain)
+            raise
+        self.zero_copy_reads += 1
+        if not self._closed:
+            chain.write([RREAD_HEADER.pack(RREAD_HEADER.size + n, RREAD, tag, n)])
+            self._complete(chain, RREAD_HEADER.size + n)
+        return n
+
+    def set_msize(self, msize: int) -> None:
+        self._msize = min(msize, self.max_message_size)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Ends `receive`; replies sent after this are dropped (the ring stopped)."""
+        if not self._closed:
+            self._closed = True
+            self._send_q.close()
+            self._inflight.clear()
+            self._flushes.clear()

@@ -1,0 +1,38 @@
+"""`ninep xenstore-emu`: the subcommand that runs the emulated Xen platform daemon.
+
+Registered by `ninep.cli` (it imports this module and calls `add_parser`). Must never hold any
+daemon logic itself; that lives in `transports.xen.emu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from typing import Any
+
+import trio
+
+from transports.xen.emu import serve_xenstore
+from transports.xen.platform import default_socket
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(serve_xenstore, args.socket)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "xenstore-emu",
+        help="run the emulated Xen platform (xenstore, grants, event channels) for xen: addresses",
+    )
+    p.add_argument(
+        "--socket",
+        default=default_socket(),
+        help="unix socket to listen on (default: $NINEP_XENSTORE or %(default)s)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=run)
