@@ -22,13 +22,15 @@ import contextlib
 import errno
 import logging
 import os
+import resource  # noqa: F401  (imported before confinement hides sys.path; _linux needs it)
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-from fs_backends import local as _local  # noqa: F401  (imported before confinement hides them)
+# Everything the helper will run must be imported before confinement hides sys.path.
+from fs_backends import local as _local  # noqa: F401
 from fs_backends import security as _security  # noqa: F401
 from fs_backends.base import FsError
 from fs_backends.proxy import confine as C
@@ -541,8 +543,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multidevs", choices=("remap", "forbid", "warn"), default="remap")
     p.add_argument("--no-userns", action="store_true",
                    help="use the root-only mount-namespace confinement even if user namespaces work")
-    p.add_argument("--fmode", default=None, help="host mode of new files (mapped models)")
-    p.add_argument("--dmode", default=None, help="host mode of new directories (mapped models)")  # fmt: skip
+    p.add_argument("--fmode", type=lambda v: int(v, 8), default=None,
+                   help="host mode of new files, octal (mapped models)")
+    p.add_argument("--dmode", type=lambda v: int(v, 8), default=None,
+                   help="host mode of new directories, octal (mapped models)")  # fmt: skip
 
 
 def main_from_args(args: argparse.Namespace) -> int:

@@ -28,9 +28,16 @@ class ModelUnavailable(RuntimeError):
 
 
 def model_available(model: str) -> bool:
-    from fs_backends import local, security
+    from fs_backends import security
 
-    if getattr(local, "backend_for_model", None) is not None and model in MODELS:
+    if model not in MODELS:
+        return False
+    factory = getattr(security, "credentials_for_model", None)
+    if factory is not None:
+        try:
+            factory(model)
+        except ValueError:
+            return False
         return True
     return any(getattr(security, n, None) is not None for n in _CLASS_NAMES.get(model, ()))
 
@@ -65,18 +72,17 @@ def make_local_backend(
     """A LocalBackend over `root` under `model`."""
     from fs_backends import local, security
 
-    if model not in MODELS:
-        raise ModelUnavailable(f"unknown security model {model!r}")
+    if model not in MODELS or not model_available(model):
+        raise ModelUnavailable(f"security model {model!r} is not available in this build")
     factory = getattr(local, "backend_for_model", None)
     if factory is not None:
         opts = options if options is not None else argparse.Namespace()
-        return factory(root, model=model, readonly=readonly, multidevs=multidevs, options=opts)
-    for name in _CLASS_NAMES[model]:
-        cls = getattr(security, name, None)
-        if cls is not None:
-            if userns:
-                cls = _userns_tolerant(cls)
-            return local.LocalBackend(
-                root, readonly=readonly, credentials=cls(), multidevs=multidevs  # type: ignore[arg-type]
-            )
-    raise ModelUnavailable(f"security model {model!r} is not available in this build")
+        backend = factory(root, model=model, readonly=readonly, multidevs=multidevs, options=opts)
+    else:
+        cls = next(c for n in _CLASS_NAMES[model] if (c := getattr(security, n, None)) is not None)
+        backend = local.LocalBackend(
+            root, readonly=readonly, credentials=cls(), multidevs=multidevs  # type: ignore[arg-type]
+        )
+    if userns and getattr(backend.creds, "ignore_create_chown_errors", False):
+        backend.creds.__class__ = _userns_tolerant(type(backend.creds))
+    return backend

@@ -89,7 +89,7 @@ def make_proxy_backend(export: str, args: argparse.Namespace) -> ProxyBackend:
     for opt in ("fmode", "dmode"):
         v = getattr(args, opt, None)
         if v is not None:
-            extra += [f"--{opt}", str(v)]
+            extra += [f"--{opt}", f"{v:o}" if isinstance(v, int) else str(v)]
     spec = HelperSpec(
         os.path.realpath(export), model, bool(args.readonly), getattr(args, "multidevs", "remap"),
         extra,
