@@ -5,9 +5,10 @@ SCM_RIGHTS: read, write, fsync and byte-range locks run on those fds here, with 
 (a lock owner's first lock on a file fetches one extra fd, LOCKFD, because each lock owner needs
 its own open file description for OFD locks). Everything else is one request to the helper.
 
-Requests are pipelined: each gets an id, a reader thread matches replies to waiters and wakes them
-in whatever trio run they are waiting in (so the backend also works across separate trio.run
-calls, as the backend test-suite makes them).
+Requests are pipelined: each gets an id; the waiting tasks read the replies themselves, one at a
+time, and hand each to its owner, waking it in whatever trio run it waits in (so the backend
+also works across separate trio.run calls, as the backend test-suite makes them). A watcher
+thread only notices a helper hanging up while nobody waits.
 
 Helper failure: when the helper's socket closes (crash, SIGKILL, protocol violation), every
 pending request answers EIO, the death is logged, and a new helper is started at once. Requests
@@ -31,7 +32,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -60,18 +61,29 @@ HELLO_TIMEOUT = 20.0
 
 
 class _Pending:
-    __slots__ = ("token", "event", "body", "fds", "err")
+    """One request waiting for its reply, in whichever trio run sent it."""
 
-    def __init__(self, token: trio.lowlevel.TrioToken, event: trio.Event) -> None:
+    __slots__ = ("token", "event", "body", "fds", "err", "done")
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self.token = token
-        self.event = event
+        self.event = trio.Event()
         self.body: bytes = b""
         self.fds: list[int] = []
         self.err = 0
+        self.done = False
 
-    def wake(self) -> None:
+    def nudge(self) -> None:
+        """Wake the waiter (from any thread or run) to look at its state again."""
         try:
-            self.token.run_sync_soon(self.event.set)
+            cur: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            cur = None
+        if cur is self.token:
+            self.event.set()
+            return
+        try:
+            self.token.run_sync_soon(lambda: self.event.set())
         except trio.RunFinishedError:
             for fd in self.fds:
                 os.close(fd)
@@ -88,8 +100,18 @@ def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+_RECV = W.HEADER.size + W.MAX_REPLY + 1
+_ANC = socket.CMSG_SPACE(W.MAX_FDS * 4)
+
+
 class Connection:
-    """One running helper: its socket, its reader thread and the requests waiting on it."""
+    """One running helper: its socket and the requests waiting on it.
+
+    Replies are read by the waiters themselves (leader/follower): one waiting task at a time
+    reads the socket in its trio run and hands each reply to its owner; when its own reply has
+    come it hands the reading role on. No thread sits between the socket and the waiter, which
+    keeps a round trip to the helper's own latency. A watcher thread only polls the socket for
+    hang-up, so a helper that dies while nobody is waiting is noticed (and replaced) at once."""
 
     def __init__(self, sock: socket.socket, pid: int, gen: int) -> None:
         self.sock = sock
@@ -99,10 +121,11 @@ class Connection:
         self.facts: dict[str, str] = {}
         self.alive = True
         self.pending: dict[int, _Pending] = {}
+        self._leader: _Pending | None = None
         self._mu = threading.Lock()
         self._send_mu = threading.Lock()
         self._ids = itertools.count(1)
-        self._thread: threading.Thread | None = None
+        self._on_dead: Callable[[Connection, str], None] | None = None
 
     def handshake(self, timeout: float = HELLO_TIMEOUT) -> None:
         """Wait for the helper's HELLO (and its outer process's CHILD report)."""
@@ -114,7 +137,7 @@ class Connection:
             r, _, _ = select.select([self.sock], [], [], left)
             if not r:
                 continue
-            msg, anc, _, _ = self.sock.recvmsg(W.HEADER.size + W.MAX_REPLY + 1, socket.CMSG_SPACE(16))
+            msg, anc, _, _ = self.sock.recvmsg(_RECV, socket.CMSG_SPACE(16))
             for fd in _take_fds(anc):
                 os.close(fd)
             if not msg:
@@ -126,27 +149,80 @@ class Connection:
                 self.facts = W.get_kv(W.Reader(body))
                 return
 
-    def start(self, on_dead: object) -> None:
-        self._thread = threading.Thread(
-            target=self._reader, args=(on_dead,), name=f"proxy-reader-{self.gen}", daemon=True
-        )
-        self._thread.start()
+    def start(self, on_dead: Callable[[Connection, str], None]) -> None:
+        self._on_dead = on_dead
+        self.sock.setblocking(False)
+        watch_fd = os.dup(self.sock.fileno())
+        threading.Thread(
+            target=self._watch, args=(watch_fd,), name=f"proxy-watch-{self.gen}", daemon=True
+        ).start()
 
-    def _reader(self, on_dead: object) -> None:
-        why = "socket closed"
+    def _watch(self, fd: int) -> None:
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            while self.alive:
+                if poller.poll(1000):
+                    break
+        finally:
+            os.close(fd)
+        self._die("helper hung up")
+
+    def _die(self, why: str) -> None:
+        if self.kill(why) and self._on_dead is not None:
+            # Restarting blocks (a new helper starts): never on a trio thread.
+            threading.Thread(target=self._on_dead, args=(self, why), daemon=True).start()
+
+    def kill(self, why: str) -> bool:
+        """Mark dead and fail everything pending with EIO; True the first time."""
+        with self._mu:
+            if not self.alive:
+                return False
+            self.alive = False
+            pend, self.pending = self.pending, {}
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        for p in pend.values():
+            p.err = errno.EIO
+            p.done = True
+            p.nudge()
+        return True
+
+    def _register(self, p: _Pending) -> int:
+        with self._mu:
+            if not self.alive:
+                raise FsError(errno.EIO)
+            while True:
+                rid = next(self._ids) & 0xFFFFFFFF
+                if rid and rid not in self.pending:
+                    break
+            self.pending[rid] = p
+            return rid
+
+    def _send_blocking(self, data: bytes) -> None:
+        with self._send_mu:
+            self.sock.setblocking(True)
+            try:
+                self.sock.send(data)
+            finally:
+                self.sock.setblocking(False)
+
+    def _drain(self) -> None:
+        """Read every reply that is there now and hand each to its waiter."""
         while True:
             try:
-                msg, anc, flags, _ = self.sock.recvmsg(
-                    W.HEADER.size + W.MAX_REPLY + 1, socket.CMSG_SPACE(W.MAX_FDS * 4)
-                )
+                msg, anc, flags, _ = self.sock.recvmsg(_RECV, _ANC, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
             except OSError as e:
-                why = str(e)
-                break
+                self._die(str(e))
+                return
             fds = _take_fds(anc)
             if not msg:
                 for fd in fds:
                     os.close(fd)
-                break
+                self._die("socket closed")
+                return
             try:
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                     raise W.ProtocolError(errno.EMSGSIZE, "oversized reply")
@@ -154,8 +230,8 @@ class Connection:
             except W.ProtocolError as e:
                 for fd in fds:
                     os.close(fd)
-                why = f"protocol violation: {e}"
-                break
+                self._die(f"protocol violation: {e}")
+                return
             if h.op == W.CHILD:
                 with contextlib.suppress(W.ProtocolError):
                     self.child_pid = W.Reader(body).u32()
@@ -168,50 +244,32 @@ class Connection:
                 continue
             p.body = bytes(body)
             p.fds = fds
-            p.wake()
-        self.kill(why)
-        if callable(on_dead):
-            on_dead(self, why)
+            p.done = True
+            p.nudge()
 
-    def kill(self, why: str) -> None:
-        with self._mu:
-            if not self.alive:
+    async def _lead(self, me: _Pending) -> None:
+        while not me.done:
+            self._drain()
+            if me.done:
                 return
-            self.alive = False
-            pend, self.pending = self.pending, {}
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        for p in pend.values():
-            p.err = errno.EIO
-            p.wake()
-
-    def _register(self, p: _Pending | None) -> int:
-        with self._mu:
-            if not self.alive:
-                raise FsError(errno.EIO)
-            while True:
-                rid = next(self._ids) & 0xFFFFFFFF
-                if rid and rid not in self.pending:
-                    break
-            if p is not None:
-                self.pending[rid] = p
-            return rid
-
-    def _send(self, data: bytes) -> None:
-        with self._send_mu:
-            self.sock.send(data)
+            try:
+                await trio.lowlevel.wait_readable(self.sock)
+            except (OSError, trio.ClosedResourceError) as e:
+                self._die(str(e))
+                return
 
     async def call(self, op: int, body: bytes) -> tuple[W.Reader, list[int]]:
-        p = _Pending(trio.lowlevel.current_trio_token(), trio.Event())
+        p = _Pending(trio.lowlevel.current_trio_token())
         rid = self._register(p)
         data = W.message(op, rid, body)
         try:
             with self._send_mu:
                 self.sock.send(data, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            # The helper is behind: wait for room in a worker thread, never on the trio loop.
+            # The helper is behind: wait for room in a worker thread, never on the trio loop
+            # (other waiters keep reading replies meanwhile, so the helper can move on).
             try:
-                await trio.to_thread.run_sync(self._send, data)
+                await trio.to_thread.run_sync(self._send_blocking, data)
             except OSError:
                 with self._mu:
                     self.pending.pop(rid, None)
@@ -221,7 +279,23 @@ class Connection:
                 self.pending.pop(rid, None)
             raise FsError(errno.EIO) from None
         with trio.CancelScope(shield=True):
-            await p.event.wait()
+            while not p.done:
+                with self._mu:
+                    lead = self._leader is None and not p.done
+                    if lead:
+                        self._leader = p
+                if lead:
+                    try:
+                        await self._lead(p)
+                    finally:
+                        with self._mu:
+                            self._leader = None
+                            others = [q for q in self.pending.values() if not q.done]
+                        for q in others:  # one of them takes over reading
+                            q.nudge()
+                else:
+                    await p.event.wait()
+                    p.event = trio.Event()
         if p.err:
             raise FsError(p.err)
         r = W.Reader(p.body)
@@ -235,22 +309,10 @@ class Connection:
             raise FsError(err)
         return r, p.fds
 
-    def notify(self, op: int, body: bytes) -> None:
-        """Send without waiting for the reply (release/close: the answer changes nothing)."""
-        try:
-            rid = self._register(None)
-            with self._send_mu:
-                self.sock.send(W.message(op, rid, body), socket.MSG_DONTWAIT)
-        except (OSError, FsError):
-            pass  # a dead or congested helper: its handles die with it
-
     def close(self) -> None:
         self.kill("closed")
         with contextlib.suppress(OSError):
             self.sock.close()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(5)
 
 
 @dataclass(eq=False)
@@ -326,7 +388,7 @@ class ProxyBackend:
         return conn
 
     def _on_dead(self, conn: Connection, why: str) -> None:
-        """Runs in the dead connection's reader thread."""
+        """Runs in a thread of its own (it starts a new helper, which blocks)."""
         if self._closed or conn is not self._conn:
             return
         status = self.spawner.reap(conn.pid, 2)
@@ -425,7 +487,8 @@ class ProxyBackend:
         node.released = True
         conn = self._conn
         if conn.gen == node.gen and conn.alive:
-            conn.notify(W.RELEASE, W.Writer().u32(node.handle).body())
+            with contextlib.suppress(OSError):
+                await self._simple(node.gen, W.RELEASE, W.Writer().u32(node.handle))
 
     async def getattr(self, node: ProxyNode, mask: int) -> Attr:
         self._node_ok(node)
@@ -490,7 +553,8 @@ class ProxyBackend:
             f.fd = None
         conn = self._conn
         if conn.gen == f.gen and conn.alive:
-            conn.notify(W.CLOSE, W.Writer().u32(f.handle).body())
+            with contextlib.suppress(OSError):
+                await self._simple(f.gen, W.CLOSE, W.Writer().u32(f.handle))
 
     @staticmethod
     def _fd(f: ProxyOpenFile) -> int:
