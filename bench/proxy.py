@@ -23,7 +23,17 @@ ROOT = Cred(0, 0, "root")
 MiB = 1 << 20
 
 
-async def bench_getattr(b: Any, seconds: float, concurrency: int) -> float:
+def helper_cpu(b: Any) -> float:
+    """CPU seconds the proxy helper (its confined child) has used, 0 for other backends."""
+    pid = getattr(b, "helper_child_pid", 0)
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench_getattr(b: Any, seconds: float, concurrency: int) -> tuple[float, float]:
     root = await b.attach("", ROOT)
     (n,) = await b.walk(root, ["big"])
     count = 0
@@ -36,13 +46,15 @@ async def bench_getattr(b: Any, seconds: float, concurrency: int) -> float:
             count += 1
 
     t0 = time.perf_counter()
+    c0 = time.process_time() + helper_cpu(b)
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
             nursery.start_soon(worker)
     dt = time.perf_counter() - t0
+    cpu = time.process_time() + helper_cpu(b) - c0
     await b.release(n)
     await b.release(root)
-    return count / dt
+    return count / dt, cpu / count * 1e6
 
 
 async def bench_read(b: Any, seconds: float, size: int) -> float:
@@ -80,11 +92,13 @@ def main() -> None:
         proxy = proxy_backend(export, args.model)
         start = time.perf_counter() - t
         local = LocalBackend(export)
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(f"helper start-up: {start * 1000:.0f} ms ({proxy.info.extra.get('confinement')})")
         for name, b in (("local", local), ("proxy", proxy)):
             for c in (int(x) for x in args.concurrency.split(",")):
-                rate = trio.run(bench_getattr, b, args.seconds, c)
-                print(f"{name:6} getattr  concurrency {c:3}: {rate:10.0f} round trips/s")
+                rate, us = trio.run(bench_getattr, b, args.seconds, c)
+                print(f"{name:6} getattr  concurrency {c:3}: {rate:10.0f} round trips/s"
+                      f"  ({us:.0f} us CPU per call, server + helper)")
             mbs = trio.run(bench_read, b, args.seconds, size)
             print(f"{name:6} read 1 MiB sequential : {mbs:10.0f} MB/s")
         trio.run(proxy.aclose)
