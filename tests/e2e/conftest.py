@@ -30,7 +30,13 @@ def _memory(path: Path, **kw: object) -> Backend:
     return MemoryBackend(**kw)  # type: ignore[arg-type]
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"memory": _memory, "local": _local}
+def _proxy(path: Path, **kw: object) -> Backend:
+    from fs_backends.proxy import proxy_backend
+
+    return proxy_backend(str(path), **kw)  # type: ignore[arg-type]
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"memory": _memory, "local": _local, "proxy": _proxy}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
