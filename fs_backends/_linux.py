@@ -295,12 +295,23 @@ def inode_generation(fd: int) -> int:
 
 
 def raise_nofile_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the resulting soft limit."""
+    """Raise RLIMIT_NOFILE as far as allowed: the soft limit to the hard one, and as root both
+    to the kernel's fs.nr_open. Returns the resulting soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    target = hard
+    if os.geteuid() == 0:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
+            with open("/proc/sys/fs/nr_open") as f:
+                target = max(hard, int(f.read()))
+        except (OSError, ValueError):
             pass
+    if hard == resource.RLIM_INFINITY:
+        target = hard
+    if soft != target:
+        for limits in ((target, target), (hard, hard)):
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+                return limits[0]
+            except (ValueError, OSError):
+                continue
     return soft
