@@ -574,11 +574,14 @@ def _parse(console: str, name: str, accel: str, start: float, marks: dict[str, f
 @contextlib.contextmanager
 def ninep_server(root: Path, export: Path | str, sock: Path, security_model: str | None = None,
                  msize: int | None = None, log: Path | None = None,
-                 python: str | None = None, verbose: bool = False) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `python -m ninep serve EXPORT --listen unix:SOCK` from the source tree `root`."""
+                 python: str | None = None, verbose: bool = False, listen: str | None = None,
+                 extra: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `python -m ninep serve EXPORT --listen unix:SOCK` from the source tree `root` until
+    the block ends; `listen` replaces the address (e.g. vhost-user:SOCK), `extra` adds options."""
     import sys
 
-    cmd = [python or sys.executable, "-m", "ninep", "serve", str(export), "--listen", f"unix:{sock}"]
+    cmd = [python or sys.executable, "-m", "ninep", "serve", str(export), "--listen",
+           listen or f"unix:{sock}", *extra]
     if security_model:
         cmd += ["--security-model", security_model]
     if msize:
