@@ -317,9 +317,11 @@ def build_image(cache: Path | None = None) -> GuestImage:
                 indent=1,
             )
         )
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(idir)
-        os.replace(stage, idir)
+        try:
+            os.rename(stage, idir)  # atomic: a reader sees a whole image or none
+        except OSError:
+            if not manifest.exists():  # not a concurrent build that finished first
+                raise
     # Each image is ~70 MB (the uncompressed kernel): keep only the few newest.
     images = sorted(gdir.glob("image-*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in images[3:]:
