@@ -263,6 +263,7 @@ class RemoteBackend:
         # The created fid is opened (it cannot be walked from): the Node is a fresh walk.
         try:
             node = (await self.walk(dir, [name]))[0]
+            await self._own(dir, name, node, cred)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._clunk(ofid)
@@ -337,15 +338,39 @@ class RemoteBackend:
     # --- names -------------------------------------------------------------------------------------
 
     async def mkdir(self, dir: RemoteNode, name: str, mode: int, cred: Cred) -> Qid:
-        return await self.client.mkdir(dir.fid, name, mode, cred.gid)
+        qid = await self.client.mkdir(dir.fid, name, mode, cred.gid)
+        await self._own(dir, name, None, cred)
+        return qid
 
     async def symlink(self, dir: RemoteNode, name: str, target: str, cred: Cred) -> Qid:
-        return await self.client.symlink(dir.fid, name, target, cred.gid)
+        qid = await self.client.symlink(dir.fid, name, target, cred.gid)
+        await self._own(dir, name, None, cred)
+        return qid
 
     async def mknod(
         self, dir: RemoteNode, name: str, mode: int, major: int, minor: int, cred: Cred
     ) -> Qid:
-        return await self.client.mknod(dir.fid, name, mode, major, minor, cred.gid)
+        qid = await self.client.mknod(dir.fid, name, mode, major, minor, cred.gid)
+        await self._own(dir, name, None, cred)
+        return qid
+
+    async def _own(self, dir: RemoteNode, name: str, node: RemoteNode | None, cred: Cred) -> None:
+        """Give a new file to the user who made it when that is not the attaching user: 9P2000.L
+        creates as the attach uid. Best effort (a server that may not chown keeps its owner)."""
+        if cred.uid == self.n_uname:
+            return
+        own = node
+        try:
+            if own is None:
+                own = (await self.walk(dir, [name]))[0]
+            await self.client.setattr(
+                own.fid, P.SETATTR_UID | P.SETATTR_GID, uid=cred.uid, gid=cred.gid
+            )
+        except OSError:
+            pass
+        finally:
+            if node is None and own is not None:
+                await self.release(own)
 
     async def link(self, dir: RemoteNode, name: str, target: RemoteNode) -> None:
         await self.client.link(dir.fid, target.fid, name)

@@ -71,6 +71,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uname", default=None, help="user name sent in Tattach (default: $USER)")
     p.add_argument("--msize", type=int, default=1024 * 1024, help="9P msize to ask for")
     p.add_argument("--timeout", type=float, default=1.0, help="kernel attribute/entry cache (s)")
+    p.add_argument(
+        "--max-inodes",
+        type=int,
+        default=None,
+        help="inodes to keep before asking the kernel to forget old ones (default: from the "
+        "fd limit for a host directory, 40000 for a 9P server)",
+    )
     p.add_argument("--debug", action="store_true", help="log every FUSE call")
     p.add_argument("--daemon", action="store_true", help="detach once the mount is up")
     p.add_argument("--log-file", default=None, help="log here (with --daemon: instead of nowhere)")
@@ -120,6 +127,15 @@ def raise_fd_limit() -> None:
             continue
 
 
+def default_max_inodes(source: str) -> int:
+    """Local exports hold an fd per inode: stay well inside RLIMIT_NOFILE. 9P servers hold a
+    fid per inode: stay inside what servers commonly allow (ninep: 65536 per connection)."""
+    if parse_source(source).kind == "remote":
+        return 40_000
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(256, int(soft * 0.6))
+
+
 async def open_backend(
     args: argparse.Namespace, stack: contextlib.AsyncExitStack
 ) -> tuple[Backend, Node]:
@@ -149,7 +165,7 @@ async def open_backend(
     return backend, root
 
 
-async def _signals(ops: Any, cancel: trio.CancelScope) -> None:
+async def _signals(ops: Any, stopped: list[bool]) -> None:
     import pyfuse3
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as sigs:
@@ -158,6 +174,7 @@ async def _signals(ops: Any, cancel: trio.CancelScope) -> None:
                 log.info("tables: %s", ops.stats())
                 continue
             log.info("%s: unmounting", signal.Signals(sig).name)
+            stopped.append(True)
             pyfuse3.terminate()
 
 
@@ -181,6 +198,7 @@ async def _mount(
         attr_timeout=args.timeout,
         entry_timeout=args.timeout,
         debug=args.debug,
+        max_inodes=args.max_inodes or default_max_inodes(args.source),
     )
     extra = [o for opt in args.options for o in opt.split(",")]
     opts = mount_options(f"ninep:{args.source}", readonly=args.readonly, extra=extra)
@@ -195,16 +213,17 @@ async def _mount(
     log.info("mounted %s on %s (%s)", args.source, mountpoint, ",".join(sorted(opts)))
     ready()
     unmounted = False
+    stopped: list[bool] = []  # a signal asked us to stop (the kernel mount is still there)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_signals, ops, nursery.cancel_scope)
+            nursery.start_soon(_signals, ops, stopped)
             await pyfuse3.main()
-            unmounted = True
+            unmounted = not stopped
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             # After fusermount3 -u the kernel side is gone already; otherwise detach it now.
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=not unmounted)
             await ops.forget_all()
             await backend.aclose()
         log.info("unmounted %s%s", mountpoint, "" if unmounted else " (terminated)")

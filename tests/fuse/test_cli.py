@@ -1,0 +1,191 @@
+"""`ninep mount`: foreground and daemon modes, clean unmounts, options passed through, sources."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    PY,
+    REPO,
+    free_port,
+    is_mounted,
+    start_mount,
+    start_ninep_server,
+    stop,
+    unmount,
+)
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def wait_unmounted(mnt: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while is_mounted(mnt):
+        assert time.monotonic() < deadline, f"{mnt} still mounted"
+        time.sleep(0.05)
+
+
+def mount_line(mnt: Path) -> str:
+    with open("/proc/self/mountinfo") as f:
+        return next(ln for ln in f if ln.split()[4] == str(mnt))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(tmp_path: Path, sig: int) -> None:
+    export, mnt = tmp_path / "e", tmp_path / "m"
+    export.mkdir()
+    m = start_mount(str(export), mnt, tmp_path / "log", kind="local", host=export)
+    try:
+        (mnt / "f").write_bytes(b"data")
+        m.proc.send_signal(sig)
+        assert m.proc.wait(15) == 0
+        wait_unmounted(mnt)
+        assert (export / "f").read_bytes() == b"data"
+        assert "unmounted" in (tmp_path / "log").read_text()
+    finally:
+        unmount(mnt)
+        stop(m.proc)
+
+
+def test_fusermount_u_ends_the_process(tmp_path: Path) -> None:
+    export, mnt = tmp_path / "e", tmp_path / "m"
+    export.mkdir()
+    m = start_mount(str(export), mnt, tmp_path / "log", kind="local", host=export)
+    try:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        assert m.proc.wait(15) == 0
+        assert not is_mounted(mnt)
+    finally:
+        unmount(mnt)
+        stop(m.proc)
+
+
+def test_daemon_returns_once_mounted(tmp_path: Path) -> None:
+    export, mnt = tmp_path / "e", tmp_path / "m"
+    export.mkdir()
+    mnt.mkdir()
+    (export / "hello").write_text("world")
+    r = subprocess.run(
+        [PY, "-m", "ninep", "mount", str(export), str(mnt), "--daemon"],
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    try:
+        assert r.returncode == 0, r.stderr
+        pid = int(r.stdout.strip())
+        assert is_mounted(mnt)  # already up when the command returned
+        assert (mnt / "hello").read_text() == "world"
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        deadline = time.monotonic() + 15
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}"), "daemon did not exit after unmount"
+    finally:
+        unmount(mnt)
+
+
+def test_options_readonly_and_debug(tmp_path: Path) -> None:
+    export, mnt = tmp_path / "e", tmp_path / "m"
+    export.mkdir()
+    (export / "f").write_text("x")
+    m = start_mount(
+        str(export),
+        mnt,
+        tmp_path / "log",
+        "--readonly",
+        "--debug",
+        "-o",
+        "allow_other",
+        kind="local",
+        host=export,
+    )
+    try:
+        line = mount_line(mnt)
+        assert "allow_other" in line and "default_permissions" in line
+        assert " ro," in line or " ro " in line
+        assert (mnt / "f").read_text() == "x"
+        with pytest.raises(OSError) as e:
+            (mnt / "g").write_text("y")
+        assert e.value.errno == errno.EROFS
+        log = (tmp_path / "log").read_text()
+        assert "lookup(1, b'f'" in log and "read(" in log  # --debug logs every call
+    finally:
+        unmount(mnt)
+        stop(m.proc)
+
+
+def test_unix_socket_source(tmp_path: Path) -> None:
+    """`unix:PATH` mounts a ninep server listening on a unix socket."""
+    export, mnt = tmp_path / "e", tmp_path / "m"
+    export.mkdir()
+    (export / "over-unix").write_text("yes")
+    sock = tmp_path / "9p.sock"
+    server = subprocess.Popen(
+        [PY, "-m", "ninep", "serve", str(export), "--listen", f"unix:{sock}"],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.05)
+        m = start_mount(f"unix:{sock}", mnt, tmp_path / "log", kind="ninep", host=export)
+        try:
+            assert (mnt / "over-unix").read_text() == "yes"
+            (mnt / "back").write_text("ok")
+            assert (export / "back").read_text() == "ok"
+        finally:
+            unmount(mnt)
+            stop(m.proc)
+    finally:
+        stop(server)
+
+
+def test_aname_selects_subtree(tmp_path: Path) -> None:
+    export, mnt = tmp_path / "e", tmp_path / "m"
+    (export / "sub").mkdir(parents=True)
+    (export / "sub" / "inside").write_text("deep")
+    port = free_port()
+    server = start_ninep_server(export, port, tmp_path / "server.log")
+    try:
+        m = start_mount(f"9p://127.0.0.1:{port}/sub", mnt, tmp_path / "log", kind="ninep")
+        try:
+            assert os.listdir(mnt) == ["inside"]
+        finally:
+            unmount(mnt)
+            stop(m.proc)
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize(
+    "source,why",
+    [("/nonexistent/dir", "not a directory"), ("9p://", "no host")],
+)
+def test_bad_source_fails_fast(tmp_path: Path, source: str, why: str) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    r = subprocess.run(
+        [PY, "-m", "ninep", "mount", source, str(mnt)],
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode != 0
+    assert why in r.stderr
+    assert not is_mounted(mnt)
