@@ -1,11 +1,13 @@
 """Timing workloads in a Linux guest against ninep and QEMU's own 9p server, in one run.
 
-    python bench/guest.py [--size-mb 64] [--files 2000] [--model passthrough] [--out DIR]
+    python bench/guest.py [--size-mb 64] [--files 2000] [--model passthrough] [--vhost-user auto|yes|no]
 
 Boots the test guest (tests/guest/guestvm.py) once per server, runs the same workloads on the
 cache=none mount — sequential 1 MiB writes and reads (dd), 4 KiB random reads, create/stat/unlink
 of N files, `ls -lR` of 5 000 entries — and prints each server's seconds and ninep's ratio to
-QEMU's. Under TCG (no usable KVM) the guest's emulation dominates: read the ratios, not the
+QEMU's. ninep runs over trans=fd (virtio-serial port + guest relay) and, when sid's QEMU and the
+compiled ring extension are available, also as a vhost-user virtio-9p device (trans=virtio, the
+same guest transport as QEMU's server: the fair comparison). Under TCG (no usable KVM) the guest's emulation dominates: read the ratios, not the
 absolute numbers, and compare servers with host-side protocol benchmarks. Writes a JSON result
 under bench/results/. Never touches anything outside its temporary exports.
 """
@@ -76,6 +78,23 @@ def qemu_version() -> str:
         return "unknown"
 
 
+def vhost_user_qemu(mode: str) -> list[str] | None:
+    """The argv prefix of a QEMU with vhost-user virtio-9p, or None (mode auto: when it can be had)."""
+    if mode == "no":
+        return None
+    try:
+        import transports._ring  # noqa: F401  (the vhost-user back-end needs the extension)
+
+        from tests.virtio.sidqemu import ensure_sid_qemu, qemu_command
+
+        return qemu_command(ensure_sid_qemu())
+    except Exception as e:
+        if mode == "yes":
+            raise
+        print(f"(no vhost-user run: {e})", file=sys.stderr)
+        return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=int, default=64, help="sequential file size (MiB)")
@@ -85,6 +104,8 @@ def main() -> int:
     ap.add_argument("--msize", type=int, default=512000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--vhost-user", choices=("auto", "yes", "no"), default="auto",
+                    help="also run ninep as a vhost-user device (needs sid's QEMU, downloaded on first use)")
     args = ap.parse_args()
 
     image = guestvm.build_image()
@@ -95,9 +116,13 @@ def main() -> int:
     have_local = importlib.util.find_spec("fs_backends.local") is not None
     results: dict[str, dict[str, float]] = {}
     meta: dict[str, object] = {}
+    servers = ["qemu", "ninep"]
+    vhost_qemu = vhost_user_qemu(args.vhost_user) if have_local else None
+    if vhost_qemu:
+        servers.append("ninep-vhost")
     with tempfile.TemporaryDirectory(prefix="ninep-bench-guest-") as tmp_s:
         tmp = Path(tmp_s)
-        for server in ("qemu", "ninep"):
+        for server in servers:
             export = tmp / f"export-{server}"
             export.mkdir()
             guestvm.seed_export(export, big=0, tree_dirs=tree_dirs, tree_files=tree_files)
@@ -106,6 +131,14 @@ def main() -> int:
                 setup = guestvm.qemu_local(export, args.model, args.msize)
                 setup.mounts = setup.mounts[:1]
                 run = guestvm.run_job(image, setup, BENCH_SH, env, timeout=args.timeout, accel=accel)
+            elif server == "ninep-vhost":
+                assert vhost_qemu is not None
+                sock = tmp / "vhost.sock"
+                with guestvm.ninep_server(ROOT, export, sock, args.model, args.msize,
+                                          log=tmp / "vhost.log", python=sys.executable,
+                                          listen=f"vhost-user:{sock}", extra=["--tag", "vt0"]):
+                    setup = guestvm.vhost_user_9p("ninep-vhost", [sock], ["vt0"], vhost_qemu, args.msize)
+                    run = guestvm.run_job(image, setup, BENCH_SH, env, timeout=args.timeout, accel=accel)
             else:
                 sock = tmp / "ninep.sock"
                 target = str(export) if have_local else "memory:"
@@ -123,22 +156,31 @@ def main() -> int:
 
     print(f"guest on {accel.name.upper()}" + (f" ({accel.why})" if accel.why else "")
           + f"; kernel {image.kernel_version}; {qemu_version()}")
-    print("transports differ: QEMU's server is reached by virtio-9p-pci, ninep by trans=fd over a "
-          "virtio-serial port and the guest relay (until vhost-user lands), so ratios include that")
+    print("transports: qemu = virtio-9p-pci; ninep = trans=fd over a virtio-serial port and the "
+          "guest relay (ratios include that path); ninep-vhost = virtio-9p via vhost-user, the "
+          "same guest transport as qemu")
     if accel.name == "tcg":
         print("TCG: times are dominated by emulating the guest; compare the ratios only")
-    print(f"{'workload':<14}{'qemu s':>10}{'ninep s':>10}{'ninep/qemu':>12}")
-    ratios = {}
+    ninep_runs = [s for s in servers if s != "qemu"]
+    head = f"{'workload':<14}{'qemu s':>10}"
+    for s_ in ninep_runs:
+        head += f"{s_ + ' s':>15}{'ratio':>7}"
+    print(head)
+    ratios: dict[str, dict[str, float | None]] = {s_: {} for s_ in ninep_runs}
+    nan = float("nan")
     for w in WORKLOADS:
-        q, n = results["qemu"].get(w), results["ninep"].get(w)
-        ratio = n / q if q and n else None
-        ratios[w] = ratio
-        extra = ""
-        if w.startswith("seq") and q and n:
-            extra = f"   ({args.size_mb / q:.1f} vs {args.size_mb / n:.1f} MiB/s)"
-        print(f"{w:<14}{q if q is not None else float('nan'):>10.3f}"
-              f"{n if n is not None else float('nan'):>10.3f}"
-              f"{ratio if ratio is not None else float('nan'):>12.2f}{extra}")
+        q = results["qemu"].get(w)
+        row = f"{w:<14}{q if q is not None else nan:>10.3f}"
+        for s_ in ninep_runs:
+            n = results[s_].get(w)
+            ratio = n / q if q and n else None
+            ratios[s_][w] = ratio
+            row += f"{n if n is not None else nan:>15.3f}{ratio if ratio is not None else nan:>7.2f}"
+        print(row)
+    for s_ in servers:
+        for w in ("seq_write", "seq_read"):
+            if results[s_].get(w):
+                meta[f"{s_}_{w}_MiBps"] = round(args.size_mb / results[s_][w], 1)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     path = args.out / f"guest-{stamp}.json"
@@ -147,7 +189,8 @@ def main() -> int:
         "kernel": image.kernel_version, "qemu": qemu_version(), "model": args.model,
         "msize": args.msize, "size_mb": args.size_mb, "files": args.files, "rand": args.rand,
         "ls_entries": tree_dirs * tree_files,
-        "transports": {"qemu": "virtio-9p-pci", "ninep": "trans=fd via virtio-serial + guest relay"}, "seconds": results, "ratio_ninep_over_qemu": ratios,
+        "transports": {"qemu": "virtio-9p-pci", "ninep": "trans=fd via virtio-serial + guest relay",
+                       "ninep-vhost": "vhost-user virtio-9p (sid QEMU)"}, "seconds": results, "ratio_over_qemu": ratios,
         **meta,
     }, indent=1))
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")

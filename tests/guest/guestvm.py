@@ -317,9 +317,11 @@ def build_image(cache: Path | None = None) -> GuestImage:
                 indent=1,
             )
         )
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(idir)
-        os.replace(stage, idir)
+        try:
+            os.rename(stage, idir)  # atomic: a reader sees a whole image or none
+        except OSError:
+            if not manifest.exists():  # not a concurrent build that finished first
+                raise
     # Each image is ~70 MB (the uncompressed kernel): keep only the few newest.
     images = sorted(gdir.glob("image-*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in images[3:]:
@@ -574,11 +576,14 @@ def _parse(console: str, name: str, accel: str, start: float, marks: dict[str, f
 @contextlib.contextmanager
 def ninep_server(root: Path, export: Path | str, sock: Path, security_model: str | None = None,
                  msize: int | None = None, log: Path | None = None,
-                 python: str | None = None, verbose: bool = False) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `python -m ninep serve EXPORT --listen unix:SOCK` from the source tree `root`."""
+                 python: str | None = None, verbose: bool = False, listen: str | None = None,
+                 extra: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `python -m ninep serve EXPORT --listen unix:SOCK` from the source tree `root` until
+    the block ends; `listen` replaces the address (e.g. vhost-user:SOCK), `extra` adds options."""
     import sys
 
-    cmd = [python or sys.executable, "-m", "ninep", "serve", str(export), "--listen", f"unix:{sock}"]
+    cmd = [python or sys.executable, "-m", "ninep", "serve", str(export), "--listen",
+           listen or f"unix:{sock}", *extra]
     if security_model:
         cmd += ["--security-model", security_model]
     if msize:

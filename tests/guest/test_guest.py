@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,16 @@ def test_ninep_local(guest_image: guestvm.GuestImage, accel: guestvm.Accel, tmp_
     run, log = _ninep_run(guest_image, accel, tmp_path, str(export), model, {})
     run_and_check(run, ["mount /mnt", "mount /mnt2", *job_steps()], log)
     check_host_side(export, run, model)
+
+
+def test_hung_guest_is_killed_with_console_tail(guest_image: guestvm.GuestImage,
+                                                accel: guestvm.Accel) -> None:
+    """A job that never ends must not hang the suite: QEMU is killed at the timeout and the
+    error carries what the console showed (here: the job's own last words)."""
+    setup = guestvm.Setup("hang", [], [])
+    script = 'echo "about to hang"\nsleep 100000\n'
+    t0 = time.monotonic()
+    with pytest.raises(guestvm.GuestError) as info:
+        guestvm.run_job(guest_image, setup, script, timeout=30, accel=accel)
+    assert time.monotonic() - t0 < 45
+    assert "timed out" in str(info.value) and "about to hang" in str(info.value)
