@@ -412,3 +412,27 @@ def test_backend_owned_indices_scribbled_by_the_frontend_are_ignored(sock_path: 
             await others_still_work(raw, good)
 
     run(main)
+
+
+def test_tag_reused_after_an_unanswered_request_goes_to_the_new_ring(sock_path: str) -> None:
+    async def drop_some(chan: Any) -> None:
+        while True:
+            try:
+                m = bytes(await chan.receive())
+            except trio.EndOfChannel:
+                return
+            if m[7:] != b"drop":  # a flushed request: the server sends nothing for it
+                await chan.send([bytes([*m[:4], m[4] + 1]), m[5:]])
+
+    async def main() -> None:
+        async with environment(sock_path) as env:
+            raw, good = await setup(env, drop_some)
+            r0 = raw.rings[0]
+            assert r0.ring.put([msg(4, b"drop")])
+            r0.evtchn.notify()
+            await wait_until(lambda: _true(raw.get_idx(0, OUT_CONS) == 11))
+            reply = await raw_exchange(raw, 1, 4, b"again")
+            assert reply[5] == 4 and reply[7:] == b"again"
+            assert raw.get_idx(0, IN_PROD) == 0  # nothing went to ring 0
+
+    run(main)

@@ -560,12 +560,11 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
         /* Only what the page cache holds, never blocking on I/O: EAGAIN (nothing cached) or
          * EOPNOTSUPP (filesystem without RWF_NOWAIT) tell the caller to read in a thread. A
          * short read is a valid short Rread. */
-        ssize_t n;
-        do {
-            n = preadv2(fd, iov, iovcnt, (off_t)offset, RWF_NOWAIT);
-        } while (n < 0 && errno == EINTR);
-        if (n < 0)
+        ssize_t n = ring_preadv_nowait(fd, iov, iovcnt, (uint64_t)offset);
+        if (n < 0) {
+            errno = (int)-n;
             return PyErr_SetFromErrno(PyExc_OSError);
+        }
         got = (Py_ssize_t)n;
     } else if (iovcnt > 0) {
         self->busy = 1; /* the buffers stay exported by us, so the memory stays mapped */

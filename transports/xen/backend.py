@@ -26,7 +26,6 @@ import enum
 import errno
 import logging
 import struct
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,7 +130,9 @@ class XenBackendChannel:
         self.peer = peer
         self.max_message_size = min(max_msize, min(r.ring.size for r in rings))
         self._limit = self.max_message_size
-        self._routes: dict[int, deque[BackendRing]] = {}
+        # tag → ring of the request in flight with that tag. A tag is reused only after its reply
+        # (or its Rflush), so a newer request simply replaces a flushed one's entry.
+        self._routes: dict[int, BackendRing] = {}
         self._framing_lost = False
         self._closed = False
         self._next_ring = 0
@@ -173,7 +174,7 @@ class XenBackendChannel:
                 self._next_ring = (self._next_ring + k + 1) % n
                 if peer_may_wait(r.ring, queued, prod, self._limit):
                     r.evtchn.notify()
-                self._routes.setdefault(msg[5] | (msg[6] << 8), deque()).append(r)
+                self._routes[msg[5] | (msg[6] << 8)] = r
                 return memoryview(msg)
             if self._framing_lost:
                 continue
@@ -186,13 +187,7 @@ class XenBackendChannel:
         self._limit = max(7, min(msize, self.max_message_size))
 
     def _route(self, tag: int, pop: bool) -> BackendRing | None:
-        q = self._routes.get(tag)
-        if not q:
-            return None
-        r = q.popleft() if pop else q[0]
-        if pop and not q:
-            del self._routes[tag]
-        return r
+        return self._routes.pop(tag, None) if pop else self._routes.get(tag)
 
     async def send(self, parts: Sequence[Buffer]) -> None:
         tag = header_tag(parts)
