@@ -110,6 +110,11 @@ class RemoteBackend:
                 )
             yield cls(client, uname=uname, n_uname=n_uname)
 
+    @property
+    def connected(self) -> bool:
+        """False once the connection to the server is gone (every call then fails)."""
+        return self.client._closed is None and not self._closed
+
     # --- helpers ---------------------------------------------------------------------------------
 
     def _chunk(self, f: RemoteOpenFile) -> int:

@@ -178,15 +178,27 @@ async def _signals(ops: Any, stopped: list[bool]) -> None:
             pyfuse3.terminate()
 
 
-async def amain(args: argparse.Namespace, ready: Callable[[], None]) -> None:
+async def _watch_connection(backend: Any, stopped: list[bool]) -> None:
+    """A mount of a 9P server ends when the server goes away (rather than failing every call)."""
+    import pyfuse3
+
+    while getattr(backend, "connected", True):
+        await trio.sleep(0.5)
+    log.error("connection to the 9P server lost: unmounting")
+    stopped.append(False)  # False: stopped because of a failure
+    pyfuse3.terminate()
+
+
+async def amain(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    """Mount, serve until unmounted; 0 on a requested unmount, 1 if the server went away."""
     raise_fd_limit()
     async with contextlib.AsyncExitStack() as stack:
-        await _mount(args, ready, stack)
+        return await _mount(args, ready, stack)
 
 
 async def _mount(
     args: argparse.Namespace, ready: Callable[[], None], stack: contextlib.AsyncExitStack
-) -> None:
+) -> int:
     import pyfuse3
 
     from ninep.fuse import FuseOperations, mount_options
@@ -213,10 +225,13 @@ async def _mount(
     log.info("mounted %s on %s (%s)", args.source, mountpoint, ",".join(sorted(opts)))
     ready()
     unmounted = False
-    stopped: list[bool] = []  # a signal asked us to stop (the kernel mount is still there)
+    # Why we stop while still mounted: True for a signal, False when the server went away.
+    stopped: list[bool] = []
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals, ops, stopped)
+            if hasattr(backend, "connected"):
+                nursery.start_soon(_watch_connection, backend, stopped)
             await pyfuse3.main()
             unmounted = not stopped
             nursery.cancel_scope.cancel()
@@ -227,6 +242,7 @@ async def _mount(
             await ops.forget_all()
             await backend.aclose()
         log.info("unmounted %s%s", mountpoint, "" if unmounted else " (terminated)")
+    return 0 if all(stopped) else 1
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -271,13 +287,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_foreground(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     try:
-        trio.run(amain, args, ready)
+        return trio.run(amain, args, ready)
     except KeyboardInterrupt:
         return 130
     except (OSError, ValueError, RuntimeError) as e:
         log.error("mount failed: %s", e)
         return 1
-    return 0
 
 
 def _run_daemon(args: argparse.Namespace) -> int:

@@ -189,3 +189,24 @@ def test_bad_source_fails_fast(tmp_path: Path, source: str, why: str) -> None:
     assert r.returncode != 0
     assert why in r.stderr
     assert not is_mounted(mnt)
+
+
+def test_server_going_away_unmounts(tmp_path: Path) -> None:
+    """When the 9P server disappears the mount ends (exit status 1) instead of failing every
+    call forever."""
+    export, mnt = tmp_path / "e", tmp_path / "m"
+    export.mkdir()
+    port = free_port()
+    server = start_ninep_server(export, port, tmp_path / "server.log")
+    m = start_mount(f"9p://127.0.0.1:{port}/", mnt, tmp_path / "log", kind="ninep")
+    try:
+        (mnt / "f").write_text("x")
+        server.kill()
+        server.wait(10)
+        assert m.proc.wait(20) == 1
+        wait_unmounted(mnt)
+        assert "connection to the 9P server lost" in (tmp_path / "log").read_text()
+    finally:
+        unmount(mnt)
+        stop(m.proc)
+        stop(server)
