@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import resource
 import struct
 from dataclasses import dataclass
 
@@ -295,8 +296,6 @@ def inode_generation(fd: int) -> int:
 
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; returns the resulting soft limit."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         try:

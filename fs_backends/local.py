@@ -151,6 +151,8 @@ class LocalOpenFile:
     dir_mu: threading.Lock = field(default_factory=threading.Lock)
     lock_owners: set[Hashable] = field(default_factory=set)
     closed: bool = False
+    busy: int = 0  # calls using fd right now (in worker threads)
+    close_pending: bool = False
 
 
 @dataclass
@@ -219,6 +221,48 @@ class LocalBackend:
     async def _run(fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(partial(fn, *args))
 
+    async def _held(self, nodes: Sequence[LocalNode], fn: Callable[..., T], *args: Any) -> T:
+        """Run fn in a worker thread while holding references on the nodes' fds, so a
+        concurrent release (a Tclunk racing this request) cannot close an fd under the syscall
+        and let its number be reused for another file."""
+        held: list[_Fd] = []
+        with self._mu:
+            for n in nodes:
+                if n.released:
+                    for h in held:
+                        self._decref_locked(h)
+                    raise FsError(errno.EBADF)
+                n.h.refs += 1
+                held.append(n.h)
+        try:
+            return await self._run(fn, *args)
+        finally:
+            with self._mu:
+                for h in held:
+                    self._decref_locked(h)
+
+    async def _infile(self, f: LocalOpenFile, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(fd, *args) in a worker thread with f's fd kept open meanwhile; a close
+        arriving in between is carried out when the last such call finishes."""
+        with self._mu:
+            if f.closed or f.fd is None:
+                raise FsError(errno.EBADF)
+            f.busy += 1
+            fd = f.fd
+        try:
+            return await self._run(fn, fd, *args)
+        finally:
+            with self._mu:
+                f.busy -= 1
+                last = f.busy == 0 and f.close_pending
+                f.close_pending = f.close_pending and not last
+            if last:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._run(self._close_sync, f)
+                    except OSError:
+                        log.exception("close failed")
+
     def _ro(self) -> None:
         if self.info.readonly:
             raise FsError(errno.EROFS)
@@ -275,10 +319,12 @@ class LocalBackend:
         version = (mtime[0] ^ mtime[1] ^ (size << 8)) & 0xFFFFFFFF
         return Qid(_qtype(mode), version, self._qpath(dev, ino))
 
-    def _qid_st(self, st: os.stat_result, fd: int | None = None) -> Qid:
+    def _qid_st(
+        self, st: os.stat_result, fd: int | None = None, loc: tuple[int, bytes] | None = None
+    ) -> Qid:
         mode = st.st_mode
         if fd is not None and self.creds.maps_modes:
-            mode = self.creds.map_mode(fd, mode)
+            mode = self.creds.map_mode(fd, mode, loc)
         return self._qid(
             mode,
             st.st_dev,
@@ -305,11 +351,24 @@ class LocalBackend:
 
     def _make_node(self, h: _Fd, st: os.stat_result, parent: _Fd | None, name: bytes) -> LocalNode:
         """A node owning `h` (one reference) and a new reference on `parent`."""
-        qid = self._qid_st(st, h.fd)
+        mode = st.st_mode
+        if self.creds.maps_modes:
+            if parent is not None:
+                loc: tuple[int, bytes] | None = (parent.fd, name)
+            elif h.ident == self._root.ident:
+                loc = (self._root.fd, b".")
+            else:
+                loc = None
+            mode = self.creds.map_mode(h.fd, mode, loc)
+        qid = self._qid(
+            mode,
+            st.st_dev,
+            st.st_ino,
+            (int(st.st_mtime), st.st_mtime_ns % 1_000_000_000),
+            st.st_size,
+        )
         n = LocalNode(qid, h, stat.S_IFMT(st.st_mode), parent, name)
-        n.cfmt = _QT_FMT.get(qid.type, stat.S_IFMT(st.st_mode))
-        if self.creds.maps_modes and qid.type == P.QTFILE:
-            n.cfmt = stat.S_IFMT(self.creds.map_mode(h.fd, st.st_mode))
+        n.cfmt = stat.S_IFMT(mode)
         with self._mu:
             if parent is not None:
                 parent.refs += 1
@@ -411,7 +470,7 @@ class LocalBackend:
 
     async def walk(self, node: LocalNode, names: Sequence[str]) -> list[LocalNode]:
         self._alive(node)
-        return await self._run(self._walk_sync, node, list(names))
+        return await self._held((node,), self._walk_sync, node, list(names))
 
     def _walk_sync(self, node: LocalNode, names: list[str]) -> list[LocalNode]:
         cur = self._alive(node)
@@ -460,10 +519,31 @@ class LocalBackend:
 
     async def getattr(self, node: LocalNode, mask: int) -> Attr:
         h = self._alive(node)
-        return await self._run(self._getattr_sync, node, h, mask)
+        return await self._held((node,), self._getattr_sync, node, h, mask)
+
+    def _location(self, node: LocalNode) -> tuple[_Fd, bytes] | None:
+        """Where `node` lives now, for models that keep metadata by name (root: (root, ".")).
+        The _Fd carries a reference the caller drops; None when it cannot be found."""
+        if node.h.ident == self._root.ident:
+            return self._incref(self._root), b"."
+        try:
+            with self._ns:
+                return self._locate(node)
+        except OSError:
+            return None
+
+    def _with_location(self, node: LocalNode, fn: Callable[[tuple[int, bytes] | None], T]) -> T:
+        loc = self._location(node) if self.creds.needs_location else None
+        try:
+            return fn((loc[0].fd, loc[1]) if loc is not None else None)
+        finally:
+            if loc is not None:
+                with self._mu:
+                    self._decref_locked(loc[0])
 
     def _getattr_sync(self, node: LocalNode, h: _Fd, mask: int) -> Attr:
-        sx = self.creds.map_stat(h.fd, _linux.statx(h.fd))
+        raw = _linux.statx(h.fd)
+        sx = self._with_location(node, lambda loc: self.creds.map_stat(h.fd, raw, loc))
         qid = self._qid(sx.mode, sx.dev, sx.ino, sx.mtime, sx.size)
         node.qid = qid
         valid = P.GETATTR_BASIC
@@ -527,19 +607,25 @@ class LocalBackend:
         h = self._alive(node)
         if attr.valid:
             self._ro()
-        await self._run(self._setattr_sync, node, h, attr)
+        await self._held((node,), self._setattr_sync, node, h, attr)
 
     def _setattr_sync(self, node: LocalNode, h: _Fd, attr: SetAttr) -> None:
         v = attr.valid
         fmt = node.cfmt
-        if v & P.SETATTR_MODE:
-            self.creds.chmod(h.fd, fmt, attr.mode)
-        if v & (P.SETATTR_UID | P.SETATTR_GID):
-            self.creds.chown(
-                h.fd,
-                attr.uid if v & P.SETATTR_UID else -1,
-                attr.gid if v & P.SETATTR_GID else -1,
-            )
+        if v & (P.SETATTR_MODE | P.SETATTR_UID | P.SETATTR_GID):
+
+            def owner(loc: tuple[int, bytes] | None) -> None:
+                if v & P.SETATTR_MODE:
+                    self.creds.chmod(h.fd, fmt, attr.mode, loc)
+                if v & (P.SETATTR_UID | P.SETATTR_GID):
+                    self.creds.chown(
+                        h.fd,
+                        attr.uid if v & P.SETATTR_UID else -1,
+                        attr.gid if v & P.SETATTR_GID else -1,
+                        loc,
+                    )
+
+            self._with_location(node, owner)
         if v & P.SETATTR_SIZE:
             if fmt == stat.S_IFDIR:
                 raise FsError(errno.EISDIR)
@@ -570,7 +656,8 @@ class LocalBackend:
             # Only ctime asked for: a chown that changes nothing updates ctime alone.
             _linux.fchown_fd(h.fd, -1, -1)
         with contextlib.suppress(OSError):
-            node.qid = self._qid_st(os.fstat(h.fd), h.fd)
+            # The type cannot change; only version (mtime, size) can.
+            node.qid = self._qid_st(os.fstat(h.fd))._replace(type=node.qid.type)
 
     # -- open / create / close / io ---------------------------------------------------------------
 
@@ -578,7 +665,7 @@ class LocalBackend:
         h = self._alive(node)
         if _writes(flags):
             self._ro()
-        return await self._run(self._open_sync, node, h, flags)
+        return await self._held((node,), self._open_sync, node, h, flags)
 
     def _check_openable(self, fmt: int, flags: int) -> None:
         if fmt == stat.S_IFDIR:
@@ -612,7 +699,7 @@ class LocalBackend:
         fd = self._reopen(h, node.fmt, node.cfmt, flags)
         if flags & P.L_O_TRUNC:
             with contextlib.suppress(OSError):
-                node.qid = self._qid_st(os.fstat(fd), h.fd)
+                node.qid = self._qid_st(os.fstat(fd))._replace(type=node.qid.type)
         f = LocalOpenFile(node, fd, flags, self._incref(h), node.fmt == stat.S_IFDIR)
         self._add_open(f)
         return f
@@ -628,7 +715,7 @@ class LocalBackend:
         dh = self._dir(dir)
         bname = self._bname(name, creating=True)
         self._ro()
-        return await self._run(self._create_sync, dh, bname, flags, mode, cred)
+        return await self._held((dir,), self._create_sync, dh, bname, flags, mode, cred)
 
     def _create_sync(
         self, dh: _Fd, bname: bytes, flags: int, mode: int, cred: Cred
@@ -661,11 +748,16 @@ class LocalBackend:
         return node, f
 
     async def close(self, f: LocalOpenFile) -> None:
-        if f.closed:
-            return
-        f.closed = True
+        with self._mu:
+            if f.closed:
+                return
+            f.closed = True
+            if f.busy:
+                f.close_pending = True  # the last call still using f.fd closes it
+                return
         try:
-            await self._run(self._close_sync, f)
+            with trio.CancelScope(shield=True):
+                await self._run(self._close_sync, f)
         except OSError:
             log.exception("close failed")
 
@@ -673,17 +765,25 @@ class LocalBackend:
         try:
             self._release_locks_sync(f, None)
         finally:
-            with self._mu:
-                self._open.discard(f)
-                same = self._open_by_ident.get(f.h.ident)
-                if same is not None:
-                    same.discard(f)
-                    if not same:
-                        del self._open_by_ident[f.h.ident]
-                if f.fd is not None:
-                    os.close(f.fd)
-                    f.fd = None
-                self._decref_locked(f.h)
+            fd = self._forget_open(f)
+            if fd is not None:
+                os.close(fd)
+
+    def _forget_open(self, f: LocalOpenFile) -> int | None:
+        """Unregister f and hand back its fd to close; None if that was done already (aclose
+        racing a deferred close)."""
+        with self._mu:
+            self._open.discard(f)
+            same = self._open_by_ident.get(f.h.ident)
+            if same is not None:
+                same.discard(f)
+                if not same:
+                    del self._open_by_ident[f.h.ident]
+            if f.fd is None:
+                return None
+            fd, f.fd = f.fd, None
+            self._decref_locked(f.h)
+            return fd
 
     @staticmethod
     def _fd(f: LocalOpenFile) -> int:
@@ -692,30 +792,29 @@ class LocalBackend:
         return f.fd
 
     async def read(self, f: LocalOpenFile, offset: int, count: int) -> bytes:
-        fd = self._fd(f)
+        self._fd(f)
         if offset < 0 or count < 0:
             raise FsError(errno.EINVAL)
-        return await self._run(os.pread, fd, count, offset)
+        return await self._infile(f, os.pread, count, offset)
 
     async def write(self, f: LocalOpenFile, offset: int, data: bytes | memoryview) -> int:
-        fd = self._fd(f)
+        self._fd(f)
         if offset < 0:
             raise FsError(errno.EINVAL)
-        return await self._run(os.pwrite, fd, data, offset)
+        return await self._infile(f, os.pwrite, data, offset)
 
     async def fsync(self, f: LocalOpenFile, datasync: bool) -> None:
-        fd = self._fd(f)
-        await self._run(os.fdatasync if datasync else os.fsync, fd)
+        await self._infile(f, os.fdatasync if datasync else os.fsync)
 
     # -- readdir ----------------------------------------------------------------------------------
 
     async def readdir(self, f: LocalOpenFile, offset: int, max_entries: int) -> list[DirEntry]:
-        fd = self._fd(f)
+        self._fd(f)
         if not f.is_dir:
             raise FsError(errno.ENOTDIR)
         if max_entries <= 0:
             return []
-        return await self._run(self._readdir_sync, f, fd, offset, max_entries)
+        return await self._infile(f, self._readdir_sync, f, offset, max_entries)
 
     def _entry(
         self, dirfd: int, dev: int, ino: int, dtype: int, name: bytes
@@ -740,7 +839,7 @@ class LocalBackend:
         return Qid(_DT_QT.get(dtype, P.QTFILE), 0, self._qpath(dev, ino)), dtype
 
     def _readdir_sync(
-        self, f: LocalOpenFile, fd: int, offset: int, max_entries: int
+        self, fd: int, f: LocalOpenFile, offset: int, max_entries: int
     ) -> list[DirEntry]:
         h = f.h
         at_root = h.ident == self._root.ident
@@ -782,7 +881,7 @@ class LocalBackend:
     def _new_qid(self, dh: _Fd, bname: bytes) -> Qid:
         fd = _linux.lookup(dh.fd, bname, os.O_PATH)
         try:
-            return self._qid_st(os.fstat(fd), fd)
+            return self._qid_st(os.fstat(fd), fd, (dh.fd, bname))
         finally:
             os.close(fd)
 
@@ -795,7 +894,7 @@ class LocalBackend:
             self.creds.create_dir(dh.fd, bname, mode, cred)
             return self._new_qid(dh, bname)
 
-        return await self._run(run)
+        return await self._held((dir,), run)
 
     async def symlink(self, dir: LocalNode, name: str, target: str, cred: Cred) -> Qid:
         dh = self._dir(dir)
@@ -809,7 +908,7 @@ class LocalBackend:
             self.creds.create_symlink(dh.fd, bname, btarget, cred)
             return self._new_qid(dh, bname)
 
-        return await self._run(run)
+        return await self._held((dir,), run)
 
     async def mknod(
         self, dir: LocalNode, name: str, mode: int, major: int, minor: int, cred: Cred
@@ -826,7 +925,7 @@ class LocalBackend:
             self.creds.create_node(dh.fd, bname, fmt, mode & 0o7777, rdev, cred)
             return self._new_qid(dh, bname)
 
-        return await self._run(run)
+        return await self._held((dir,), run)
 
     async def link(self, dir: LocalNode, name: str, target: LocalNode) -> None:
         dh = self._dir(dir)
@@ -835,13 +934,28 @@ class LocalBackend:
         self._ro()
         if target.fmt == stat.S_IFDIR:
             raise FsError(errno.EPERM)
-        await self._run(_linux.link_fd, th.fd, dh.fd, bname)
+        if not self.creds.needs_location:
+            await self._held((dir, target), _linux.link_fd, th.fd, dh.fd, bname)
+            return
+
+        def run() -> None:
+            # Models keeping metadata by name link the metadata too.
+            with self._ns:
+                tp, tname = self._locate(target)
+                try:
+                    _linux.link_fd(th.fd, dh.fd, bname)
+                    self.creds.after_link(tp.fd, tname, dh.fd, bname)
+                finally:
+                    with self._mu:
+                        self._decref_locked(tp)
+
+        await self._held((dir, target), run)
 
     async def readlink(self, node: LocalNode) -> str:
         h = self._alive(node)
         if node.cfmt != stat.S_IFLNK:
             raise FsError(errno.EINVAL)
-        return os.fsdecode(await self._run(self.creds.readlink, h.fd))
+        return os.fsdecode(await self._held((node,), self.creds.readlink, h.fd))
 
     # -- renames and removals ---------------------------------------------------------------------
 
@@ -959,12 +1073,13 @@ class LocalBackend:
                 try:
                     nh = nh0 if nh0 is not None else ph
                     os.rename(oname, nname, src_dir_fd=ph.fd, dst_dir_fd=nh.fd)
+                    self.creds.after_rename(ph.fd, oname, nh.fd, nname)
                     self._moved(ph.ident, oname, nh, nname, node.h.ident)
                 finally:
                     with self._mu:
                         self._decref_locked(ph)
 
-        await self._run(run)
+        await self._held((node,) if newdir is None else (node, newdir), run)
 
     async def renameat(
         self, olddir: LocalNode, oldname: str, newdir: LocalNode, newname: str
@@ -979,9 +1094,10 @@ class LocalBackend:
             with self._ns:
                 st = os.stat(oname, dir_fd=oh.fd, follow_symlinks=False)
                 os.rename(oname, nname, src_dir_fd=oh.fd, dst_dir_fd=nh.fd)
+                self.creds.after_rename(oh.fd, oname, nh.fd, nname)
                 self._moved(oh.ident, oname, nh, nname, (st.st_dev, st.st_ino))
 
-        await self._run(run)
+        await self._held((olddir, newdir), run)
 
     async def unlinkat(self, dir: LocalNode, name: str, flags: int) -> None:
         dh = self._dir(dir)
@@ -992,13 +1108,18 @@ class LocalBackend:
 
         def run() -> None:
             with self._ns:
-                if flags & P.AT_REMOVEDIR:
-                    os.rmdir(bname, dir_fd=dh.fd)
-                else:
-                    os.unlink(bname, dir_fd=dh.fd)
+                self._unlink_entry(dh.fd, bname, bool(flags & P.AT_REMOVEDIR))
                 self._unlinked(dh.ident, bname)
 
-        await self._run(run)
+        await self._held((dir,), run)
+
+    def _unlink_entry(self, dirfd: int, name: bytes, is_dir: bool) -> None:
+        self.creds.before_unlink(dirfd, name, is_dir)
+        if is_dir:
+            os.rmdir(name, dir_fd=dirfd)
+        else:
+            os.unlink(name, dir_fd=dirfd)
+        self.creds.after_unlink(dirfd, name, is_dir)
 
     async def remove(self, node: LocalNode) -> None:
         self._alive(node)
@@ -1008,21 +1129,18 @@ class LocalBackend:
             with self._ns:
                 ph, name = self._locate(node)
                 try:
-                    if node.fmt == stat.S_IFDIR:
-                        os.rmdir(name, dir_fd=ph.fd)
-                    else:
-                        os.unlink(name, dir_fd=ph.fd)
+                    self._unlink_entry(ph.fd, name, node.fmt == stat.S_IFDIR)
                     self._unlinked(ph.ident, name)
                 finally:
                     with self._mu:
                         self._decref_locked(ph)
 
-        await self._run(run)
+        await self._held((node,), run)
 
     async def statfs(self, node: LocalNode) -> StatFs:
         h = self._alive(node)
-        t, bsize, blocks, bfree, bavail, files, ffree, fsid, namelen = await self._run(
-            _linux.fstatfs, h.fd
+        t, bsize, blocks, bfree, bavail, files, ffree, fsid, namelen = await self._held(
+            (node,), _linux.fstatfs, h.fd
         )
         return StatFs(t, bsize, blocks, bfree, bavail, files, ffree, fsid, namelen)
 
@@ -1038,11 +1156,11 @@ class LocalBackend:
     async def xattr_get(self, node: LocalNode, name: str) -> bytes:
         h = self._alive(node)
         self._xname(name, False)
-        return await self._run(self.creds.xattr_get, h.fd, name)
+        return await self._held((node,), self.creds.xattr_get, h.fd, name)
 
     async def xattr_list(self, node: LocalNode) -> list[str]:
         h = self._alive(node)
-        return await self._run(self.creds.xattr_list, h.fd)
+        return await self._held((node,), self.creds.xattr_list, h.fd)
 
     async def xattr_set(self, node: LocalNode, name: str, value: bytes, flags: int) -> None:
         h = self._alive(node)
@@ -1054,22 +1172,21 @@ class LocalBackend:
         hflags = (os.XATTR_CREATE if flags & P.XATTR_CREATE else 0) | (
             os.XATTR_REPLACE if flags & P.XATTR_REPLACE else 0
         )
-        await self._run(self.creds.xattr_set, h.fd, name, bytes(value), hflags)
+        await self._held((node,), self.creds.xattr_set, h.fd, name, bytes(value), hflags)
 
     async def xattr_remove(self, node: LocalNode, name: str) -> None:
         h = self._alive(node)
         self._xname(name, True)
-        await self._run(self.creds.xattr_remove, h.fd, name)
+        await self._held((node,), self.creds.xattr_remove, h.fd, name)
 
     # -- locks ----------------------------------------------------------------------------------------
 
-    def _lock_fd(self, f: LocalOpenFile, fl: _FileLocks, key: Hashable) -> int:
+    def _lock_fd(self, fd: int, f: LocalOpenFile, fl: _FileLocks, key: Hashable) -> int:
         """The OFD-lock fd of owner `key` on this file (one per (file, owner), shared by all
         the owner's fids, so the owner never conflicts with itself)."""
         lfd = fl.fds.get(key)
         if lfd is not None:
             return lfd
-        fd = self._fd(f)
         base = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
         if f.is_dir:
             lfd = os.open(_proc(fd), os.O_RDONLY | os.O_DIRECTORY | base)
@@ -1102,9 +1219,9 @@ class LocalBackend:
             lock.type == P.LOCK_TYPE_WRLCK and acc == P.L_O_RDONLY
         ):
             raise FsError(errno.EBADF)
-        return await self._run(self._lock_sync, f, lock, owner)
+        return await self._infile(f, self._lock_sync, f, lock, owner)
 
-    def _lock_sync(self, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> int:
+    def _lock_sync(self, fd: int, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> int:
         key = _owner_key(owner)
         ident = f.h.ident
         start, end = span(lock.start, lock.length)
@@ -1123,7 +1240,7 @@ class LocalBackend:
                 fl = self._locks[ident] = _FileLocks()
             new = key not in fl.fds
             try:
-                lfd = self._lock_fd(f, fl, key)
+                lfd = self._lock_fd(fd, f, fl, key)
                 ok = _linux.ofd_setlk(lfd, lock.type, start, length)
             except BaseException:
                 if new:
@@ -1143,9 +1260,9 @@ class LocalBackend:
             raise FsError(errno.EINVAL)
         if lock.start < 0 or lock.length < 0:
             raise FsError(errno.EINVAL)
-        return await self._run(self._getlock_sync, f, lock, owner)
+        return await self._infile(f, self._getlock_sync, f, lock, owner)
 
-    def _getlock_sync(self, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> Lock:
+    def _getlock_sync(self, fd: int, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> Lock:
         key = _owner_key(owner)
         ident = f.h.ident
         start, end = span(lock.start, lock.length)
@@ -1157,7 +1274,7 @@ class LocalBackend:
                 fl = _FileLocks()
             assert fl is not None
             try:
-                lfd = self._lock_fd(f, fl, key)
+                lfd = self._lock_fd(fd, f, fl, key)
                 t, s, ln, pid = _linux.ofd_getlk(lfd, lock.type, start, length)
             finally:
                 if temp:

@@ -18,8 +18,11 @@ follow a symlink: it only ever gets a directory fd plus one name, or an fd of th
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
+import re
 import stat
 
 from fs_backends import _linux
@@ -112,12 +115,18 @@ class Credentials:
 
     #: whether map_mode/map_mode_at can differ from the host mode (False skips the calls)
     maps_modes = False
+    #: whether map_stat/chmod/chown need the object's (directory fd, name) location and the
+    #: namespace hooks below must run (metadata kept by name, as mapped-file does)
+    needs_location = False
 
-    def map_stat(self, fd: int, st: Statx) -> Statx:
+    # `loc` is (directory fd, name) of the object, (root fd, b".") for the export root, or None
+    # when the backend cannot tell (then only what the object itself carries is used).
+
+    def map_stat(self, fd: int, st: Statx, loc: tuple[int, bytes] | None = None) -> Statx:
         """What the client sees of mode/uid/gid/rdev of the object `fd` refers to."""
         return st
 
-    def map_mode(self, fd: int, host_mode: int) -> int:
+    def map_mode(self, fd: int, host_mode: int, loc: tuple[int, bytes] | None = None) -> int:
         """The st_mode the client sees for the object `fd` (an O_PATH fd) refers to."""
         return host_mode
 
@@ -130,14 +139,28 @@ class Credentials:
 
     # -- changes ---------------------------------------------------------------------------
 
-    def chmod(self, fd: int, fmt: int, mode: int) -> None:
+    def chmod(self, fd: int, fmt: int, mode: int, loc: tuple[int, bytes] | None = None) -> None:
         if fmt == stat.S_IFLNK:
             raise FsError(errno.EOPNOTSUPP)
         os.chmod(_proc(fd), mode & 0o7777)
 
-    def chown(self, fd: int, uid: int, gid: int) -> None:
+    def chown(self, fd: int, uid: int, gid: int, loc: tuple[int, bytes] | None = None) -> None:
         """Change owner; -1 keeps a field. (-1, -1) still updates ctime."""
         _linux.fchown_fd(fd, uid, gid)
+
+    # -- namespace changes (after the backend checked and did them on the host) ---------------
+
+    def after_rename(self, odirfd: int, oname: bytes, ndirfd: int, nname: bytes) -> None:
+        pass
+
+    def before_unlink(self, dirfd: int, name: bytes, is_dir: bool) -> None:
+        pass
+
+    def after_unlink(self, dirfd: int, name: bytes, is_dir: bool) -> None:
+        pass
+
+    def after_link(self, odirfd: int, oname: bytes, ndirfd: int, nname: bytes) -> None:
+        pass
 
     # -- xattrs: all access goes through these, so a model can hide, rename or refuse names --
 
@@ -330,7 +353,7 @@ class MappedXattrCredentials(Credentials):
 
     # -- reading back ----------------------------------------------------------------------
 
-    def map_stat(self, fd: int, st: Statx) -> Statx:
+    def map_stat(self, fd: int, st: Statx, loc: tuple[int, bytes] | None = None) -> Statx:
         p = _proc(fd)
         uid = _get_u(p, _UID, 4)
         gid = _get_u(p, _GID, 4)
@@ -346,7 +369,7 @@ class MappedXattrCredentials(Credentials):
             st.rdev = rdev
         return st
 
-    def map_mode(self, fd: int, host_mode: int) -> int:
+    def map_mode(self, fd: int, host_mode: int, loc: tuple[int, bytes] | None = None) -> int:
         mode = _get_u(_proc(fd), _MODE, 4)
         return host_mode if mode is None else mode
 
@@ -366,11 +389,11 @@ class MappedXattrCredentials(Credentials):
 
     # -- changes ---------------------------------------------------------------------------
 
-    def chmod(self, fd: int, fmt: int, mode: int) -> None:
+    def chmod(self, fd: int, fmt: int, mode: int, loc: tuple[int, bytes] | None = None) -> None:
         cur = self.map_mode(fd, os.fstat(fd).st_mode)
         self._set(fd, mode=stat.S_IFMT(cur) | (mode & 0o7777))
 
-    def chown(self, fd: int, uid: int, gid: int) -> None:
+    def chown(self, fd: int, uid: int, gid: int, loc: tuple[int, bytes] | None = None) -> None:
         if uid == -1 and gid == -1:
             _linux.fchown_fd(fd, -1, -1)  # only touches ctime, as QEMU does
         else:
@@ -427,6 +450,302 @@ class MappedXattrCredentials(Credentials):
         return [n for n in names if not n.startswith(_VIRTFS_PREFIX)]
 
 
+_META_DIR = b".virtfs_metadata"
+_META_ROOT = b".virtfs_metadata_root"
+_META_KEYS = (("uid", b"virtfs.uid", 11), ("gid", b"virtfs.gid", 11),
+              ("mode", b"virtfs.mode", 12), ("rdev", b"virtfs.rdev", 12))  # fmt: skip
+_DIGITS = re.compile(rb"\s*([+-]?\d+)")
+
+
+def _atoi(b: bytes) -> int:
+    """C atoi: leading blanks, a sign, digits; 0 when there are none; wraps like an int."""
+    m = _DIGITS.match(b)
+    return ctypes.c_int(int(m.group(1))).value if m else 0
+
+
+def _c_int(v: int) -> int:
+    return ctypes.c_int(v).value
+
+
+class MappedFileCredentials(Credentials):
+    """QEMU's security_model=mapped-file: like mapped-xattr, but the client's uid/gid/mode/rdev
+    are kept as "virtfs.uid=N" lines in `<dir>/.virtfs_metadata/<name>` (the export root's in
+    `.virtfs_metadata_root`), byte-compatible with hw/9pfs/9p-local.c. Those names are hidden
+    from listings and refused by every operation (CVE-2017-7493). xattrs pass through. Needs no
+    privilege. The metadata files are only ever opened below a directory fd with O_NOFOLLOW."""
+
+    name = "mapped-file"
+    maps_modes = True
+    needs_location = True
+
+    def __init__(self, fmode: int = 0o600, dmode: int = 0o700) -> None:
+        self.fmode = fmode & 0o7777
+        self.dmode = dmode & 0o7777
+        root = os.geteuid() == 0
+        self.privileged_xattrs = root
+
+    def reserved_name(self, name: bytes) -> bool:
+        return name in (_META_DIR, _META_ROOT)
+
+    # -- the metadata files --------------------------------------------------------------------
+
+    @staticmethod
+    def _meta_dir(dirfd: int, create: bool) -> int | None:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(_META_DIR, 0o700, dir_fd=dirfd)
+        try:
+            return os.open(
+                _META_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd
+            )
+        except FileNotFoundError:
+            return None
+
+    def _read(self, dirfd: int, name: bytes) -> dict[str, int]:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            if name == b".":
+                fd = os.open(_META_ROOT, flags, dir_fd=dirfd)
+            else:
+                md = self._meta_dir(dirfd, False)
+                if md is None:
+                    return {}
+                try:
+                    fd = os.open(name, flags, dir_fd=md)
+                finally:
+                    os.close(md)
+        except OSError as e:
+            # Missing, or something planted there that is not a plain file/dir: no metadata.
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return {}
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return {}
+            data = os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        out: dict[str, int] = {}
+        for line in data.split(b"\n"):
+            for key, prefix, skip in _META_KEYS:
+                if line.startswith(prefix):
+                    out[key] = _atoi(line[skip:])
+                    break
+        return out
+
+    def _write(self, dirfd: int, name: bytes, **new: int) -> None:
+        vals = self._read(dirfd, name)
+        for k, v in new.items():
+            if v != -1:
+                vals[k] = v
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        if name == b".":
+            fd = os.open(_META_ROOT, flags, 0o600, dir_fd=dirfd)
+        else:
+            md = self._meta_dir(dirfd, True)
+            if md is None:
+                raise FsError(errno.ENOENT)
+            try:
+                fd = os.open(name, flags, 0o600, dir_fd=md)
+            finally:
+                os.close(md)
+        try:
+            os.fchmod(fd, 0o600)
+            text = b"".join(
+                b"virtfs.%s=%d\n" % (k.encode(), _c_int(vals[k]))
+                for k, _, _ in _META_KEYS
+                if k in vals and _c_int(vals[k]) != -1
+            )
+            os.write(fd, text)
+        finally:
+            os.close(fd)
+
+    def _record(self, dirfd: int, name: bytes, rmdir: bool, **attrs: int) -> None:
+        try:
+            self._write(dirfd, name, **attrs)
+        except BaseException:
+            _unlink_quietly(dirfd, name, rmdir)
+            raise
+
+    # -- creation ------------------------------------------------------------------------------
+
+    def create_file(self, dirfd: int, name: bytes, oflags: int, mode: int, cred: Cred) -> int:
+        fd = os.open(
+            name,
+            oflags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY,
+            self.fmode,
+            dir_fd=dirfd,
+        )
+        try:
+            os.fchmod(fd, self.fmode)
+            self._record(
+                dirfd, name, False, uid=cred.uid, gid=cred.gid, mode=stat.S_IFREG | (mode & 0o7777)
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def create_dir(self, dirfd: int, name: bytes, mode: int, cred: Cred) -> None:
+        os.mkdir(name, self.dmode, dir_fd=dirfd)
+        self._fix_mode(dirfd, name, stat.S_IFDIR, self.dmode)
+        self._record(
+            dirfd, name, True, uid=cred.uid, gid=cred.gid, mode=stat.S_IFDIR | (mode & 0o7777)
+        )
+
+    def create_node(
+        self, dirfd: int, name: bytes, fmt: int, mode: int, rdev: int, cred: Cred
+    ) -> None:
+        os.mknod(name, stat.S_IFREG | self.fmode, 0, dir_fd=dirfd)
+        self._fix_mode(dirfd, name, stat.S_IFREG, self.fmode)
+        self._record(
+            dirfd, name, False,
+            uid=cred.uid, gid=cred.gid, mode=fmt | (mode & 0o7777), rdev=rdev,
+        )  # fmt: skip
+
+    def create_symlink(self, dirfd: int, name: bytes, target: bytes, cred: Cred) -> None:
+        fd = os.open(
+            name,
+            os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+            self.fmode,
+            dir_fd=dirfd,
+        )
+        try:
+            view = memoryview(target)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, self.fmode)
+        except BaseException:
+            _unlink_quietly(dirfd, name, False)
+            raise
+        finally:
+            os.close(fd)
+        self._record(dirfd, name, False, uid=cred.uid, gid=cred.gid, mode=stat.S_IFLNK | 0o777)
+
+    @staticmethod
+    def _fix_mode(dirfd: int, name: bytes, fmt: int, mode: int) -> None:
+        # The exact host mode regardless of umask, on the object just made (never a symlink).
+        fd = _linux.lookup(dirfd, name, os.O_PATH)
+        try:
+            if stat.S_IFMT(os.fstat(fd).st_mode) != fmt:
+                raise FsError(errno.EAGAIN)
+            os.chmod(_proc(fd), mode)
+        finally:
+            os.close(fd)
+
+    # -- reading back --------------------------------------------------------------------------
+
+    def map_stat(self, fd: int, st: Statx, loc: tuple[int, bytes] | None = None) -> Statx:
+        if loc is not None:
+            m = self._read(*loc)
+            st.uid = m.get("uid", st.uid) & 0xFFFFFFFF
+            st.gid = m.get("gid", st.gid) & 0xFFFFFFFF
+            st.mode = m.get("mode", st.mode) & 0xFFFFFFFF
+            if "rdev" in m:
+                st.rdev = m["rdev"] & 0xFFFFFFFF
+        return st
+
+    def map_mode(self, fd: int, host_mode: int, loc: tuple[int, bytes] | None = None) -> int:
+        if loc is None:
+            return host_mode
+        return self._read(*loc).get("mode", host_mode) & 0xFFFFFFFF
+
+    def map_mode_at(self, dirfd: int, name: bytes, host_mode: int) -> int:
+        return self._read(dirfd, name).get("mode", host_mode) & 0xFFFFFFFF
+
+    readlink = MappedXattrCredentials.readlink
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def chmod(self, fd: int, fmt: int, mode: int, loc: tuple[int, bytes] | None = None) -> None:
+        if loc is None:
+            raise FsError(errno.ENOENT)
+        cur = self.map_mode(fd, os.fstat(fd).st_mode, loc)
+        self._write(*loc, mode=stat.S_IFMT(cur) | (mode & 0o7777))
+
+    def chown(self, fd: int, uid: int, gid: int, loc: tuple[int, bytes] | None = None) -> None:
+        if uid == -1 and gid == -1:
+            _linux.fchown_fd(fd, -1, -1)
+            return
+        if loc is None:
+            raise FsError(errno.ENOENT)
+        self._write(*loc, uid=uid, gid=gid)
+
+    # -- the metadata follows the names ----------------------------------------------------------
+
+    def after_rename(self, odirfd: int, oname: bytes, ndirfd: int, nname: bytes) -> None:
+        nmd = self._meta_dir(ndirfd, True)
+        if nmd is None:
+            raise FsError(errno.ENOENT)
+        try:
+            omd = self._meta_dir(odirfd, False)
+            try:
+                if omd is None:
+                    raise FileNotFoundError
+                os.rename(oname, nname, src_dir_fd=omd, dst_dir_fd=nmd)
+            except FileNotFoundError:
+                # No metadata moved: do not let the replaced file's metadata linger.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(nname, dir_fd=nmd)
+            finally:
+                if omd is not None:
+                    os.close(omd)
+        finally:
+            os.close(nmd)
+
+    def before_unlink(self, dirfd: int, name: bytes, is_dir: bool) -> None:
+        if not is_dir:
+            return
+        # A directory's own metadata directory would keep it from being removed.
+        try:
+            vfd = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd
+            )
+        except OSError:
+            return  # let the real rmdir report it
+        try:
+            md = self._meta_dir(vfd, False)
+            if md is None:
+                return
+            try:
+                if any(os.fsencode(n) != _META_DIR for n in os.listdir(vfd)):
+                    raise FsError(errno.ENOTEMPTY)
+                for n in os.listdir(md):  # metadata of names that no longer exist
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(n, dir_fd=md)
+            finally:
+                os.close(md)
+            os.rmdir(_META_DIR, dir_fd=vfd)
+        finally:
+            os.close(vfd)
+
+    def after_unlink(self, dirfd: int, name: bytes, is_dir: bool) -> None:
+        md = self._meta_dir(dirfd, False)
+        if md is None:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=md)
+        finally:
+            os.close(md)
+
+    def after_link(self, odirfd: int, oname: bytes, ndirfd: int, nname: bytes) -> None:
+        omd = self._meta_dir(odirfd, False)
+        if omd is None:
+            return
+        try:
+            nmd = self._meta_dir(ndirfd, True)
+            if nmd is None:
+                return
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.link(oname, nname, src_dir_fd=omd, dst_dir_fd=nmd, follow_symlinks=False)
+            finally:
+                os.close(nmd)
+        finally:
+            os.close(omd)
+
+
 def _unlink_quietly(dirfd: int, name: bytes, rmdir: bool) -> None:
     try:
         if rmdir:
@@ -443,6 +762,10 @@ def credentials_for_model(
     """The credential model named as QEMU names them (None = the default for this process)."""
     if model in ("mapped", "mapped-xattr"):
         return MappedXattrCredentials(
+            fmode if fmode is not None else 0o600, dmode if dmode is not None else 0o700
+        )
+    if model == "mapped-file":
+        return MappedFileCredentials(
             fmode if fmode is not None else 0o600, dmode if dmode is not None else 0o700
         )
     if fmode is not None or dmode is not None:
@@ -462,6 +785,7 @@ def default_credentials() -> Credentials:
 
 __all__ = [
     "Credentials",
+    "MappedFileCredentials",
     "MappedXattrCredentials",
     "NoneCredentials",
     "PassthroughCredentials",

@@ -609,3 +609,68 @@ def test_symlink_setattr(lfs: Sync, layout: tuple[Path, Path]) -> None:
     lfs.setattr(n, SetAttr(P.SETATTR_UID | P.SETATTR_GID, uid=7, gid=8), ROOT)
     assert (os.lstat(export / "l").st_uid, os.lstat(export / "l").st_gid) == (7, 8)
     assert os.stat(canary / "secret").st_uid == 0
+
+
+def test_close_and_release_racing_requests(
+    layout: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Tclunk arriving while reads/walks on the same fid run in worker threads: the fd stays
+    open until they finish, so its number cannot be reused for another file meanwhile."""
+    import trio
+
+    real_pread = os.pread
+
+    def slow_pread(fd: int, n: int, off: int) -> bytes:
+        time.sleep(0.03)  # widen the window in which the clunk arrives
+        return real_pread(fd, n, off)
+
+    monkeypatch.setattr(os, "pread", slow_pread)
+    export, _ = layout
+    (export / "mine").write_bytes(b"MINE" * 1024)
+    (export / "d").mkdir()
+    for i in range(20):
+        (export / f"other{i}").write_bytes(b"OTHER" * 1024)
+    before = count_fds()
+    seen: set[bytes] = set()
+
+    async def main() -> None:
+        b = LocalBackend(str(export))
+        root = await b.attach("", ROOT)
+        for _ in range(5):
+            n = (await b.walk(root, ["mine"]))[0]
+            d = (await b.walk(root, ["d"]))[0]
+            f = await b.open(n, P.L_O_RDONLY, ROOT)
+
+            async def reader(f=f) -> None:
+                try:
+                    seen.add((await b.read(f, 0, 4))[:4])
+                except OSError as e:
+                    assert e.errno == errno.EBADF
+
+            async def walker(d=d) -> None:
+                try:
+                    for x in await b.walk(d, [".."]):
+                        await b.release(x)
+                except OSError as e:
+                    assert e.errno == errno.EBADF
+
+            others = []
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(reader)
+                    nursery.start_soon(walker)
+                await trio.sleep(0.01)
+                await b.close(f)
+                await b.release(n)
+                await b.release(d)
+                # Other files opened meanwhile (another connection, say) take the lowest
+                # free fd numbers.
+                others += [os.open(export / f"other{i}", os.O_RDONLY) for i in range(20)]
+            for o in others:
+                os.close(o)
+        await b.release(root)
+        await b.aclose()
+
+    trio.run(main)
+    assert seen <= {b"MINE"}
+    assert count_fds() == before

@@ -19,7 +19,7 @@ import trio
 
 from fs_backends.base import Cred, SetAttr
 from fs_backends.local import LocalBackend, backend_for_model
-from fs_backends.security import MappedXattrCredentials
+from fs_backends.security import Credentials, MappedFileCredentials, MappedXattrCredentials
 from ninep import protocol as P
 
 from .conftest import Sync
@@ -203,8 +203,11 @@ def test_backend_for_model() -> None:
         trio.run(b.aclose)
         with pytest.raises(ValueError):
             backend_for_model(d, model="none", options=Opts())
+        b = backend_for_model(d, model="mapped-file")
+        assert b.info.extra["security_model"] == "mapped-file"
+        trio.run(b.aclose)
         with pytest.raises(ValueError):
-            backend_for_model(d, model="mapped-file")
+            backend_for_model(d, model="proxy")
     finally:
         shutil.rmtree(d)
 
@@ -212,8 +215,9 @@ def test_backend_for_model() -> None:
 NOBODY = 65534
 
 
-def test_mapped_works_unprivileged() -> None:
-    """The point of the mapped model: an unprivileged server still gives clients their owners,
+@pytest.mark.parametrize("model", [MappedXattrCredentials, MappedFileCredentials])
+def test_mapped_works_unprivileged(model: type[Credentials]) -> None:
+    """The point of the mapped models: an unprivileged server still gives clients their owners,
     modes and device nodes."""
     d = tempfile.mkdtemp()
     export = Path(d) / "export"
@@ -231,7 +235,7 @@ def test_mapped_works_unprivileged() -> None:
             os.setresuid(NOBODY, NOBODY, NOBODY)
 
             async def work() -> dict[str, object]:
-                b = LocalBackend(str(export), credentials=MappedXattrCredentials())
+                b = LocalBackend(str(export), credentials=model())
                 c = Cred(0, 0, "root")
                 root = await b.attach("", c)
                 await b.mknod(root, "dev", stat.S_IFCHR | 0o600, 1, 3, c)
@@ -263,5 +267,67 @@ def test_mapped_works_unprivileged() -> None:
         assert out["f"] == [stat.S_IFREG | 0o4755, 0, 0]
         st = os.lstat(export / "dev")
         assert stat.S_ISREG(st.st_mode) and st.st_uid == NOBODY
+    finally:
+        shutil.rmtree(d)
+
+
+def test_none_model_unprivileged() -> None:
+    """security_model=none run by an ordinary user: files are created as that user with the
+    exact mode asked for; changing the owner later is refused (EPERM), not faked."""
+    from fs_backends.security import NoneCredentials
+
+    d = tempfile.mkdtemp()
+    export = Path(d) / "export"
+    export.mkdir()
+    os.chmod(d, 0o755)
+    os.chown(export, NOBODY, NOBODY)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            os.umask(0o077)
+
+            async def work() -> dict[str, object]:
+                b = LocalBackend(str(export), credentials=NoneCredentials())
+                root = await b.attach("", CLIENT)
+                n, f = await b.create(root, "f", RW, 0o664, CLIENT)
+                await b.close(f)
+                await b.mkdir(root, "d", 0o775, CLIENT)
+                try:
+                    await b.setattr(n, SetAttr(P.SETATTR_UID, uid=0), CLIENT)
+                    chown = "allowed"
+                except OSError as e:
+                    chown = errno.errorcode[e.errno]
+                try:
+                    await b.mknod(root, "dev", stat.S_IFCHR | 0o600, 1, 3, CLIENT)
+                    mknod = "allowed"
+                except OSError as e:
+                    mknod = errno.errorcode[e.errno]
+                await b.mknod(root, "fifo", stat.S_IFIFO | 0o600, 0, 0, CLIENT)
+                await b.aclose()
+                return {"chown": chown, "mknod": mknod}
+
+            os.write(w, json.dumps(trio.run(work)).encode())
+            code = 0
+        except BaseException as e:
+            os.write(w, json.dumps({"error": repr(e)}).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as pipe:
+        out = json.loads(pipe.read() or "{}")
+    _, status = os.waitpid(pid, 0)
+    try:
+        assert os.waitstatus_to_exitcode(status) == 0, out
+        assert out == {"chown": "EPERM", "mknod": "EPERM"}
+        for name, mode in (("f", 0o664), ("d", 0o775)):
+            st = os.lstat(export / name)
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, mode), name
+        assert stat.S_ISFIFO(os.lstat(export / "fifo").st_mode)
     finally:
         shutil.rmtree(d)

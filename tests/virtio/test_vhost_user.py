@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import trio
@@ -380,3 +381,18 @@ def test_missing_doorbells_and_doorbell_storms() -> None:
             await ch.aclose()
 
     run(main)
+
+
+def test_missing_extension_gives_a_clear_import_error() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transports._ring'] = None\n"
+        "try:\n    import transports.virtio\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo,
+                         env={**os.environ, "PYTHONPATH": repo}).stdout
+    assert "transports._ring" in out and "build_ext --inplace" in out

@@ -220,11 +220,12 @@ class _Arena:
                     del self.free[i]
                 else:
                     self.free[i] = (start + count, n - count)
-                self.map[start * PAGE : (start + count) * PAGE] = bytes(count * PAGE)
-                return start
+                return start  # zero: never used, or punched out on release
         raise XenstoreError(errno.ENOMEM, f"no {count} contiguous free pages in the arena")
 
     def release(self, start: int, count: int) -> None:
+        # Give the memory back and make the pages read as zero for their next user.
+        self.map.madvise(mmap.MADV_REMOVE, start * PAGE, count * PAGE)
         self.free.append((start, count))
         self.free.sort()
         merged: list[tuple[int, int]] = []
