@@ -332,7 +332,7 @@ class RemoteBackend:
 
     async def readdir(self, f: RemoteOpenFile, offset: int, max_entries: int) -> list[DirEntry]:
         # ~32 bytes per entry plus its name; ask for about what max_entries needs.
-        want = min(self.client.msize - P.READ_HEADER, max(4096, max_entries * 64))
+        want = min(self.client.msize - P.IOHDRSZ, max(4096, max_entries * 64))
         r = await self.client.call(m.Treaddir(f.ofid, offset, want), m.Rreaddir)
         entries = unpack_dirents(r.data)
         return [DirEntry(q, off, t, name) for q, off, t, name in entries[:max_entries]]
