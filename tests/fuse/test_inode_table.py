@@ -84,5 +84,7 @@ def test_open_flags_translate_to_linux_values() -> None:
     assert open_flags_to_dotl(os.O_WRONLY | os.O_CREAT | os.O_EXCL, create=True) == (
         P.L_O_WRONLY | P.L_O_CREAT | P.L_O_EXCL
     )
+    assert open_flags_to_dotl(os.O_WRONLY | os.O_DSYNC) == P.L_O_WRONLY | P.L_O_DSYNC
+    assert open_flags_to_dotl(os.O_WRONLY | os.O_SYNC) == P.L_O_WRONLY | P.L_O_DSYNC | P.L_O_SYNC
     # O_DIRECT would make the backend read into unaligned buffers: never passed on
     assert open_flags_to_dotl(os.O_RDONLY | os.O_DIRECT) == P.L_O_RDONLY
