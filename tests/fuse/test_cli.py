@@ -271,3 +271,19 @@ def test_xen_source(tmp_path: Path) -> None:
     addr = f"xen:1/0,xenstore={xs}"
     emu = [PY, "-m", "ninep", "xenstore-emu", "--socket", str(xs)]
     _serve_and_mount(tmp_path, addr, addr, emu, xs)
+
+
+def test_proxy_security_model(tmp_path: Path) -> None:
+    """`--security-model proxy`: the confined helper (forked before trio starts) serves the mount."""
+    export, mnt = tmp_path / "e", tmp_path / "m"
+    export.mkdir()
+    (export / "in").write_text("from host")
+    m = start_mount(str(export), mnt, tmp_path / "log", "--security-model", "proxy", kind="local")
+    try:
+        assert (mnt / "in").read_text() == "from host"
+        (mnt / "out").write_text("through the helper")
+        assert (export / "out").read_text() == "through the helper"
+        assert "proxy helper" in (tmp_path / "log").read_text()
+    finally:
+        unmount(mnt)
+        stop(m.proc)
