@@ -18,7 +18,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -45,6 +45,29 @@ class _Framer:
 
     def set_limit(self, limit: int) -> None:
         self.limit = limit
+
+    async def receive(
+        self,
+        read: Callable[[], Awaitable[bytes]],
+        read_large: Callable[[int], Awaitable[memoryview]] | None = None,
+    ) -> memoryview:
+        """The next whole message, reading more with `read()` (b"" at end of stream) as needed;
+        a message larger than a read chunk goes to `read_large(size)` when given."""
+        while True:
+            msg = self.take()
+            if msg is not None:
+                return msg
+            pending = len(self.buf) - self.pos
+            if read_large is not None and pending >= 4:
+                (need,) = _SIZE.unpack_from(self.buf, self.pos)
+                if need > _RECV_CHUNK:
+                    return await read_large(need)
+            data = await read()
+            if not data:
+                if pending:
+                    raise FramingError("stream closed in the middle of a message")
+                raise trio.EndOfChannel
+            self.buf += data
 
     def take(self) -> memoryview | None:
         """A whole message out of the buffer, copied (private), or None if not all there yet."""
@@ -97,25 +120,13 @@ class SocketChannel:
         self._framer.set_limit(msize)
 
     async def receive(self) -> memoryview:
-        f = self._framer
-        while True:
-            msg = f.take()
-            if msg is not None:
-                return msg
-            need = 4
-            if len(f.buf) - f.pos >= 4:
-                (need,) = _SIZE.unpack_from(f.buf, f.pos)
-            if need > _RECV_CHUNK and len(f.buf) - f.pos >= 4:
-                return await self._receive_large(need)
-            try:
-                data = await self.sock.recv(_RECV_CHUNK)
-            except (OSError, trio.ClosedResourceError) as e:
-                raise trio.EndOfChannel(str(e)) from None
-            if not data:
-                if len(f.buf) - f.pos:
-                    raise FramingError("connection closed in the middle of a message")
-                raise trio.EndOfChannel
-            f.buf += data
+        return await self._framer.receive(self._recv, self._receive_large)
+
+    async def _recv(self) -> bytes:
+        try:
+            return await self.sock.recv(_RECV_CHUNK)
+        except (OSError, trio.ClosedResourceError) as e:
+            raise trio.EndOfChannel(str(e)) from None
 
     async def _receive_large(self, size: int) -> memoryview:
         """Reads the rest of a large message straight into its final buffer, which becomes the
@@ -179,20 +190,13 @@ class FdPairChannel:
         self._framer.set_limit(msize)
 
     async def receive(self) -> memoryview:
-        f = self._framer
-        while True:
-            msg = f.take()
-            if msg is not None:
-                return msg
-            try:
-                data = await self._r.receive_some(_RECV_CHUNK)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise trio.EndOfChannel(str(e)) from None
-            if not data:
-                if len(f.buf) - f.pos:
-                    raise FramingError("stream closed in the middle of a message")
-                raise trio.EndOfChannel
-            f.buf += data
+        return await self._framer.receive(self._recv)
+
+    async def _recv(self) -> bytes:
+        try:
+            return bytes(await self._r.receive_some(_RECV_CHUNK))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise trio.EndOfChannel(str(e)) from None
 
     async def send(self, parts: Sequence[Buffer]) -> None:
         async with self._send_lock:
