@@ -64,6 +64,21 @@ class RemoteNode:
     fid: int
     qid: Qid
     live: bool = True
+    #: Names from the attach point as last known and a private fid on that attach point: only
+    #: for renames that do not say where to (9P2000 wstat), which need the parent directory.
+    path: tuple[str, ...] = ()
+    root_fid: int = -1
+
+
+def _join(path: tuple[str, ...], names: Sequence[str]) -> tuple[str, ...]:
+    out = list(path)
+    for n in names:
+        if n == "..":
+            if out:
+                out.pop()
+        elif n != ".":
+            out.append(n)
+    return tuple(out)
 
 
 @dataclass(eq=False, slots=True)
@@ -89,6 +104,7 @@ class RemoteBackend:
         self._closed = False
         self._no_unlinkat = False
         self._no_renameat = False
+        self._root_fids: list[int] = []
 
     @classmethod
     @asynccontextmanager
@@ -109,6 +125,11 @@ class RemoteBackend:
                     errno.EPROTONOSUPPORT, f"server speaks {client.dialect}, not 9P2000.L"
                 )
             yield cls(client, uname=uname, n_uname=n_uname)
+
+    @property
+    def connected(self) -> bool:
+        """False once the connection to the server is gone (every call then fails)."""
+        return self.client._closed is None and not self._closed
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -143,12 +164,15 @@ class RemoteBackend:
         except BaseException:
             self.client._free_fids.append(fid)
             raise
-        return RemoteNode(fid, r.qid)
+        root = RemoteNode(fid, r.qid)
+        root.root_fid = await self._clone(root)
+        self._root_fids.append(root.root_fid)
+        return root
 
     async def walk(self, node: RemoteNode, names: Sequence[str]) -> list[RemoteNode]:
         if not names:
             fid = await self._clone(node)
-            return [RemoteNode(fid, node.qid)]
+            return [RemoteNode(fid, node.qid, path=node.path, root_fid=node.root_fid)]
         # One fid per component reached (the contract), each walked from `node` in parallel.
         results: list[RemoteNode | BaseException | None] = [None] * min(len(names), P.MAXWELEM)
 
@@ -165,7 +189,9 @@ class RemoteBackend:
                 self.client._free_fids.append(fid)
                 results[i] = FsError(errno.ENOENT)
                 return
-            results[i] = RemoteNode(fid, r.wqid[-1])
+            results[i] = RemoteNode(
+                fid, r.wqid[-1], path=_join(node.path, names[: i + 1]), root_fid=node.root_fid
+            )
 
         if len(names) == 1:
             await prefix(0)
@@ -327,7 +353,7 @@ class RemoteBackend:
 
     async def readdir(self, f: RemoteOpenFile, offset: int, max_entries: int) -> list[DirEntry]:
         # ~32 bytes per entry plus its name; ask for about what max_entries needs.
-        want = min(self.client.msize - P.READ_HEADER, max(4096, max_entries * 64))
+        want = min(self.client.msize - P.IOHDRSZ, max(4096, max_entries * 64))
         r = await self.client.call(m.Treaddir(f.ofid, offset, want), m.Rreaddir)
         entries = unpack_dirents(r.data)
         return [DirEntry(q, off, t, name) for q, off, t, name in entries[:max_entries]]
@@ -380,13 +406,23 @@ class RemoteBackend:
 
     async def rename(self, node: RemoteNode, newdir: RemoteNode | None, newname: str) -> None:
         if newdir is None:
-            parent = (await self.walk(node, [".."]))[0]
+            # Trename needs the directory: walk to it again from the attach point.
+            if not node.path or node.root_fid < 0:
+                raise FsError(errno.EBUSY)  # the attach point itself
+            parent = self.client.new_fid()
             try:
-                await self.client.rename(node.fid, parent.fid, newname)
+                await self.client.walk(node.root_fid, list(node.path[:-1]), parent)
+            except BaseException:
+                self.client._free_fids.append(parent)
+                raise
+            try:
+                await self.client.rename(node.fid, parent, newname)
             finally:
-                await self.release(parent)
+                await self._clunk(parent)
+            node.path = (*node.path[:-1], newname)
             return
         await self.client.rename(node.fid, newdir.fid, newname)
+        node.path = (*newdir.path, newname)
 
     async def renameat(
         self, olddir: RemoteNode, oldname: str, newdir: RemoteNode, newname: str

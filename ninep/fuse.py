@@ -11,7 +11,13 @@ handles. This module keeps the two tables that translate between them:
   high range, remembered for the life of the mount so it stays stable too.
 - file handles ↔ `OpenFile` (files) and `_DirHandle` (directories, with a cache of the current
   batch of backend entries so a directory of any size is listed in bounded batches, resuming at
-  the backend's cookies).
+  the backend's cookies). The first FULL_ENTRIES entries of a listing go to the kernel with
+  attributes (readdirplus, one lookup each); the rest with name, type and inode number only.
+
+Handles the kernel keeps: every inode it knows holds a backend Node (an fd, a fid). Past
+`max_inodes` the oldest unused ones are handed back by telling the kernel to drop their dentries.
+Nodes of a 9P server whose fids are paths (diod) go stale after a rename or an unlink of another
+name; each inode remembers the names it was reached by and is walked to again when that happens.
 
 Errors: an `OSError` from the backend becomes `FUSEError(errno)`; anything else is logged and
 answered EIO. Credentials of each request (ctx.uid/ctx.gid) are passed to the backend as `Cred`.
@@ -135,7 +141,7 @@ def open_flags_to_dotl(flags: int, *, create: bool = False) -> int:
         acc, P.L_O_RDWR
     )
     for host, dotl in _OPEN_FLAGS:
-        if host and flags & host:
+        if host and flags & host == host:  # whole mask: O_SYNC includes O_DSYNC's bit
             if not create and host in (os.O_CREAT, os.O_EXCL):
                 continue
             out |= dotl
