@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Codec micro-benchmark: decode + encode time per hot 9P2000.L message, fast vs construct codec.
 
-    /work/venv/bin/python bench/codec.py [--quick] [--out DIR]
+    .venv/bin/python bench/codec.py [--quick] [--out DIR]
 
 For each hot message (Twalk/Rwalk, Tgetattr/Rgetattr, Tlopen/Rlopen, Tread/Rread, Twrite/Rwrite,
 Tclunk/Rclunk) it times one decode of the wire bytes plus one encode of the decoded object, with

@@ -2,7 +2,7 @@
 """Round-trip benchmark of the core: Tgetattr round trips per second and 1 MiB Tread throughput
 against a ninep server over a unix socket, with 1, 8 and 32 requests in flight.
 
-    /work/venv/bin/python bench/roundtrip.py [--quick] [--duration S] [--reps N] [--out DIR]
+    .venv/bin/python bench/roundtrip.py [--quick] [--duration S] [--reps N] [--out DIR]
 
 The server is `ninep serve` on a temporary export (the local backend; the in-memory one when the
 local backend is not built), the client is ninep's own (ninep/client.py) in a separate process.

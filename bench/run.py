@@ -2,10 +2,10 @@
 """Run every benchmark that applies here: ninep (tcp, unix, fd; vhost-user and Xen ring when they
 can be imported), diod (tcp, unix, fd) and the raw host directory, side by side.
 
-    /work/venv/bin/python bench/run.py                 # the whole run (a few minutes on 2 cores)
-    /work/venv/bin/python bench/run.py --quick         # smoke run: short cells, one repetition
-    /work/venv/bin/python bench/run.py --only metadata,seqread-1m --servers ninep-unix,diod-unix
-    /work/venv/bin/python bench/run.py --profile metadata [--servers ninep-unix] [--depth 32]
+    .venv/bin/python bench/run.py                 # the whole run (a few minutes on 2 cores)
+    .venv/bin/python bench/run.py --quick         # smoke run: short cells, one repetition
+    .venv/bin/python bench/run.py --only metadata,seqread-1m --servers ninep-unix,diod-unix
+    .venv/bin/python bench/run.py --profile metadata [--servers ninep-unix] [--depth 32]
 
 Writes bench/results/<date>-<host>.json, the same table as text (.txt) and one PNG chart per
 workload; prints the table, the ratios ninep/diod and ninep/raw and issue 8's targets next to them.
