@@ -46,6 +46,10 @@ from transports.base import Channel
 R = TypeVar("R", bound=m.Message)
 
 
+#: How long a cancelled request waits for its Rflush before its tag is retired unanswered.
+FLUSH_TIMEOUT = 10.0
+
+
 class ClientError(OSError):
     """The server answered Rlerror/Rerror."""
 
@@ -141,7 +145,7 @@ class Client:
             self._tag_freed.set()
             self._tag_freed = None
 
-    async def rpc(self, msg: m.Message, *, tag: int | None = None) -> m.Message:
+    async def rpc(self, msg: m.Message, *, tag: int | None = None, flushable: bool = True) -> m.Message:
         """Sends one request and waits for its reply; Rlerror/Rerror raise ClientError."""
         if self._closed is not None:
             raise ClientError(_errno.ECONNRESET, "connection closed")
@@ -154,8 +158,16 @@ class Client:
             try:
                 await p.done.wait()
             except trio.Cancelled:
-                with trio.CancelScope(shield=True):
+                if not flushable:  # a Tflush is never itself flushed
+                    own_tag = False
+                    raise
+                # Tflush, and wait for Rflush so the tag is safe to reuse; but not forever: a
+                # server whose request is wedged may never answer. Then the tag stays retired.
+                with trio.CancelScope(shield=True) as flushing:
+                    flushing.deadline = trio.current_time() + FLUSH_TIMEOUT
                     await self._flush(msg.tag, p)
+                if flushing.cancelled_caught:
+                    own_tag = False
                 raise
         finally:
             self._pending.pop(msg.tag, None)
@@ -174,7 +186,7 @@ class Client:
         if self._closed is not None:
             return
         with suppress(OSError):
-            await self.rpc(m.Tflush(oldtag))
+            await self.rpc(m.Tflush(oldtag), flushable=False)
 
     async def call(self, msg: m.Message, expect: type[R]) -> R:
         reply = await self.rpc(msg)

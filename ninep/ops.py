@@ -156,7 +156,9 @@ async def flush(s: Session, msg: m.Tflush) -> m.Message:
     req = s.inflight.get(msg.oldtag)
     if req is not None and msg.oldtag != msg.tag:
         s.interrupt(req)
-        await req.done.wait()
+        # Interruptible itself, so a connection that ends while a flushed request is stuck in
+        # its backend call does not wait on this flush too.
+        await s.interruptible(msg.tag, req.done.wait)
     return m.Rflush()
 
 

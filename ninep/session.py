@@ -78,6 +78,8 @@ class Request:
     #: Set by Tflush (or teardown); `wait_scope` is the interruptible wait in progress, if any.
     flushed: bool = False
     wait_scope: trio.CancelScope | None = None
+    #: The shielded scope the request runs in; unshielded and cancelled only as a last resort.
+    scope: trio.CancelScope | None = None
     done: trio.Event = field(default_factory=trio.Event)
     started: float = 0.0
     #: Set just before the reply goes out: from then on the client may legitimately reuse the tag
@@ -126,8 +128,11 @@ class Session:
                 except trio.BrokenResourceError as e:
                     log.info("connection %d from %s broken: %s", self.conn_id, peer, e)
                 finally:
-                    # Waiting requests are interrupted; the others finish their backend call.
+                    # Waiting requests are interrupted; the others may finish their backend call,
+                    # within a grace period: a backend that never answers (a wedged remote or
+                    # proxy helper) must not keep a dead connection, or the server, alive.
                     self.interrupt_all()
+                    await self._reap(self.options.drain_seconds)
         finally:
             with trio.CancelScope(shield=True):
                 await self.clunk_all()
@@ -140,6 +145,18 @@ class Session:
             for req in list(self.inflight.values()):
                 await req.done.wait()
         self.interrupt_all()
+
+    async def _reap(self, grace: float) -> None:
+        with trio.move_on_after(grace) as waiting:
+            waiting.shield = True
+            for req in list(self.inflight.values()):
+                await req.done.wait()
+        for req in list(self.inflight.values()):
+            if req.scope is not None:
+                log.warning("connection %d: abandoning %s (tag %d) after %.1f s", self.conn_id,
+                            T(req.msgtype).name if req.msgtype in T._value2member_map_ else req.msgtype, req.tag, grace)
+                req.scope.shield = False
+                req.scope.cancel()
 
     def interrupt(self, req: Request) -> None:
         req.flushed = True
@@ -231,7 +248,7 @@ class Session:
         err: tuple[int, str] | None = None
         try:
             # Shielded: only `interruptible` waits inside may be cut short (see module docstring).
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True) as req.scope:
                 try:
                     msg = self.codec.decode(buf)
                     if self.options.trace:
