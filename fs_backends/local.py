@@ -11,6 +11,13 @@ Nodes remember the directory (as an fd) and name they were reached by, kept curr
 done through this backend; Tremove/Trename check the entry still names the node's (dev, ino)
 before acting and fail rather than touch another file.
 
+Idle node fds are reclaimed under pressure (more than `max_path_fds`, by default half the
+RLIMIT_NOFILE soft limit): the least recently used ones are closed after taking their file
+handle and reopened by handle when next needed, checked by (dev, ino); this never happens while a
+worker-thread call runs. How client credentials meet the host (create, chown/chmod, what getattr
+shows, which xattr and file names a client may touch) is the credential model's job
+(`fs_backends.security`), so QEMU's passthrough, none, mapped-xattr and mapped-file all fit.
+
 This module must never join path strings, follow a symlink, or block the trio loop: each backend
 call makes one hop to a worker thread (`trio.to_thread.run_sync`) and does all its syscalls there.
 """
