@@ -35,8 +35,19 @@ async def wait_for_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
             await trio.sleep(0.05)
 
 
-async def rate(seconds: float, concurrency: int, op) -> tuple[float, int]:  # noqa: ANN001
-    """Runs `op()` in `concurrency` tasks for `seconds`; returns (ops/s, ops)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+SERVER_PID = 0
+
+
+async def rate(seconds: float, concurrency: int, op) -> tuple[float, float]:  # noqa: ANN001
+    """Runs `op()` in `concurrency` tasks for `seconds`; returns (ops/s, server CPU µs per op).
+    The CPU figure does not depend on how loaded the machine is, the rate does."""
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -46,11 +57,12 @@ async def rate(seconds: float, concurrency: int, op) -> tuple[float, int]:  # no
             await op()
             done += 1
 
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), cpu_seconds(SERVER_PID)
     async with trio.open_nursery() as n:
         for _ in range(concurrency):
             n.start_soon(worker)
-    return done / (time.perf_counter() - start), done
+    cpu = cpu_seconds(SERVER_PID) - cpu0
+    return done / (time.perf_counter() - start), cpu * 1e6 / max(done, 1)
 
 
 async def bench(address: str, seconds: float) -> dict[str, float]:
@@ -65,7 +77,7 @@ async def bench(address: str, seconds: float) -> dict[str, float]:
             off = next(offsets) % FILE_SIZE
             assert len(await c.read(f, off, 4096)) == 4096
 
-        results["4k_read_rtt_per_s_qd1"], _ = await rate(seconds, 1, read4k)
+        results["4k_read_rtt_per_s_qd1"], results["4k_read_server_cpu_us"] = await rate(seconds, 1, read4k)
         results["4k_read_per_s_qd16"], _ = await rate(seconds, 16, read4k)
         big = iter(range(0, 1 << 62, 1 << 20))
 
@@ -73,13 +85,23 @@ async def bench(address: str, seconds: float) -> dict[str, float]:
             off = next(big) % FILE_SIZE
             assert len(await c.read_all(f, off, 1 << 20)) == 1 << 20
 
-        per_s, _ = await rate(seconds, 4, read1m)
+        per_s, results["1m_read_server_cpu_us"] = await rate(seconds, 4, read1m)
         results["1m_read_MB_per_s_qd4"] = per_s * (1 << 20) / 1e6
+        payload = os.urandom(1 << 20)
+
+        async def write1m() -> None:
+            off = next(big) % FILE_SIZE
+            assert await c.write_all(w, off, payload) == 1 << 20
+
+        w, _ = await c.walk(root, ["data"])
+        await c.lopen(w, 1)
+        per_s, results["1m_write_server_cpu_us"] = await rate(seconds, 4, write1m)
+        results["1m_write_MB_per_s_qd4"] = per_s * (1 << 20) / 1e6
 
         async def stat() -> None:
             await c.getattr(root)
 
-        results["getattr_per_s_qd1"], _ = await rate(seconds, 1, stat)
+        results["getattr_per_s_qd1"], results["getattr_server_cpu_us"] = await rate(seconds, 1, stat)
     return results
 
 
@@ -101,6 +123,8 @@ def main() -> None:
                  "--security-model", "none"],
                 env={**os.environ, "PYTHONPATH": os.getcwd()},
             )
+            global SERVER_PID
+            SERVER_PID = proc.pid
             try:
                 trio.run(wait_for_socket, sock, proc)
                 results = trio.run(bench, address, args.seconds)

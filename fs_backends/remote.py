@@ -64,6 +64,21 @@ class RemoteNode:
     fid: int
     qid: Qid
     live: bool = True
+    #: Names from the attach point as last known and a private fid on that attach point: only
+    #: for renames that do not say where to (9P2000 wstat), which need the parent directory.
+    path: tuple[str, ...] = ()
+    root_fid: int = -1
+
+
+def _join(path: tuple[str, ...], names: Sequence[str]) -> tuple[str, ...]:
+    out = list(path)
+    for n in names:
+        if n == "..":
+            if out:
+                out.pop()
+        elif n != ".":
+            out.append(n)
+    return tuple(out)
 
 
 @dataclass(eq=False, slots=True)
@@ -89,6 +104,7 @@ class RemoteBackend:
         self._closed = False
         self._no_unlinkat = False
         self._no_renameat = False
+        self._root_fids: list[int] = []
 
     @classmethod
     @asynccontextmanager
@@ -109,6 +125,11 @@ class RemoteBackend:
                     errno.EPROTONOSUPPORT, f"server speaks {client.dialect}, not 9P2000.L"
                 )
             yield cls(client, uname=uname, n_uname=n_uname)
+
+    @property
+    def connected(self) -> bool:
+        """False once the connection to the server is gone (every call then fails)."""
+        return self.client._closed is None and not self._closed
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -143,12 +164,15 @@ class RemoteBackend:
         except BaseException:
             self.client._free_fids.append(fid)
             raise
-        return RemoteNode(fid, r.qid)
+        root = RemoteNode(fid, r.qid)
+        root.root_fid = await self._clone(root)
+        self._root_fids.append(root.root_fid)
+        return root
 
     async def walk(self, node: RemoteNode, names: Sequence[str]) -> list[RemoteNode]:
         if not names:
             fid = await self._clone(node)
-            return [RemoteNode(fid, node.qid)]
+            return [RemoteNode(fid, node.qid, path=node.path, root_fid=node.root_fid)]
         # One fid per component reached (the contract), each walked from `node` in parallel.
         results: list[RemoteNode | BaseException | None] = [None] * min(len(names), P.MAXWELEM)
 
@@ -165,7 +189,9 @@ class RemoteBackend:
                 self.client._free_fids.append(fid)
                 results[i] = FsError(errno.ENOENT)
                 return
-            results[i] = RemoteNode(fid, r.wqid[-1])
+            results[i] = RemoteNode(
+                fid, r.wqid[-1], path=_join(node.path, names[: i + 1]), root_fid=node.root_fid
+            )
 
         if len(names) == 1:
             await prefix(0)
@@ -263,6 +289,7 @@ class RemoteBackend:
         # The created fid is opened (it cannot be walked from): the Node is a fresh walk.
         try:
             node = (await self.walk(dir, [name]))[0]
+            await self._own(dir, name, node, cred)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._clunk(ofid)
@@ -326,7 +353,7 @@ class RemoteBackend:
 
     async def readdir(self, f: RemoteOpenFile, offset: int, max_entries: int) -> list[DirEntry]:
         # ~32 bytes per entry plus its name; ask for about what max_entries needs.
-        want = min(self.client.msize - P.READ_HEADER, max(4096, max_entries * 64))
+        want = min(self.client.msize - P.IOHDRSZ, max(4096, max_entries * 64))
         r = await self.client.call(m.Treaddir(f.ofid, offset, want), m.Rreaddir)
         entries = unpack_dirents(r.data)
         return [DirEntry(q, off, t, name) for q, off, t, name in entries[:max_entries]]
@@ -337,15 +364,39 @@ class RemoteBackend:
     # --- names -------------------------------------------------------------------------------------
 
     async def mkdir(self, dir: RemoteNode, name: str, mode: int, cred: Cred) -> Qid:
-        return await self.client.mkdir(dir.fid, name, mode, cred.gid)
+        qid = await self.client.mkdir(dir.fid, name, mode, cred.gid)
+        await self._own(dir, name, None, cred)
+        return qid
 
     async def symlink(self, dir: RemoteNode, name: str, target: str, cred: Cred) -> Qid:
-        return await self.client.symlink(dir.fid, name, target, cred.gid)
+        qid = await self.client.symlink(dir.fid, name, target, cred.gid)
+        await self._own(dir, name, None, cred)
+        return qid
 
     async def mknod(
         self, dir: RemoteNode, name: str, mode: int, major: int, minor: int, cred: Cred
     ) -> Qid:
-        return await self.client.mknod(dir.fid, name, mode, major, minor, cred.gid)
+        qid = await self.client.mknod(dir.fid, name, mode, major, minor, cred.gid)
+        await self._own(dir, name, None, cred)
+        return qid
+
+    async def _own(self, dir: RemoteNode, name: str, node: RemoteNode | None, cred: Cred) -> None:
+        """Give a new file to the user who made it when that is not the attaching user: 9P2000.L
+        creates as the attach uid. Best effort (a server that may not chown keeps its owner)."""
+        if cred.uid == self.n_uname:
+            return
+        own = node
+        try:
+            if own is None:
+                own = (await self.walk(dir, [name]))[0]
+            await self.client.setattr(
+                own.fid, P.SETATTR_UID | P.SETATTR_GID, uid=cred.uid, gid=cred.gid
+            )
+        except OSError:
+            pass
+        finally:
+            if node is None and own is not None:
+                await self.release(own)
 
     async def link(self, dir: RemoteNode, name: str, target: RemoteNode) -> None:
         await self.client.link(dir.fid, target.fid, name)
@@ -355,13 +406,23 @@ class RemoteBackend:
 
     async def rename(self, node: RemoteNode, newdir: RemoteNode | None, newname: str) -> None:
         if newdir is None:
-            parent = (await self.walk(node, [".."]))[0]
+            # Trename needs the directory: walk to it again from the attach point.
+            if not node.path or node.root_fid < 0:
+                raise FsError(errno.EBUSY)  # the attach point itself
+            parent = self.client.new_fid()
             try:
-                await self.client.rename(node.fid, parent.fid, newname)
+                await self.client.walk(node.root_fid, list(node.path[:-1]), parent)
+            except BaseException:
+                self.client._free_fids.append(parent)
+                raise
+            try:
+                await self.client.rename(node.fid, parent, newname)
             finally:
-                await self.release(parent)
+                await self._clunk(parent)
+            node.path = (*node.path[:-1], newname)
             return
         await self.client.rename(node.fid, newdir.fid, newname)
+        node.path = (*newdir.path, newname)
 
     async def renameat(
         self, olddir: RemoteNode, oldname: str, newdir: RemoteNode, newname: str

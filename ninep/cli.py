@@ -52,6 +52,10 @@ def make_backend(export: str, args: argparse.Namespace) -> Backend:
         from fs_backends.memory import MemoryBackend
 
         return MemoryBackend(readonly=args.readonly)
+    if args.security_model == "proxy" or getattr(args, "proxy", False):
+        from fs_backends.proxy.serve import make_proxy_backend
+
+        return make_proxy_backend(export, args)
     local = importlib.import_module("fs_backends.local")
     if not os.path.isdir(export):
         raise SystemExit(f"ninep: export {export!r} is not a directory")
@@ -92,11 +96,15 @@ async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Name
 
             nursery.start_soon(on_signal)
 
-            async def run() -> None:
-                await server.serve(listeners)
+            async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                await server.serve(listeners, task_status=task_status)
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(run)
+            await nursery.start(run)
+            listening = getattr(backend, "listening", None)
+            if listening is not None:
+                # Listeners are bound: a backend may now shed privileges (the proxy does).
+                listening()
             if only_fd:
                 # An fd pair is a single connection: when it ends, the server is done.
                 await trio.sleep(0.05)

@@ -65,7 +65,7 @@ class Client:
         self.msize = 0
         self._pending: dict[int, _Pending] = {}
         self._free_tags: list[int] = list(range(NOTAG - 1, -1, -1))
-        self._tag_available = trio.Condition()
+        self._tag_freed: trio.Event | None = None
         self._fids = itertools.count(1)
         self._free_fids: list[int] = []
         self._closed: BaseException | None = None
@@ -128,15 +128,18 @@ class Client:
                 raise
 
     async def _take_tag(self) -> int:
-        async with self._tag_available:
-            while not self._free_tags:
-                await self._tag_available.wait()
-            return self._free_tags.pop()
+        # Synchronous unless all 65535 tags are in use: this runs once per request.
+        while not self._free_tags:
+            if self._tag_freed is None:
+                self._tag_freed = trio.Event()
+            await self._tag_freed.wait()
+        return self._free_tags.pop()
 
-    async def _give_tag(self, tag: int) -> None:
-        async with self._tag_available:
-            self._free_tags.append(tag)
-            self._tag_available.notify()
+    def _give_tag(self, tag: int) -> None:
+        self._free_tags.append(tag)
+        if self._tag_freed is not None:
+            self._tag_freed.set()
+            self._tag_freed = None
 
     async def rpc(self, msg: m.Message, *, tag: int | None = None) -> m.Message:
         """Sends one request and waits for its reply; Rlerror/Rerror raise ClientError."""
@@ -157,8 +160,7 @@ class Client:
         finally:
             self._pending.pop(msg.tag, None)
             if own_tag:
-                with trio.CancelScope(shield=True):
-                    await self._give_tag(msg.tag)
+                self._give_tag(msg.tag)
         reply = p.reply
         if reply is None:
             raise ClientError(_errno.ECONNRESET, f"connection closed: {self._closed!r}")
@@ -263,7 +265,7 @@ class Client:
 
     async def write_all(self, fid: int, offset: int, data: bytes | memoryview) -> int:
         view, done = memoryview(data), 0
-        chunk = self.msize - 23
+        chunk = self.msize - IOHDRSZ  # as Linux does; diod refuses a Twrite filling msize exactly
         while done < len(view):
             n = await self.write(fid, offset + done, view[done:done + chunk])
             if n <= 0:

@@ -181,14 +181,14 @@ class _Gen:
                 lines.append(f"{ind}{', '.join(targets)}, = {s}.unpack_from(buf, o); o += {struct.calcsize('<' + fmt)}")
                 for n in what:
                     if wfd[n] is m.qid:
-                        lines.append(f"{ind}f_{n} = Qid(q_{n}_t, q_{n}_v, q_{n}_p)")
+                        lines.append(f"{ind}f_{n} = _tnew(Qid, (q_{n}_t, q_{n}_v, q_{n}_p))")
                 continue
             assert isinstance(what, str)
             n, con = what, wfd[what]
             if con is m.string:
                 lines += [f"{ind}(k,) = _S_H.unpack_from(buf, o); o += 2; e = o + k",
                           f"{ind}if e > end: raise _short()",
-                          f"{ind}f_{n} = str(buf[o:e], 'utf-8'); o = e"]
+                          f"{ind}f_{n} = buf[o:e].decode(); o = e"]
             elif con is m.data:
                 lines += [f"{ind}(k,) = _S_I.unpack_from(buf, o); o += 4; e = o + k",
                           f"{ind}if e > end: raise _short()",
@@ -198,7 +198,7 @@ class _Gen:
                           f"{ind}for _ in range(c):",
                           f"{ind}    (k,) = _S_H.unpack_from(buf, o); o += 2; e = o + k",
                           f"{ind}    if e > end: raise _short()",
-                          f"{ind}    f_{n}.append(str(buf[o:e], 'utf-8')); o = e"]
+                          f"{ind}    f_{n}.append(buf[o:e].decode()); o = e"]
             elif con is m.qids:
                 lines += [f"{ind}(c,) = _S_H.unpack_from(buf, o); o += 2; e = o + 13 * c",
                           f"{ind}if e > end: raise _short()",
@@ -272,6 +272,10 @@ def _fast_codec(dialect: str) -> tuple[dict[int, Callable[..., m.Message]], dict
         wf = wire_fields(cls, dialect)
         name = cls.__name__
         src.append(f"def dec_{name}(buf, end, tag):")
+        if not any(con is m.data for _, con in wf):
+            # No payload to keep as a view: one copy to bytes makes every string slice cheaper.
+            # (No message has both a payload and strings.)
+            src.append("    buf = bytes(buf)")
         src.append("    o = 7")
         gen.decode_body(wf, src, "    ")
         src.append("    if o != end: raise DecodeError('trailing bytes after the last field')")
@@ -306,7 +310,7 @@ def _fast_codec(dialect: str) -> tuple[dict[int, Callable[..., m.Message]], dict
         gen.struct_const(f)
     namespace: dict[str, Any] = dict(gen.consts)
     namespace.update({c.__name__: c for c in m.MESSAGES.values()})
-    namespace.update(Qid=Qid, _mkqid=Qid._make, Stat=m.Stat, DecodeError=DecodeError, EncodeError=EncodeError, _short=_short)
+    namespace.update(Qid=Qid, _mkqid=Qid._make, _tnew=tuple.__new__, Stat=m.Stat, DecodeError=DecodeError, EncodeError=EncodeError, _short=_short)
     code = compile("\n".join(src), f"<ninep.codec fast {dialect}>", "exec")
     exec(code, namespace)
     decoders = {n: namespace[f"dec_{c.__name__}"] for n, c in m.MESSAGES.items()}
@@ -364,11 +368,11 @@ class Codec:
 
     def decode_stats(self, buf: Buffer) -> list[m.Stat]:
         """The Dirs of a 9P2000 directory read."""
-        mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+        raw = bytes(buf)
         out, o = [], 0
         try:
-            while o < len(mv):
-                st, o = self._dec_stat(mv, o, len(mv))
+            while o < len(raw):
+                st, o = self._dec_stat(raw, o, len(raw))
                 out.append(st)
         except (struct.error, UnicodeDecodeError):
             raise DecodeError("malformed directory entry") from None

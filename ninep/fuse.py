@@ -11,7 +11,13 @@ handles. This module keeps the two tables that translate between them:
   high range, remembered for the life of the mount so it stays stable too.
 - file handles ↔ `OpenFile` (files) and `_DirHandle` (directories, with a cache of the current
   batch of backend entries so a directory of any size is listed in bounded batches, resuming at
-  the backend's cookies).
+  the backend's cookies). The first FULL_ENTRIES entries of a listing go to the kernel with
+  attributes (readdirplus, one lookup each); the rest with name, type and inode number only.
+
+Handles the kernel keeps: every inode it knows holds a backend Node (an fd, a fid). Past
+`max_inodes` the oldest unused ones are handed back by telling the kernel to drop their dentries.
+Nodes of a 9P server whose fids are paths (diod) go stale after a rename or an unlink of another
+name; each inode remembers the names it was reached by and is walked to again when that happens.
 
 Errors: an `OSError` from the backend becomes `FUSEError(errno)`; anything else is logged and
 answered EIO. Credentials of each request (ctx.uid/ctx.gid) are passed to the backend as `Cred`.
@@ -22,11 +28,13 @@ threads) and never touches paths of the host: everything goes through the Backen
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -48,6 +56,11 @@ READDIR_BATCH = 512
 RESOLVE_CHUNK = 32
 #: Concurrent walk/getattr calls while resolving directory entries.
 RESOLVE_PARALLEL = 16
+#: Entries of one listing handed to the kernel with attributes (readdirplus: each costs a walk,
+#: a getattr and a table entry until the kernel forgets it). Past this many, entries carry only
+#: name, type and inode number, and the kernel looks up the ones it needs; a directory of any
+#: size is then listed without holding a handle per entry.
+FULL_ENTRIES = 1024
 #: Names remembered per inode (hard links) for finding a file again on a path-based server.
 MAX_NAMES = 4
 
@@ -66,6 +79,61 @@ _OPEN_FLAGS = (
 )
 
 
+def _find_nodeid_offset() -> int | None:
+    """Where pyfuse3 keeps the node id of an EntryAttributes (fuse_entry_param.ino).
+
+    pyfuse3's `st_ino` sets both the node id (the inode the kernel links and will forget) and
+    attr.st_ino (the d_ino readdir shows). A readdirplus entry with node id 0 is shown but not
+    linked (Linux fuse_direntplus_link), which is what a listing without lookups needs; pyfuse3
+    has no API for it, so the field is located once here and the layout checked: node id,
+    generation, st_dev, st_ino (struct fuse_entry_param). None if the layout is not that."""
+    try:
+        magic = 0x5A17_00C0_FFEE_1234
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = magic
+        raw = ctypes.string_at(id(e), type(e).__basicsize__)
+        hits = [
+            i
+            for i in range(0, len(raw) - 7, 8)
+            if int.from_bytes(raw[i : i + 8], "little") == magic
+        ]
+        if len(hits) != 2 or hits[1] - hits[0] != 24:
+            return None
+        ctypes.c_uint64.from_address(id(e) + hits[0]).value = 0
+        if e.st_ino != 0 or ctypes.c_uint64.from_address(id(e) + hits[1]).value != magic:
+            return None
+        return hits[0]
+    except Exception:  # any surprise: do without
+        return None
+
+
+_NODEID_OFFSET = _find_nodeid_offset()
+
+
+def _unlinked_entry(ino: int, mode: int) -> pyfuse3.EntryAttributes | None:
+    """A readdirplus entry showing inode number `ino` with no node for the kernel to link."""
+    if _NODEID_OFFSET is None:
+        return None
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = ino
+    e.st_mode = mode
+    e.entry_timeout = 0
+    e.attr_timeout = 0
+    ctypes.c_uint64.from_address(id(e) + _NODEID_OFFSET).value = 0
+    return e
+
+
+_DT_TO_IFMT = {
+    P.DT_DIR: stat.S_IFDIR,
+    P.DT_REG: stat.S_IFREG,
+    P.DT_LNK: stat.S_IFLNK,
+    P.DT_FIFO: stat.S_IFIFO,
+    P.DT_SOCK: stat.S_IFSOCK,
+    P.DT_CHR: stat.S_IFCHR,
+    P.DT_BLK: stat.S_IFBLK,
+}
+
+
 def open_flags_to_dotl(flags: int, *, create: bool = False) -> int:
     """Translate host open(2) flags to the Linux values the Backend takes (L_O_*)."""
     acc = flags & os.O_ACCMODE
@@ -73,7 +141,7 @@ def open_flags_to_dotl(flags: int, *, create: bool = False) -> int:
         acc, P.L_O_RDWR
     )
     for host, dotl in _OPEN_FLAGS:
-        if host and flags & host:
+        if host and flags & host == host:  # whole mask: O_SYNC includes O_DSYNC's bit
             if not create and host in (os.O_CREAT, os.O_EXCL):
                 continue
             out |= dotl
@@ -263,8 +331,9 @@ class _Resolved:
     """A directory entry made ready for readdirplus: the Node to register and its attributes."""
 
     entry: DirEntry
-    node: Node | None  # None: '.'/'..' or the resolution failed (entry skipped)
+    node: Node | None  # None: '.'/'..', a light entry, or the resolution failed
     attr: Attr | None
+    gone: bool = False  # the name vanished since it was listed: leave it out
 
 
 @dataclass(slots=True)
@@ -277,9 +346,25 @@ class _DirHandle:
     index: dict[int, int] = field(default_factory=dict)  # entry.offset -> position in batch
     # Entries resolved for a kernel buffer that had no room left: reused by the next call.
     ready: dict[int, _Resolved] = field(default_factory=dict)  # entry.offset -> resolved
+    # Entries handed to the kernel with attributes since the listing started (FULL_ENTRIES).
+    full_sent: int = 0
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+#: Handlers that change nothing, so running them again after EMFILE is safe.
+_RETRY_ON_EMFILE = frozenset(
+    {
+        "lookup",
+        "getattr",
+        "open",
+        "opendir",
+        "readdir",
+        "readlink",
+        "getxattr",
+        "listxattr",
+        "statfs",
+    }
+)
 R = TypeVar("R")
 
 
@@ -287,10 +372,21 @@ def _handler(fn: F) -> F:
     """Map backend errors to FUSEError and log each call when debugging."""
     name = fn.__name__
 
+    retry = name in _RETRY_ON_EMFILE
+
     @functools.wraps(fn)
     async def wrapper(self: FuseOperations, *args: Any) -> Any:
         try:
-            result = await fn(self, *args)
+            try:
+                result = await fn(self, *args)
+            except OSError as e:
+                # Out of fds (or fids): make the kernel give some inodes back, then try again.
+                if not retry or e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                if not self._shed(force=True):
+                    raise
+                await trio.sleep(0.2)
+                result = await fn(self, *args)
         except pyfuse3.FUSEError as e:
             if self.debug:
                 log.debug("%s%s -> %s", name, _short(args), errno.errorcode.get(e.errno, e.errno))
@@ -353,8 +449,18 @@ class FuseOperations(pyfuse3.Operations):
         attr_timeout: float = 1.0,
         entry_timeout: float = 1.0,
         debug: bool = False,
+        max_inodes: int | None = None,
     ) -> None:
         super().__init__()
+        #: Above this many inodes the oldest unused ones are handed back (see _shed): every
+        #: inode holds a backend handle (an fd for a local export, a fid for a 9P server).
+        self.max_inodes = max_inodes
+        #: Whether backend Nodes can stop naming their file (9P servers whose fids are paths,
+        #: like diod): then ENOENT/ESTALE on a Node makes us walk to the file again. Local and
+        #: memory Nodes hold the file itself.
+        self.stale_nodes = backend.info.name not in ("local", "memory")
+        self._asked: set[int] = set()
+        self._last_shed = 0.0
         self.backend = backend
         self.inodes = InodeTable()
         self.root = self.inodes.add_root(root)
@@ -366,6 +472,45 @@ class FuseOperations(pyfuse3.Operations):
         self._next_fh = 1
 
     # ----------------------------------------------------------------- helpers
+
+    def _maybe_shed(self) -> None:
+        # Entries already asked are on their way out: only more than that calls for a scan.
+        if self.max_inodes is not None and len(self.inodes) - len(self._asked) > self.max_inodes:
+            self._shed()
+
+    def _shed(self, force: bool = False) -> int:
+        """Ask the kernel to drop the dentries of the oldest unused inodes, down to 80% of the
+        limit; it then forgets them and their backend handles are released. The kernel only
+        knows inodes through its dentries, so this is the one way to make it let go early.
+        Entries already asked (the kernel forgets asynchronously) are not asked again."""
+        by_ino = self.inodes.by_ino
+        self._asked = {i for i in self._asked if i in by_ino}
+        limit = self.max_inodes if self.max_inodes is not None else len(by_ino)
+        want = len(by_ino) - int(limit * 0.8) - len(self._asked)
+        if force:
+            want = max(want, 64)
+        asked = 0
+        for ent in list(by_ino.values()):
+            if asked >= want:
+                break
+            if ent.ino == ROOT_INODE or ent.nopen or ent.busy or not ent.names:
+                continue
+            if ent.ino in self._asked:
+                continue
+            for parent, name in ent.names:
+                if parent in by_ino:
+                    # "deleted": without it the kernel drops the dentry but keeps the inode in
+                    # its cache (and sends no forget); with it the unused inode is evicted. A
+                    # later lookup brings the same inode number back.
+                    pyfuse3.invalidate_entry_async(
+                        parent, os.fsencode(name), deleted=ent.ino, ignore_enoent=True
+                    )
+            self._asked.add(ent.ino)
+            asked += 1
+        if asked and time.monotonic() - self._last_shed > 5:
+            self._last_shed = time.monotonic()
+            log.info("inode table at %d: asked the kernel to forget %d", len(by_ino), asked)
+        return asked
 
     def stats(self) -> dict[str, int]:
         """Table sizes (logged on SIGUSR1 by the CLI, read by tests)."""
@@ -425,7 +570,9 @@ class FuseOperations(pyfuse3.Operations):
             try:
                 return await op(ent.node)
             except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ESTALE) or not ent.names:
+                if not self.stale_nodes or e.errno not in (errno.ENOENT, errno.ESTALE):
+                    raise
+                if not ent.names:
                     raise
                 if names and await self._node_ok(ent.node):
                     raise
@@ -466,22 +613,32 @@ class FuseOperations(pyfuse3.Operations):
         return False
 
     async def _walk_again(self, parent: _Inode, name: str, depth: int) -> Node | None:
-        for attempt in range(2):
-            try:
-                return await self._walk_one(parent.node, name)
-            except OSError as e:
-                if attempt or e.errno not in (errno.ENOENT, errno.ESTALE):
-                    return None
-                if await self._node_ok(parent.node) or not await self._rewalk(parent, depth + 1):
-                    return None
-        return None
+        parent.busy += 1
+        try:
+            for attempt in range(2):
+                try:
+                    return await self._walk_one(parent.node, name)
+                except OSError as e:
+                    if attempt or e.errno not in (errno.ENOENT, errno.ESTALE):
+                        return None
+                    if await self._node_ok(parent.node):
+                        return None
+                    if not await self._rewalk(parent, depth + 1):
+                        return None
+            return None
+        finally:
+            parent.busy -= 1
+            if not parent.busy and (parent.retired or parent.dropped):
+                await self._release_nodes(self.inodes.reap(parent))
 
     async def _register(
         self, node: Node, attr: Attr, parent: _Inode, name: str
     ) -> pyfuse3.EntryAttributes:
         """One more kernel lookup of the file `node` (fresh from a walk) describes."""
         ent, drop = self.inodes.register(node, attr.qid, parent.ino, name)
+        self._asked.discard(ent.ino)
         await self._release_nodes(drop)
+        self._maybe_shed()
         return self._seen(ent, attr)
 
     async def _walk_one(self, dir: Node, name: str) -> Node:
@@ -536,7 +693,10 @@ class FuseOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         drops: list[Node] = []
         for ino, n in inode_list:
-            drops += self.inodes.forget(ino, n)
+            gone = self.inodes.forget(ino, n)
+            if gone:
+                self._asked.discard(ino)
+                drops += gone
         if self.debug:
             log.debug("forget(%d inodes) -> table %d", len(inode_list), len(self.inodes))
         await self._release_nodes(drops)
@@ -830,11 +990,14 @@ class FuseOperations(pyfuse3.Operations):
                 try:
                     node = await self._on(dh.inode, lambda d: self._walk_one(d, e.name), names=True)
                     attr = await self.backend.getattr(node, P.GETATTR_ALL)
-                except OSError:
-                    # Removed since the listing (or unreadable): leave it out.
+                except OSError as err:
                     if node is not None:
                         await self._release_nodes([node])
-                    out[i] = _Resolved(e, None, None)
+                    if err.errno != errno.ENOENT and _NODEID_OFFSET is None:
+                        raise
+                    # Removed since the listing: left out. Unreachable for another reason
+                    # (EMFILE, EACCES...): listed without attributes.
+                    out[i] = _Resolved(e, None, None, gone=err.errno == errno.ENOENT)
                     return
                 out[i] = _Resolved(e, node, attr)
 
@@ -862,11 +1025,17 @@ class FuseOperations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
         cookie = start_id
+        if cookie == 0:
+            dh.full_sent = 0
         while True:
             entries = await self._entries_after(dh, cookie)
             if not entries:
                 return
-            resolved = await self._resolve(dh, entries[:RESOLVE_CHUNK])
+            if dh.full_sent >= FULL_ENTRIES and _NODEID_OFFSET is not None:
+                light = [_Resolved(e, None, None) for e in entries[:READDIR_BATCH]]
+                resolved = light
+            else:
+                resolved = await self._resolve(dh, entries[:RESOLVE_CHUNK])
             release: list[Node] = []
             full = False
             for r in resolved:
@@ -875,11 +1044,18 @@ class FuseOperations(pyfuse3.Operations):
                     if r.node is not None:
                         dh.ready[e.offset] = r  # resolved already: the next call starts here
                     continue
+                attrs: pyfuse3.EntryAttributes | None
                 if e.name in (".", ".."):
                     attrs = self._dot_entry(dh, e)
-                elif r.node is None or r.attr is None:
+                elif r.gone:
                     cookie = e.offset  # vanished since it was listed: skip it
                     continue
+                elif r.node is None or r.attr is None:
+                    ifmt = _DT_TO_IFMT.get(e.type, stat.S_IFREG)
+                    attrs = _unlinked_entry(self.inodes.number_for(e.qid.path), ifmt)
+                    if attrs is None:
+                        cookie = e.offset
+                        continue
                 else:
                     attrs = self._entry(self.inodes.number_for(r.attr.qid.path), r.attr)
                 if not pyfuse3.readdir_reply(token, os.fsencode(e.name), attrs, e.offset):
@@ -892,8 +1068,11 @@ class FuseOperations(pyfuse3.Operations):
                     # The kernel now holds a lookup on this entry (readdirplus).
                     ent, drop = self.inodes.register(r.node, r.attr.qid, dh.inode.ino, e.name)
                     ent.last_attr = r.attr
+                    self._asked.discard(ent.ino)
+                    dh.full_sent += 1
                     release += drop
             await self._release_nodes(release)
+            self._maybe_shed()
             if full:
                 return
 

@@ -71,6 +71,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uname", default=None, help="user name sent in Tattach (default: $USER)")
     p.add_argument("--msize", type=int, default=1024 * 1024, help="9P msize to ask for")
     p.add_argument("--timeout", type=float, default=1.0, help="kernel attribute/entry cache (s)")
+    p.add_argument(
+        "--max-inodes",
+        type=int,
+        default=None,
+        help="inodes to keep before asking the kernel to forget old ones (default: from the "
+        "fd limit for a host directory, 40000 for a 9P server)",
+    )
     p.add_argument("--debug", action="store_true", help="log every FUSE call")
     p.add_argument("--daemon", action="store_true", help="detach once the mount is up")
     p.add_argument("--log-file", default=None, help="log here (with --daemon: instead of nowhere)")
@@ -120,18 +127,38 @@ def raise_fd_limit() -> None:
             continue
 
 
+def default_max_inodes(source: str) -> int:
+    """Local exports hold an fd per inode: stay well inside RLIMIT_NOFILE. 9P servers hold a
+    fid per inode: stay inside what servers commonly allow (ninep: 65536 per connection)."""
+    if parse_source(source).kind == "remote":
+        return 40_000
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(256, int(soft * 0.6))
+
+
+def make_local_backend(args: argparse.Namespace) -> Backend | None:
+    """The Backend of a host directory (or memory:), made before trio starts: some models
+    (proxy) fork a helper process, which must not inherit a running trio loop."""
+    src = parse_source(args.source, args.aname)
+    if src.kind not in ("local", "memory"):
+        return None
+    from ninep.cli import make_backend
+
+    return make_backend(src.path if src.kind == "local" else "memory:", args)
+
+
 async def open_backend(
-    args: argparse.Namespace, stack: contextlib.AsyncExitStack
+    args: argparse.Namespace, stack: contextlib.AsyncExitStack, local: Backend | None = None
 ) -> tuple[Backend, Node]:
-    """The Backend SOURCE names and its attached root."""
+    """The Backend SOURCE names (`local` when already made) and its attached root."""
     src = parse_source(args.source, args.aname)
     uname = args.uname or os.environ.get("USER") or "root"
     cred = Cred(uid=os.geteuid(), gid=os.getegid(), uname=uname)
     backend: Backend
     if src.kind in ("local", "memory"):
-        from ninep.cli import make_backend
-
-        backend = make_backend(src.path if src.kind == "local" else "memory:", args)
+        made = local if local is not None else make_local_backend(args)
+        assert made is not None
+        backend = made
         aname = ""
     else:
         from fs_backends.remote import RemoteBackend
@@ -149,7 +176,7 @@ async def open_backend(
     return backend, root
 
 
-async def _signals(ops: Any, cancel: trio.CancelScope) -> None:
+async def _signals(ops: Any, stopped: list[bool]) -> None:
     import pyfuse3
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as sigs:
@@ -158,29 +185,47 @@ async def _signals(ops: Any, cancel: trio.CancelScope) -> None:
                 log.info("tables: %s", ops.stats())
                 continue
             log.info("%s: unmounting", signal.Signals(sig).name)
+            stopped.append(True)
             pyfuse3.terminate()
 
 
-async def amain(args: argparse.Namespace, ready: Callable[[], None]) -> None:
-    raise_fd_limit()
+async def _watch_connection(backend: Any, stopped: list[bool]) -> None:
+    """A mount of a 9P server ends when the server goes away (rather than failing every call)."""
+    import pyfuse3
+
+    while getattr(backend, "connected", True):
+        await trio.sleep(0.5)
+    log.error("connection to the 9P server lost: unmounting")
+    stopped.append(False)  # False: stopped because of a failure
+    pyfuse3.terminate()
+
+
+async def amain(
+    args: argparse.Namespace, ready: Callable[[], None], local: Backend | None = None
+) -> int:
+    """Mount, serve until unmounted; 0 on a requested unmount, 1 if the server went away."""
     async with contextlib.AsyncExitStack() as stack:
-        await _mount(args, ready, stack)
+        return await _mount(args, ready, stack, local)
 
 
 async def _mount(
-    args: argparse.Namespace, ready: Callable[[], None], stack: contextlib.AsyncExitStack
-) -> None:
+    args: argparse.Namespace,
+    ready: Callable[[], None],
+    stack: contextlib.AsyncExitStack,
+    local: Backend | None,
+) -> int:
     import pyfuse3
 
     from ninep.fuse import FuseOperations, mount_options
 
-    backend, root = await open_backend(args, stack)
+    backend, root = await open_backend(args, stack, local)
     ops = FuseOperations(
         backend,
         root,
         attr_timeout=args.timeout,
         entry_timeout=args.timeout,
         debug=args.debug,
+        max_inodes=args.max_inodes or default_max_inodes(args.source),
     )
     extra = [o for opt in args.options for o in opt.split(",")]
     opts = mount_options(f"ninep:{args.source}", readonly=args.readonly, extra=extra)
@@ -195,19 +240,24 @@ async def _mount(
     log.info("mounted %s on %s (%s)", args.source, mountpoint, ",".join(sorted(opts)))
     ready()
     unmounted = False
+    # Why we stop while still mounted: True for a signal, False when the server went away.
+    stopped: list[bool] = []
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_signals, ops, nursery.cancel_scope)
+            nursery.start_soon(_signals, ops, stopped)
+            if hasattr(backend, "connected"):
+                nursery.start_soon(_watch_connection, backend, stopped)
             await pyfuse3.main()
-            unmounted = True
+            unmounted = not stopped
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             # After fusermount3 -u the kernel side is gone already; otherwise detach it now.
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=not unmounted)
             await ops.forget_all()
             await backend.aclose()
         log.info("unmounted %s%s", mountpoint, "" if unmounted else " (terminated)")
+    return 0 if all(stopped) else 1
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -252,13 +302,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_foreground(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     try:
-        trio.run(amain, args, ready)
+        raise_fd_limit()
+        local = make_local_backend(args)
+        return trio.run(amain, args, ready, local)
     except KeyboardInterrupt:
         return 130
     except (OSError, ValueError, RuntimeError) as e:
         log.error("mount failed: %s", e)
         return 1
-    return 0
 
 
 def _run_daemon(args: argparse.Namespace) -> int:

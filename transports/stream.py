@@ -18,7 +18,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -46,6 +46,29 @@ class _Framer:
     def set_limit(self, limit: int) -> None:
         self.limit = limit
 
+    async def receive(
+        self,
+        read: Callable[[], Awaitable[bytes]],
+        read_large: Callable[[int], Awaitable[memoryview]] | None = None,
+    ) -> memoryview:
+        """The next whole message, reading more with `read()` (b"" at end of stream) as needed;
+        a message larger than a read chunk goes to `read_large(size)` when given."""
+        while True:
+            msg = self.take()
+            if msg is not None:
+                return msg
+            pending = len(self.buf) - self.pos
+            if read_large is not None and pending >= 4:
+                (need,) = _SIZE.unpack_from(self.buf, self.pos)
+                if need > _RECV_CHUNK:
+                    return await read_large(need)
+            data = await read()
+            if not data:
+                if pending:
+                    raise FramingError("stream closed in the middle of a message")
+                raise trio.EndOfChannel
+            self.buf += data
+
     def take(self) -> memoryview | None:
         """A whole message out of the buffer, copied (private), or None if not all there yet."""
         avail = len(self.buf) - self.pos
@@ -56,7 +79,8 @@ class _Framer:
             raise FramingError(f"message size {size} outside 7..{self.limit}")
         if avail < size:
             return None
-        msg = memoryview(bytes(self.buf[self.pos:self.pos + size]))
+        with memoryview(self.buf) as whole:  # one copy out; the view is released before resizing
+            msg = memoryview(bytes(whole[self.pos:self.pos + size]))
         self.pos += size
         if self.pos == len(self.buf):
             self.buf.clear()
@@ -67,10 +91,24 @@ class _Framer:
         return msg
 
 
+def _grow_send_buffer(sock: trio.socket.SocketType, size: int) -> None:
+    """Lets a whole large reply fit in the socket buffer, so a 1 MiB Rread goes out in one
+    sendmsg instead of a dozen waits (root may exceed wmem_max with SO_SNDBUFFORCE)."""
+    for opt in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            return
+        except OSError:
+            continue
+
+
 class SocketChannel:
     """A Channel over a connected trio socket (TCP or unix), usable by server and client."""
 
     def __init__(self, sock: trio.socket.SocketType, peer: str, max_message_size: int = STREAM_MAX_MESSAGE) -> None:
+        _grow_send_buffer(sock, min(max_message_size, 2 * 1024 * 1024) + 64 * 1024)
         self.sock = sock
         self.peer = peer
         self.max_message_size = max_message_size
@@ -82,30 +120,20 @@ class SocketChannel:
         self._framer.set_limit(msize)
 
     async def receive(self) -> memoryview:
-        f = self._framer
-        while True:
-            msg = f.take()
-            if msg is not None:
-                return msg
-            need = 4
-            if len(f.buf) - f.pos >= 4:
-                (need,) = _SIZE.unpack_from(f.buf, f.pos)
-            if need > _RECV_CHUNK and len(f.buf) - f.pos >= 4:
-                await self._receive_large(need)
-                continue
-            try:
-                data = await self.sock.recv(_RECV_CHUNK)
-            except (OSError, trio.ClosedResourceError) as e:
-                raise trio.EndOfChannel(str(e)) from None
-            if not data:
-                if len(f.buf) - f.pos:
-                    raise FramingError("connection closed in the middle of a message")
-                raise trio.EndOfChannel
-            f.buf += data
+        return await self._framer.receive(self._recv, self._receive_large)
 
-    async def _receive_large(self, size: int) -> None:
-        """Reads the rest of a large message straight into its final buffer (one copy less)."""
+    async def _recv(self) -> bytes:
+        try:
+            return await self.sock.recv(_RECV_CHUNK)
+        except (OSError, trio.ClosedResourceError) as e:
+            raise trio.EndOfChannel(str(e)) from None
+
+    async def _receive_large(self, size: int) -> memoryview:
+        """Reads the rest of a large message straight into its final buffer, which becomes the
+        message itself (no further copy). Only called when less than one message is buffered."""
         f = self._framer
+        if size > f.limit:
+            raise FramingError(f"message size {size} outside 7..{f.limit}")
         have = len(f.buf) - f.pos
         out = bytearray(size)
         out[:have] = f.buf[f.pos:]
@@ -118,8 +146,9 @@ class SocketChannel:
             if n == 0:
                 raise FramingError("connection closed in the middle of a message")
             have += n
-        f.buf = out
+        f.buf = bytearray()
         f.pos = 0
+        return view
 
     async def send(self, parts: Sequence[Buffer]) -> None:
         async with self._send_lock:
@@ -161,20 +190,13 @@ class FdPairChannel:
         self._framer.set_limit(msize)
 
     async def receive(self) -> memoryview:
-        f = self._framer
-        while True:
-            msg = f.take()
-            if msg is not None:
-                return msg
-            try:
-                data = await self._r.receive_some(_RECV_CHUNK)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise trio.EndOfChannel(str(e)) from None
-            if not data:
-                if len(f.buf) - f.pos:
-                    raise FramingError("stream closed in the middle of a message")
-                raise trio.EndOfChannel
-            f.buf += data
+        return await self._framer.receive(self._recv)
+
+    async def _recv(self) -> bytes:
+        try:
+            return bytes(await self._r.receive_some(_RECV_CHUNK))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise trio.EndOfChannel(str(e)) from None
 
     async def send(self, parts: Sequence[Buffer]) -> None:
         async with self._send_lock:
@@ -233,7 +255,14 @@ class SocketListener:
             try:
                 async with trio.open_nursery() as nursery:
                     while True:
-                        conn, addr = await sock.accept()
+                        try:
+                            conn, addr = await sock.accept()
+                        except OSError as e:
+                            # Out of fds (EMFILE/ENFILE) or a connection reset before accept:
+                            # refuse this one, keep serving the others.
+                            log.warning("%s: accept failed: %s", self.address, e)
+                            await trio.sleep(0.1)
+                            continue
                         if self.family != socket.AF_UNIX:
                             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                             peer = f"tcp:{addr[0]}:{addr[1]}"

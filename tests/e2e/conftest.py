@@ -30,7 +30,13 @@ def _memory(path: Path, **kw: object) -> Backend:
     return MemoryBackend(**kw)  # type: ignore[arg-type]
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"memory": _memory, "local": _local}
+def _proxy(path: Path, **kw: object) -> Backend:
+    from fs_backends.proxy import proxy_backend
+
+    return proxy_backend(str(path), **kw)  # type: ignore[arg-type]
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"memory": _memory, "local": _local, "proxy": _proxy}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -62,7 +68,7 @@ def serve(transport: str, backend_kind: str, make_backend: Callable[..., Backend
 
     from tests.e2e.harness import served
 
-    def run(scenario: Callable[..., Any], *, options: Any = None, timeout: float = 30, **backend_kw: object) -> None:
+    def run(scenario: Callable[..., Any], *, options: Any = None, timeout: float = 60, **backend_kw: object) -> None:
         async def main() -> None:
             with trio.fail_after(timeout):
                 async with served(make_backend(**backend_kw), transport, tmp_path, options) as (server, connect):

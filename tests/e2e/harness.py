@@ -9,10 +9,13 @@ runs the whole suite.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -76,26 +79,52 @@ async def fd(nursery: trio.Nursery, server: Server, tmp: Path) -> Connector:
 
 
 async def xen(nursery: trio.Nursery, server: Server, tmp: Path) -> Connector:
-    """An emulated xenstore; each client is a new guest domain with its own 9pfs device."""
+    """An emulated xenstore; each client is a guest domain with its own 9pfs device (a device is
+    reused by the next client once its frontend closed, as a rebooted guest would)."""
     from transports.xen.emu import serve_xenstore
 
-    sock = f"{tmp}/xs.sock"
+    # Outside `tmp`: tests check that nothing but the export (and 9p.sock) appears there.
+    sockdir = tempfile.mkdtemp(prefix="ninep-xs-")
+    sock = f"{sockdir}/xs.sock"
     domids = iter(range(1, 0x7FF0))
 
     async def world(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as inner:
-            await inner.start(serve_xenstore, sock)
-            task_status.started(inner)
-            await server.serve([])  # returns once shut down and drained
-            inner.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as inner:
+                await inner.start(serve_xenstore, sock)
+                task_status.started(inner)
+                await server.serve([])  # returns once shut down and drained
+                inner.cancel_scope.cancel()
+        finally:
+            shutil.rmtree(sockdir, ignore_errors=True)
 
     inner: trio.Nursery = await nursery.start(world)
 
+    idle: list[str] = []  # devices whose frontend left: the backend waits for the next one
+
+    class Reconnectable:
+        """The frontend Channel; closing it hands its device to the next client."""
+
+        def __init__(self, channel: Channel, address: str) -> None:
+            self._channel, self._address = channel, address
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._channel, name)
+
+        async def aclose(self) -> None:
+            await self._channel.aclose()
+            if self._address:
+                idle.append(self._address)
+                self._address = ""
+
     async def connect() -> Channel:
-        address = f"xen:{next(domids)}/0,xenstore={sock}"
-        listener = listener_from_address(address, ListenOptions(max_msize=server.options.max_msize))
-        await inner.start(listener.serve, server.handle)
-        return await connect_address(address, ConnectOptions())
+        if idle:
+            address = idle.pop()
+        else:
+            address = f"xen:{next(domids)}/0,xenstore={sock}"
+            listener = listener_from_address(address, ListenOptions(max_msize=server.options.max_msize))
+            await inner.start(listener.serve, server.handle)
+        return Reconnectable(await connect_address(address, ConnectOptions()), address)  # type: ignore[return-value]
 
     return connect
 

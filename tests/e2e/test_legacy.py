@@ -101,7 +101,7 @@ def test_directory_reads_are_dir_entries(serve, dialect: str) -> None:  # type: 
     async def scenario(server: Any, connect: Any) -> None:
         async with client_for(connect, dialect=dialect, msize=8192) as c:
             root = await c.attach(uname="root")
-            names = {f"file-{i:03d}" for i in range(120)}  # more than one 8 KiB read of Dirs
+            names = {f"file-{i:03d}-{'x' * 30}" for i in range(90)}  # more than one 8 KiB read of Dirs
             for n in sorted(names):
                 await _create_file(c, root, n, n.encode())
             d, _ = await c.walk(root, [])

@@ -120,12 +120,11 @@ def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> Non
 
 
 def unmount(mnt: Path) -> None:
-    subprocess.run(
-        ["fusermount3", "-u", "-z", str(mnt)],
-        check=False,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """Unmount now if nothing uses the mount, else lazily (a failed test may leave files open)."""
+    for cmd in (["fusermount3", "-u"], ["fusermount3", "-u", "-z"]):
+        r = subprocess.run([*cmd, str(mnt)], check=False, capture_output=True)
+        if r.returncode == 0 or not is_mounted(mnt):
+            return
 
 
 @dataclass
@@ -143,7 +142,7 @@ class Mount:
 
     def workdir(self, name: str) -> tuple[Path, Path | None]:
         """A fresh directory for one test: (path in the mount, same path on the host)."""
-        sub = f"{name}-{next(self._n)}"
+        sub = f"{self.kind}-{name}-{next(self._n)}"
         p = self.path / sub
         p.mkdir()
         return p, (self.host / sub if self.host else None)
@@ -172,7 +171,19 @@ def start_mount(
     host: Path | None = None,
 ) -> Mount:
     mnt.mkdir(parents=True, exist_ok=True)
-    cmd = [PY, "-m", "ninep.fuse_cli", source, str(mnt), "--log-file", str(log), *extra]
+    # allow_other: tests also act as other users through the mount (root mounts it).
+    cmd = [
+        PY,
+        "-m",
+        "ninep.fuse_cli",
+        source,
+        str(mnt),
+        "--log-file",
+        str(log),
+        "-o",
+        "allow_other",
+        *extra,
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     deadline = time.monotonic() + 20
@@ -188,6 +199,8 @@ def start_mount(
 def close_mount(m: Mount) -> None:
     try:
         unmount(m.path)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            m.proc.wait(10)  # it ends by itself once unmounted
     finally:
         stop(m.proc)
         for s in m.servers:
@@ -215,10 +228,12 @@ def start_diod(export: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
 KINDS = os.environ.get("NINEP_FUSE_KINDS", "local,ninep,diod").split(",")
 
 
-def open_kind(kind: str, base: Path) -> Mount:
-    """Start whatever `kind` needs and mount it under `base`."""
-    export = base / "export"
-    export.mkdir()
+def open_kind(kind: str, base: Path, export: Path | None = None) -> Mount:
+    """Start whatever `kind` needs and mount it under `base` (exporting `export`, or a new
+    directory in `base`)."""
+    if export is None:
+        export = base / "export"
+        export.mkdir()
     os.chmod(export, 0o755)
     mnt = base / "mnt"
     log = base / "mount.log"
@@ -250,12 +265,18 @@ def open_kind(kind: str, base: Path) -> Mount:
     return m
 
 
+@pytest.fixture(scope="session")
+def shared_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One host directory every kind exports (so large fixtures are built once)."""
+    return tmp_path_factory.mktemp("export")
+
+
 @pytest.fixture(scope="module", params=KINDS)
 def mount(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, shared_export: Path
 ) -> Iterator[Mount]:
     base = tmp_path_factory.mktemp(f"fuse-{request.param}")
-    m = open_kind(request.param, base)
+    m = open_kind(request.param, base, None if request.param == "memory" else shared_export)
     try:
         yield m
     finally:
@@ -266,3 +287,16 @@ def mount(
 def work(mount: Mount, request: pytest.FixtureRequest) -> tuple[Path, Path | None]:
     name = request.node.name.split("[")[0].removeprefix("test_")[:40]
     return mount.workdir(name)
+
+
+BIG_ENTRIES = 100_000
+
+
+@pytest.fixture(scope="session")
+def big_dir(shared_export: Path) -> str:
+    """A directory of BIG_ENTRIES empty files in the shared export, made once on the host."""
+    big = shared_export / "big"
+    big.mkdir()
+    for i in range(BIG_ENTRIES):
+        os.close(os.open(big / f"entry-{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    return "big"

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 BEGIN = "=== NINEP-JOB BEGIN ==="
 END_RE = re.compile(r"=== NINEP-JOB END rc=(\d+) ===")
 # Bump when the image layout changes in a way the source hashes below do not capture.
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"
 KERNEL_META = "linux-image-amd64"
 MODULES = ("virtio_pci", "virtio_console", "9p", "9pnet_virtio", "9pnet_fd")
 HOST_PACKAGES = {
@@ -222,7 +222,7 @@ def _kernel_package() -> tuple[str, str]:
 
 def _sources_hash() -> str:
     h = hashlib.sha256(LAYOUT_VERSION.encode())
-    for name in ("relay.c", "t9tool.c", "init.sh", "guestvm.py"):
+    for name in ("relay.c", "t9tool.c", "init.sh"):
         h.update((HERE / name).read_bytes())
     return h.hexdigest()
 
@@ -317,9 +317,15 @@ def build_image(cache: Path | None = None) -> GuestImage:
                 indent=1,
             )
         )
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(idir)
-        os.replace(stage, idir)
+        try:
+            os.rename(stage, idir)  # atomic: a reader sees a whole image or none
+        except OSError:
+            if not manifest.exists():  # not a concurrent build that finished first
+                raise
+    # Each image is ~70 MB (the uncompressed kernel): keep only the few newest.
+    images = sorted(gdir.glob("image-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in images[3:]:
+        shutil.rmtree(old, ignore_errors=True)
     return build_image(cache)
 
 
@@ -568,17 +574,22 @@ def _parse(console: str, name: str, accel: str, start: float, marks: dict[str, f
 
 
 @contextlib.contextmanager
-def ninep_server(root: Path, export: Path, sock: Path, security_model: str | None = None,
+def ninep_server(root: Path, export: Path | str, sock: Path, security_model: str | None = None,
                  msize: int | None = None, log: Path | None = None,
-                 python: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `python -m ninep serve EXPORT --listen unix:SOCK` from the source tree `root`."""
+                 python: str | None = None, verbose: bool = False, listen: str | None = None,
+                 extra: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `python -m ninep serve EXPORT --listen unix:SOCK` from the source tree `root` until
+    the block ends; `listen` replaces the address (e.g. vhost-user:SOCK), `extra` adds options."""
     import sys
 
-    cmd = [python or sys.executable, "-m", "ninep", "serve", str(export), "--listen", f"unix:{sock}"]
+    cmd = [python or sys.executable, "-m", "ninep", "serve", str(export), "--listen",
+           listen or f"unix:{sock}", *extra]
     if security_model:
         cmd += ["--security-model", security_model]
     if msize:
         cmd += ["--msize", str(msize)]
+    if verbose:
+        cmd += ["-v", "--trace"]
     out = log.open("wb") if log else subprocess.DEVNULL
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -63,6 +63,15 @@ int main(int argc, char **argv)
 	if (pid == 0) {
 		close(sv[1]);
 		setsid();
+		/* let go of the caller's stdio: a shell's $(...) around the mount waits for its EOF */
+		int null = open("/dev/null", O_RDWR);
+		if (null >= 0) {
+			dup2(null, 0);
+			dup2(null, 1);
+			dup2(null, 2);
+			if (null > 2)
+				close(null);
+		}
 		signal(SIGPIPE, SIG_DFL);
 		pid_t back = fork();
 		if (back < 0)

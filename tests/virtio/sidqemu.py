@@ -105,8 +105,10 @@ def ensure_sid_qemu() -> Path:
     return root
 
 
-def qemu_command(root: Path) -> list[str]:
-    """The argv prefix running sid's qemu-system-x86_64 (append the usual QEMU arguments)."""
+def qemu_command(root: Path, *, allow_reboot: bool = False) -> list[str]:
+    """The argv prefix running sid's qemu-system-x86_64 (append the usual QEMU arguments).
+    `allow_reboot` drops a `-no-reboot` given later, so a guest reboot resets the machine (and
+    the vhost-user device) instead of ending QEMU."""
     libs = f"{root}/usr/lib/x86_64-linux-gnu:{root}/lib/x86_64-linux-gnu"
     loader = root / "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
     if not loader.exists():
@@ -114,10 +116,11 @@ def qemu_command(root: Path) -> list[str]:
     modules = root / SYSTEM_MODULE_DIR.lstrip("/")
     run = [str(loader), "--library-path", libs, str(root / "usr/bin/qemu-system-x86_64"),
            "-L", str(root / "usr/share/qemu"), "-L", str(root / "usr/share/seabios")]
+    filter_args = 'for a do shift; [ "$a" = -no-reboot ] || set -- "$@" "$a"; done; ' if allow_reboot else ""
     if not Path(SYSTEM_MODULE_DIR).is_dir() or not modules.is_dir():
-        return run
+        return ["sh", "-c", filter_args + 'exec "$@"', "sh", *run]
     # The host's QEMU modules (another build) sit at the path QEMU also searches: hide them.
-    script = f'mount --bind "{modules}" "{SYSTEM_MODULE_DIR}" && exec "$@"'
+    script = f'mount --bind "{modules}" "{SYSTEM_MODULE_DIR}" && {filter_args}exec "$@"'
     return ["unshare", "--mount", "sh", "-c", script, "sh", *run]
 
 

@@ -121,3 +121,25 @@ def test_second_boot_reconnects_and_sees_the_files(image, qemu, served, tmp_path
     assert (export / "from-guest").read_bytes() == b"second-boot\n"
     log = logs[0].read_text()
     assert log.count("VMM connected") >= 2 and log.count("VMM disconnected") >= 2
+
+
+def test_guest_reboot_resets_the_device_on_the_same_connection(image, served, tmp_path: Path) -> None:  # noqa: ANN001
+    export, socks, logs = served
+    qemu = qemu_command(ensure_sid_qemu(), allow_reboot=True)
+    before = logs[0].read_text()
+    script = (
+        "if [ ! -e /mnt/rebooted ]; then\n"
+        '  echo first > /mnt/rebooted && echo "ok first-boot"\n'
+        "  umount /mnt; umount /mnt2; reboot -f\n"
+        "fi\n"
+        'grep -q first /mnt/rebooted && echo "ok second-boot"\n'
+    )
+    (export / "rebooted").unlink(missing_ok=True)
+    run = _boot(image, qemu, socks, script, tmp_path)
+    log = logs[0].read_text()[len(before) :]
+    context = run.console_tail(40) + "\n--- server ---\n" + log[-3000:]
+    assert run.rc == 0 and run.fails == [], context
+    assert {"first-boot", "second-boot"} <= set(run.oks), context
+    # One VMM connection; the reboot stopped the queue and started it again with a new session.
+    assert log.count("VMM connected") == 1, context
+    assert log.count("queue 0 started") == 2, context

@@ -381,3 +381,40 @@ def test_driver_writing_the_used_index_does_not_move_the_device(ring: Ring) -> N
     struct.pack_into("<H", ring.mem, ring.off(ring.used + 2), 40)  # the wrong side writes used.idx
     chain.complete(2)
     assert ring.used_idx() == 1 and ring.used_elem(0) == (0, 2)
+
+
+def test_pread_nowait_reads_only_what_is_cached(ring: Ring) -> None:
+    d = ring.data
+    ring.chain((d, 23, False), (d + 0x1000, 11, True), (d + 0x3000, 8192, True))
+    ring.offer(0)
+    chain = ring.queue.pop()
+    content = os.urandom(8192)
+    # A file on a disk filesystem (not tmpfs), so its pages can really leave the cache.
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(__file__)) as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+        assert chain.pread(f.fileno(), 0, 8192, nowait=True) == 8192  # just written: cached
+        assert ring.read(d + 0x3000, 8192) == content
+        assert chain.pread(f.fileno(), 8192, 100, nowait=True) == 0  # end of file
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            n = chain.pread(f.fileno(), 0, 8192, nowait=True)
+        except BlockingIOError:
+            n = -1
+        assert n in (-1, 8192)  # dropped (EAGAIN) or the kernel kept the pages
+        assert chain.pread(f.fileno(), 0, 8192) == 8192  # the blocking form always reads
+    chain.complete(0)
+
+
+def test_uninitialised_objects_raise_instead_of_crashing() -> None:
+    from transports.virtio._ext import VirtQueue
+
+    q = VirtQueue.__new__(VirtQueue)
+    with pytest.raises(RuntimeError):
+        q.pop()
+    with pytest.raises(RuntimeError):
+        q.stop()
+    empty = MemTable.__new__(MemTable)
+    with pytest.raises(VirtqError):
+        VirtQueue(empty, 8, 0, 0x1000, 0x2000)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.virtio.kit import HDR, Echo, RawPeer, open_fds, serving
 from transports.virtio import vhost_user as vu
@@ -377,6 +380,74 @@ def test_missing_doorbells_and_doorbell_storms() -> None:
             await trio.sleep(0.05)
             assert await roundtrip(ch, 3, b"calm") == b"calm"
             assert len(echo.received) == 3
+            await ch.aclose()
+
+    run(main)
+
+
+def test_missing_extension_gives_a_clear_import_error() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transports._ring'] = None\n"
+        "try:\n    import transports.virtio\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo,
+                         env={**os.environ, "PYTHONPATH": repo}).stdout
+    assert "transports._ring" in out and "build_ext --inplace" in out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(
+            st.sampled_from(list(vu.Req)) | st.integers(0, 64),
+            st.sampled_from([0, vu.FLAG_NEED_REPLY, 0xFFFFFFFF]),
+            st.binary(max_size=300)
+            | st.sampled_from([vu.U64.pack(v) for v in (0, 1, 0x100, 0x1FF, 2**64 - 1)])
+            | st.builds(vu.VRING_STATE.pack, st.integers(0, 3), st.sampled_from([0, 1, 64, 65535, 2**32 - 1])),
+            st.integers(0, 2),  # how many fds to attach
+        ),
+        max_size=25,
+    ),
+    running=st.booleans(),
+)
+def test_random_vmm_messages_never_take_the_back_end_down(messages, running: bool) -> None:  # noqa: ANN001
+    async def main() -> None:
+        async with serving(Echo()) as (path, listener):
+            before = open_fds()
+            first = None
+            if running:  # a configured device with a live queue and a request in flight
+                first = Frontend(path, msize=65536)
+                ch = await first.connect()
+                await ch.send([HDR.pack(8, 100, 1), b"x"])
+                assert first.sock is not None
+                peer = RawPeer(first.sock)
+            else:
+                peer = await RawPeer.connect(path)
+            for req, flags, payload, nfds in messages:
+                fds = [os.eventfd(0) for _ in range(nfds)]
+                try:
+                    await peer.send(req, payload, flags=flags & ~vu.VERSION, fds=fds)
+                except OSError:
+                    break  # the back-end hung up on something it could not frame
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+            peer.close()
+            with trio.fail_after(5):
+                while listener.devices:
+                    await trio.sleep(0.01)
+            if first is not None:
+                first.sock = None
+                await first.aclose()
+            assert open_fds() == before  # every fd that came with a message was closed
+            fe = Frontend(path, msize=65536)
+            ch = await fe.connect()
+            assert await roundtrip(ch, 1, b"alive") == b"alive"
             await ch.aclose()
 
     run(main)

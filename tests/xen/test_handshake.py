@@ -7,8 +7,10 @@ import logging
 from typing import Any
 
 import pytest
+import trio
 from xenharness import (
     XenbusState,
+    echo,
     environment,
     raw_exchange,
     raw_handshake,
@@ -16,6 +18,9 @@ from xenharness import (
     run,
     wait_until,
 )
+
+from transports.address import ListenOptions
+from transports.xen import listener_from_address
 
 S = XenbusState
 
@@ -194,6 +199,41 @@ def test_frontend_that_disappears_is_torn_down_and_can_come_back(sock_path: str)
             await wait_until(closed)
             front = await env.connect(1)
             assert (await roundtrip(front, 1))[5] == 1
+            await front.aclose()
+
+    run(main)
+
+
+def test_frontend_restarting_without_closing_gets_a_fresh_connection(sock_path: str) -> None:
+    async def main() -> None:
+        async with environment(sock_path) as env:
+            lst = await env.serve(1)
+            raw = await raw_handshake(env, 1)
+            assert await raw.wait_backend({S.Connected}) == S.Connected
+            await raw.set_state(S.Initialising)  # a rebooted guest driver starts over
+            assert await raw.wait_backend({S.InitWait}) == S.InitWait
+            assert lst.device is not None
+            assert lst.device.history[-4:] == [S.Connected, S.Closing, S.Closed, S.InitWait]
+            await raw.close()
+            front = await env.connect(1)
+            assert (await roundtrip(front, 2))[5] == 2
+            await front.aclose()
+
+    run(main)
+
+
+def test_client_sees_end_of_channel_when_the_backend_goes_away(sock_path: str) -> None:
+    async def main() -> None:
+        async with environment(sock_path) as env:
+            async with trio.open_nursery() as backend:
+                lst = listener_from_address(env.address(1), ListenOptions())
+                await backend.start(lst.serve, echo)
+                front = await env.connect(1)
+                assert (await roundtrip(front, 1))[5] == 1
+                backend.cancel_scope.cancel()  # the server shuts down
+            with trio.fail_after(5), pytest.raises(trio.EndOfChannel):
+                await front.receive()
+            assert front.backend_gone
             await front.aclose()
 
     run(main)

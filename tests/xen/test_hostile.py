@@ -341,3 +341,98 @@ def test_several_requests_in_flight_on_one_ring_answer_out_of_order(sock_path: s
             await front.aclose()
 
     run(main)
+
+
+def test_refs_and_order_rewritten_after_connect_change_nothing(sock_path: str) -> None:
+    async def main() -> None:
+        async with environment(sock_path) as env:
+            raw, good = await setup(env)
+            for i in (0, 1):
+                intf = raw.intf(i)
+                struct.pack_into("<I", intf, 128, 9)  # claim a bigger ring ...
+                struct.pack_into("<4I", intf, 132, 0, 0, 10**6, 7)  # ... and other pages
+            await raw.platform.write(f"{raw.fe}/num-rings", "8")
+            await raw.platform.write(f"{raw.fe}/ring-ref0", "1")
+            for k in range(10):
+                assert (await raw_exchange(raw, k % 2, k, b"q" * 300))[7:] == b"q" * 300
+            await others_still_work(raw, good)
+
+    run(main)
+
+
+def test_frontend_leaving_while_replies_wait_for_room(sock_path: str) -> None:
+    async def big_echo(chan: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    m = bytes(await chan.receive())
+                except trio.EndOfChannel:
+                    return
+                nursery.start_soon(chan.send, [hdr(3000, 101, m[5]), b"r" * 2993])
+
+    async def main() -> None:
+        async with environment(sock_path) as env:
+            lst = await env.serve(1, handler=big_echo)
+            raw = await raw_handshake(env, 1, num_rings=2, order=1)
+            assert await raw.wait_backend({S.Connected}) == S.Connected
+            r = raw.rings[0]
+            for tag in (0, 2, 4):  # three 3000-byte replies, room for one
+                assert r.ring.put([msg(tag)])
+            r.evtchn.notify()
+            await wait_until(lambda: _true(raw.get_idx(0, IN_PROD) == 3000))
+            await raw.set_state(S.Closing)  # leave without reading them
+            assert await raw.wait_backend({S.Closing}) == S.Closing
+            await raw.set_state(S.Closed)
+            assert await raw.wait_backend({S.Closed}) == S.Closed
+            await raw.close()
+            assert lst.device is not None
+            front = await env.connect(1)
+            assert (await roundtrip(front, 6))[:7] == hdr(3000, 101, 6)
+            await front.aclose()
+
+    run(main)
+
+
+def test_backend_owned_indices_scribbled_by_the_frontend_are_ignored(sock_path: str) -> None:
+    async def main() -> None:
+        async with environment(sock_path) as env:
+            raw, good = await setup(env)
+            await raw_exchange(raw, 0, 1)  # 11 bytes each way
+            raw.set_idx(0, OUT_CONS, 0xDEAD0000)  # the backend's consumer index
+            raw.set_idx(0, IN_PROD, 0xBEEF0000)  # the backend's producer index
+            m = msg(2, b"x")
+            write_out(raw, 0, 11, m)
+            raw.set_idx(0, OUT_PROD, 11 + len(m))
+            raw.rings[0].evtchn.notify()
+            # The backend acts on its own copies and writes them back over the scribbles.
+            await wait_until(lambda: _true(raw.get_idx(0, IN_PROD) == 11 + len(m)))
+            assert raw.get_idx(0, OUT_CONS) == 11 + len(m)
+            reply = bytes(raw.rings[0].data.view[11 : 11 + len(m)])
+            assert reply[4] == 101 and reply[5] == 2 and reply[7:] == b"x"
+            await others_still_work(raw, good)
+
+    run(main)
+
+
+def test_tag_reused_after_an_unanswered_request_goes_to_the_new_ring(sock_path: str) -> None:
+    async def drop_some(chan: Any) -> None:
+        while True:
+            try:
+                m = bytes(await chan.receive())
+            except trio.EndOfChannel:
+                return
+            if m[7:] != b"drop":  # a flushed request: the server sends nothing for it
+                await chan.send([bytes([*m[:4], m[4] + 1]), m[5:]])
+
+    async def main() -> None:
+        async with environment(sock_path) as env:
+            raw, good = await setup(env, drop_some)
+            r0 = raw.rings[0]
+            assert r0.ring.put([msg(4, b"drop")])
+            r0.evtchn.notify()
+            await wait_until(lambda: _true(raw.get_idx(0, OUT_CONS) == 11))
+            reply = await raw_exchange(raw, 1, 4, b"again")
+            assert reply[5] == 4 and reply[7:] == b"again"
+            assert raw.get_idx(0, IN_PROD) == 0  # nothing went to ring 0
+
+    run(main)

@@ -70,6 +70,21 @@ ssize_t ring_pwritev_all(int fd, struct iovec *iov, int iovcnt, uint64_t offset)
     return ring_xfer_all(fd, iov, iovcnt, offset, 1);
 }
 
+ssize_t ring_preadv_nowait(int fd, struct iovec *iov, int iovcnt, uint64_t offset)
+{
+    if (offset > (uint64_t)INT64_MAX)
+        return -EOVERFLOW;
+    if (iovcnt > IOV_MAX)
+        iovcnt = IOV_MAX;
+    for (;;) {
+        ssize_t n = preadv2(fd, iov, iovcnt, (off_t)offset, RWF_NOWAIT);
+        if (n >= 0)
+            return n;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
 /* drain_eventfd(fd) -> int: reads a non-blocking eventfd's counter (0 when it was not signalled). */
 static PyObject *py_drain_eventfd(PyObject *Py_UNUSED(self), PyObject *arg)
 {

@@ -40,6 +40,11 @@ static inline int ring_in_bounds(uint64_t off, uint64_t len, uint64_t size)
  */
 ssize_t ring_preadv_all(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
 ssize_t ring_pwritev_all(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
+/*
+ * One preadv2(RWF_NOWAIT): only what the page cache already holds, never blocking on storage.
+ * Returns bytes read (0 at end of file, possibly short), or -errno (-EAGAIN: nothing cached).
+ */
+ssize_t ring_preadv_nowait(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
 
 /*
  * Method tables contributed by each part of the extension. A part that is not compiled in leaves

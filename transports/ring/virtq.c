@@ -185,6 +185,16 @@ typedef struct {
 
 static PyTypeObject VirtQueueType;
 
+static int vq_ready(VirtQueueObject *q)
+{
+    if (q->mem == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "VirtQueue not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+
 static PyObject *vq_fail(VirtQueueObject *q, const char *fmt, ...)
 {
     va_list ap;
@@ -269,6 +279,8 @@ static PyObject *vq_remap(VirtQueueObject *self, PyObject *args, PyObject *kwds)
     int by_uva = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!KKK|p", kwlist, &MemTableType, &mem, &desc, &avail, &used,
                                      &by_uva))
+        return NULL;
+    if (!vq_ready(self))
         return NULL;
     if (vq_map(self, mem, desc, avail, used, by_uva) < 0) {
         self->broken = 1;
@@ -449,6 +461,8 @@ static inline uint16_t *vq_used_event(VirtQueueObject *q) { return (uint16_t *)(
 /* pop() -> Chain | None: the next available chain, or None when the driver has queued nothing. */
 static PyObject *vq_pop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
 {
+    if (!vq_ready(q))
+        return NULL;
     if (q->broken)
         return vq_fail(q, "queue is broken");
     if (q->stopped)
@@ -537,6 +551,8 @@ static int vq_push(VirtQueueObject *q, uint16_t head, uint32_t len)
 /* stop(): no more pops; completions of chains still in flight are dropped. Returns last_avail. */
 static PyObject *vq_stop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
 {
+    if (!vq_ready(q))
+        return NULL;
     q->stopped = 1;
     return PyLong_FromUnsignedLong(q->last_avail);
 }
@@ -667,16 +683,17 @@ out:
 }
 
 /*
- * pread(fd, offset, count, skip=11) -> int: reads up to `count` bytes of file `fd` at `offset`
- * straight into the writable part after its first `skip` bytes (the Rread header area), with the
- * GIL released. Returns the bytes read; raises OSError if nothing could be read.
+ * pread(fd, offset, count, skip=11, nowait=False) -> int: reads up to `count` bytes of file `fd`
+ * at `offset` straight into the writable part after its first `skip` bytes (the Rread header
+ * area), with the GIL released. Returns the bytes read; raises OSError if nothing could be read.
+ * With nowait, one preadv2(RWF_NOWAIT) takes only what is cached (BlockingIOError if nothing).
  */
 static PyObject *chain_pread(ChainObject *c, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "offset", "count", "skip", NULL};
-    int fd;
+    static char *kwlist[] = {"fd", "offset", "count", "skip", "nowait", NULL};
+    int fd, nowait = 0;
     unsigned long long offset, count, skip = 11;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKK|K", kwlist, &fd, &offset, &count, &skip))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKK|Kp", kwlist, &fd, &offset, &count, &skip, &nowait))
         return NULL;
     if (chain_check(c) < 0)
         return NULL;
@@ -706,9 +723,14 @@ static PyObject *chain_pread(ChainObject *c, PyObject *args, PyObject *kwds)
     }
     ssize_t n;
     c->busy = 1;
-    Py_BEGIN_ALLOW_THREADS
-    n = ring_preadv_all(fd, iov, cnt, offset);
-    Py_END_ALLOW_THREADS
+    if (nowait) {
+        /* Page-cache hits only: quick enough to run on the event loop's thread. */
+        n = ring_preadv_nowait(fd, iov, cnt, offset);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        n = ring_preadv_all(fd, iov, cnt, offset);
+        Py_END_ALLOW_THREADS
+    }
     c->busy = 0;
     PyMem_Free(iov);
     if (n < 0) {
@@ -758,7 +780,7 @@ static PyMethodDef chain_methods[] = {
     {"write", (PyCFunction)(void (*)(void))chain_write, METH_VARARGS | METH_KEYWORDS,
      "write(parts, offset=0) -> int: scatter buffers into the writable part."},
     {"pread", (PyCFunction)(void (*)(void))chain_pread, METH_VARARGS | METH_KEYWORDS,
-     "pread(fd, offset, count, skip=11) -> int: preadv from a file into the writable part, GIL released."},
+     "pread(fd, offset, count, skip=11, nowait=False) -> int: preadv from a file into the writable part."},
     {"complete", (PyCFunction)chain_complete, METH_O, "complete(length) -> bool: push to the used ring; True = notify."},
     {NULL, NULL, 0, NULL},
 };

@@ -20,6 +20,7 @@
  * This file must never dereference shared memory outside the buffers it holds, nor parse a
  * message in place.
  */
+#define _GNU_SOURCE
 #include "ring.h"
 #include <errno.h>
 
@@ -500,7 +501,7 @@ out:
 }
 
 /*
- * put_pread(tag, fd, offset, count, publish=True) -> int | None: an Rread whose data comes
+ * put_pread(tag, fd, offset, count, publish=True, nowait=False) -> int | None: an Rread whose data comes
  * straight from the file into the ring. None when 11+count bytes are not free yet. Raises OSError
  * before anything becomes visible to the peer if the read fails. With publish=False the message
  * is written but the producer index does not move until publish() (so a caller that read in a
@@ -511,8 +512,8 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
     unsigned int tag, count;
     int fd;
     long long offset;
-    int publish = 1;
-    if (!PyArg_ParseTuple(args, "IiLI|p:put_pread", &tag, &fd, &offset, &count, &publish))
+    int publish = 1, nowait = 0;
+    if (!PyArg_ParseTuple(args, "IiLI|pp:put_pread", &tag, &fd, &offset, &count, &publish, &nowait))
         return NULL;
     if (xenring_check(self) < 0)
         return NULL;
@@ -555,7 +556,17 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
         }
     }
     Py_ssize_t got = 0;
-    if (iovcnt > 0) {
+    if (iovcnt > 0 && nowait) {
+        /* Only what the page cache holds, never blocking on I/O: EAGAIN (nothing cached) or
+         * EOPNOTSUPP (filesystem without RWF_NOWAIT) tell the caller to read in a thread. A
+         * short read is a valid short Rread. */
+        ssize_t n = ring_preadv_nowait(fd, iov, iovcnt, (uint64_t)offset);
+        if (n < 0) {
+            errno = (int)-n;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        got = (Py_ssize_t)n;
+    } else if (iovcnt > 0) {
         self->busy = 1; /* the buffers stay exported by us, so the memory stays mapped */
         ssize_t moved;
         Py_BEGIN_ALLOW_THREADS
@@ -628,6 +639,18 @@ static PyObject *xenring_has_input(XenRing *self, PyObject *Py_UNUSED(ignored))
     return PyBool_FromLong(queued >= need);
 }
 
+/* peek() -> (queued, peer_prod): unvalidated snapshot of the consumer half, for deciding whether
+ * the peer may be waiting for room (take() does the checking). */
+static PyObject *xenring_peek(XenRing *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->have_bufs) {
+        PyErr_SetString(PyExc_ValueError, "ring is closed");
+        return NULL;
+    }
+    uint32_t prod = ring_load32((const char *)self->intf.buf + self->c_prod);
+    return Py_BuildValue("(kk)", (unsigned long)(uint32_t)(prod - self->cons), (unsigned long)prod);
+}
+
 static PyObject *xenring_close(XenRing *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->busy) {
@@ -667,6 +690,8 @@ static PyMethodDef xenring_methods[] = {
     {"free_space", (PyCFunction)xenring_free_space, METH_NOARGS, "free bytes for our messages"},
     {"has_input", (PyCFunction)xenring_has_input, METH_NOARGS,
      "True if take() may make progress."},
+    {"peek", (PyCFunction)xenring_peek, METH_NOARGS,
+     "peek() -> (queued, peer_prod): unvalidated snapshot of the half we consume."},
     {"close", (PyCFunction)xenring_close, METH_NOARGS, "release the mappings"},
     {NULL, NULL, 0, NULL},
 };

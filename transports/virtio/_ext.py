@@ -4,8 +4,12 @@ touched through the bounds-checked C code."""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 try:
-    from transports import _ring  # type: ignore[attr-defined]
+    # Imported by name: the module exists only once built, and its API is untyped to mypy.
+    _ring: Any = importlib.import_module("transports._ring")
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
         "the virtio transport needs the compiled extension transports._ring, which is not built: "

@@ -138,6 +138,9 @@ class Device:
         except (Refused, ValueError, struct.error, OSError, VirtqError) as exc:
             log.warning("vhost-user %s: %s refused: %s", self.peer, name, exc)
             ok = False
+        except Exception:  # a bug here must cost one message, not the device
+            log.exception("vhost-user %s: %s failed", self.peer, name)
+            ok = False
         finally:
             msg.close_fds()  # whatever a handler did not take
         if msg.request in HAS_REPLY:
@@ -174,6 +177,7 @@ class Device:
         if not value & vu.VIRTIO_F_VERSION_1:
             raise Refused("legacy (pre-VERSION_1) drivers are not supported")
         self.features = value
+        log.info("vhost-user %s: features %#x", self.peer, value)
 
     def _get_protocol_features(self, msg: vu.Message) -> bytes:
         return vu.U64.pack(OFFERED_PROTOCOL)
@@ -445,7 +449,7 @@ class VhostUserListener:
             if os.path.exists(self.path) and _is_socket(self.path):
                 os.unlink(self.path)  # a stale socket from an earlier run
             await sock.bind(self.path)
-            sock.listen(4)
+            sock.listen(128)  # several VMMs (or test frontends) may connect at once
             task_status.started()
             try:
                 async with trio.open_nursery() as nursery:

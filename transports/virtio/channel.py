@@ -29,7 +29,7 @@ HEADER = struct.Struct("<IBH")
 RREAD_HEADER = struct.Struct("<IBHI")
 RLERROR = struct.Struct("<IBHI")
 TFLUSH, RFLUSH, RREAD, RLERROR_TYPE = 108, 109, 117, 7
-EINVAL, EMSGSIZE = 22, 90
+EINVAL, EMSGSIZE, EOPNOTSUPP = 22, 90, 95
 
 
 def _header_of(parts: Sequence[Buffer]) -> bytes:
@@ -56,6 +56,7 @@ class QueueChannel:
         self._flushes: dict[int, int] = {}  # tag of a Tflush -> the tag it flushes
         self._closed = False
         self.zero_copy_reads = 0  # Rreads that went file -> guest buffers directly
+        self._nowait = True  # try preadv2(RWF_NOWAIT) on the loop before a worker thread
 
     # -- fed by the back-end ------------------------------------------------------------------
     def deliver(self, chain: Chain) -> None:
@@ -132,7 +133,14 @@ class QueueChannel:
             raise OSError(EINVAL, "no request in flight for this tag")
         count = max(0, min(count, self._msize - RREAD_HEADER.size))
         try:
-            n: int = await trio.to_thread.run_sync(chain.pread, fd, offset, count, RREAD_HEADER.size)
+            cached = self._pread_cached(chain, fd, offset, count)
+            n = cached or 0
+            if cached is None or 0 < n < count:
+                # Not (all) in the page cache, or short because of end of file: a worker thread
+                # reads the rest, so storage latency never stalls the event loop.
+                n += await trio.to_thread.run_sync(
+                    chain.pread, fd, offset + n, count - n, RREAD_HEADER.size + n
+                )
         except BaseException:
             # Nothing was sent: the session answers with `send` (an Rlerror) on the same chain.
             if not self._closed:
@@ -142,6 +150,22 @@ class QueueChannel:
         if not self._closed:
             chain.write([RREAD_HEADER.pack(RREAD_HEADER.size + n, RREAD, tag, n)])
             self._complete(chain, RREAD_HEADER.size + n)
+        return n
+
+    def _pread_cached(self, chain: Chain, fd: int, offset: int, count: int) -> int | None:
+        """Reads inline what the page cache holds right now (0 at end of file); None when
+        nothing could be read that way (not cached, or no RWF_NOWAIT support)."""
+        if not self._nowait or count == 0:
+            return None
+        try:
+            n: int = chain.pread(fd, offset, count, RREAD_HEADER.size, nowait=True)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (EOPNOTSUPP, EINVAL):
+                self._nowait = False  # this kernel or filesystem has no RWF_NOWAIT
+                return None
+            raise
         return n
 
     def set_msize(self, msize: int) -> None:

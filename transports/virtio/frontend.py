@@ -453,18 +453,19 @@ class FrontendChannel:
 
     async def receive(self) -> memoryview:
         fe = self.frontend
-        async with fe._receive_lock:
-            try:
-                head, length = await fe.wait_used()
-            except (trio.ClosedResourceError, OSError):
-                raise trio.EndOfChannel from None
-        slot = fe.slot_of_head(head)
-        data = fe.collect(slot, length)
-        fe.free.append(slot.index)
-        fe.slot_sem.release()
-        if length == 0:
-            return await self.receive()  # a flushed request's buffers came back empty
-        return memoryview(data)
+        while True:
+            async with fe._receive_lock:
+                try:
+                    head, length = await fe.wait_used()
+                except (trio.ClosedResourceError, OSError):
+                    raise trio.EndOfChannel from None
+            slot = fe.slot_of_head(head)
+            data = fe.collect(slot, length)
+            fe.free.append(slot.index)
+            fe.slot_sem.release()
+            if length:
+                return memoryview(data)
+            # A flushed request's buffers came back empty: nothing to deliver.
 
     def set_msize(self, msize: int) -> None:
         self._msize = min(msize, self.max_message_size)

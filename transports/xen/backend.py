@@ -8,7 +8,8 @@ each ring's ring_order and page refs, read from shared memory once) and refuses 
 going to Closing with a log line. Each connection is one `XenBackendChannel` handed to the
 server's handler.
 
-The channel reads requests from every ring (one task per ring, no threads), copying each whole
+The channel's `receive` reads requests from every ring in turn (one doorbell over all the rings'
+event channels; no task or thread per ring), copying each whole
 message out (`transports._ring.XenRing.take`) before anyone parses it; several requests of one
 ring may be in flight; a reply goes to the ring its request came from (found by tag), written
 whole once there is room. A ring whose frontend breaks the protocol is stopped and logged; the
@@ -22,9 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 import struct
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,8 @@ log = logging.getLogger("ninep.xen")
 MAX_RINGS = 8
 MAX_RING_ORDER = 9
 RREAD_HEADER = 11
-#: Above this many bytes a zero-copy read runs in a worker thread so the event loop keeps going.
+#: Reads the page cache cannot serve without blocking run in a worker thread; on filesystems
+#: without RWF_NOWAIT, so do reads above this size.
 THREAD_READ_THRESHOLD = 64 * 1024
 
 
@@ -82,6 +84,14 @@ def parse_uint(value: str | None, what: str) -> int:
     return int(value)
 
 
+def peer_may_wait(ring: Any, queued_before: int, prod_before: int, limit: int) -> bool:
+    """After consuming: could the producer be waiting for the room we just freed? Only if the
+    free space before was below the largest message (`limit`), or the producer moved meanwhile
+    (it may have found the ring full just before our consumer index moved). Saves a wake-up per
+    message otherwise; QEMU's backend likewise notifies only with its responses."""
+    return ring.size - queued_before < limit or ring.peek()[1] != prod_before
+
+
 def header_tag(parts: Sequence[Buffer]) -> int:
     head = b""
     for p in parts:
@@ -98,13 +108,14 @@ class BackendRing:
     index: int
     ring: Any  # transports._ring.XenRing
     evtchn: EventChannel
-    bell: Doorbell
+    bell: Doorbell | None  # shared by all rings of a connection
     maps: list[GrantMapping]
     lock: trio.Lock = field(default_factory=trio.Lock)
     dead: bool = False
 
     def release(self) -> None:
-        self.bell.close()
+        if self.bell is not None:
+            self.bell.close()
         self.ring.close()
         for m in self.maps:
             with contextlib.suppress(BufferError):
@@ -119,30 +130,15 @@ class XenBackendChannel:
         self.peer = peer
         self.max_message_size = min(max_msize, min(r.ring.size for r in rings))
         self._limit = self.max_message_size
-        self._routes: dict[int, deque[BackendRing]] = {}
-        self._send_q, self._recv_q = trio.open_memory_channel[memoryview](0)
+        # tag → ring of the request in flight with that tag. A tag is reused only after its reply
+        # (or its Rflush), so a newer request simply replaces a flushed one's entry.
+        self._routes: dict[int, BackendRing] = {}
         self._framing_lost = False
         self._closed = False
-
-    # -- pumps (run by the device in its nursery) -------------------------------------------------
-
-    async def pump(self, r: BackendRing) -> None:
-        try:
-            while True:
-                while True:
-                    msg = r.ring.take(self._limit)
-                    if msg is None:
-                        break
-                    # Space was freed in the request ring: a frontend waiting to write may go on.
-                    r.evtchn.notify()
-                    tag = msg[5] | (msg[6] << 8)
-                    self._routes.setdefault(tag, deque()).append(r)
-                    await self._send_q.send(memoryview(msg))
-                await r.bell.wait()
-        except ValueError as e:  # XenRingError is a ValueError
-            self._ring_failed(r, str(e))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return
+        self._next_ring = 0
+        bell = rings[0].bell
+        assert bell is not None
+        self._bell: Doorbell = bell
 
     def _ring_failed(self, r: BackendRing, why: str) -> None:
         if r.dead:
@@ -151,29 +147,47 @@ class XenBackendChannel:
         log.warning("%s ring %d: %s; ring stopped", self.peer, r.index, why)
         if all(x.dead for x in self.rings):
             self._framing_lost = True
-            self._send_q.close()
 
     # -- Channel -------------------------------------------------------------------------------
 
     async def receive(self) -> memoryview:
-        try:
-            return await self._recv_q.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
+        """The next request from any ring (round robin), copied out whole. Called by one task;
+        it waits on the doorbell of every ring at once, so no task per ring is needed."""
+        n = len(self.rings)
+        while True:
+            if self._closed:
+                raise trio.EndOfChannel
             if self._framing_lost:
-                raise FramingError(f"{self.peer}: every ring broke the protocol") from None
-            raise trio.EndOfChannel from None
+                raise FramingError(f"{self.peer}: every ring broke the protocol")
+            for k in range(n):
+                r = self.rings[(self._next_ring + k) % n]
+                if r.dead:
+                    continue
+                try:
+                    queued, prod = r.ring.peek()
+                    msg = r.ring.take(self._limit)
+                except ValueError as e:  # XenRingError is a ValueError
+                    self._ring_failed(r, str(e))
+                    continue
+                if msg is None:
+                    continue
+                self._next_ring = (self._next_ring + k + 1) % n
+                if peer_may_wait(r.ring, queued, prod, self._limit):
+                    r.evtchn.notify()
+                self._routes[msg[5] | (msg[6] << 8)] = r
+                return memoryview(msg)
+            if self._framing_lost:
+                continue
+            try:
+                await self._bell.wait()
+            except trio.ClosedResourceError:
+                raise trio.EndOfChannel from None
 
     def set_msize(self, msize: int) -> None:
         self._limit = max(7, min(msize, self.max_message_size))
 
     def _route(self, tag: int, pop: bool) -> BackendRing | None:
-        q = self._routes.get(tag)
-        if not q:
-            return None
-        r = q.popleft() if pop else q[0]
-        if pop and not q:
-            del self._routes[tag]
-        return r
+        return self._routes.pop(tag, None) if pop else self._routes.get(tag)
 
     async def send(self, parts: Sequence[Buffer]) -> None:
         tag = header_tag(parts)
@@ -187,7 +201,7 @@ class XenBackendChannel:
         async with r.lock:
             try:
                 while not r.ring.put(parts):
-                    await r.bell.wait()
+                    await self._bell.wait()
             except trio.ClosedResourceError:
                 return
             except ValueError as e:
@@ -205,16 +219,7 @@ class XenBackendChannel:
         async with r.lock:
             while True:
                 try:
-                    if count > THREAD_READ_THRESHOLD:
-                        # Read in a worker thread, publish from ours: the reply must not become
-                        # visible while the session still counts its tag as in flight.
-                        n = await trio.to_thread.run_sync(
-                            r.ring.put_pread, tag, fd, offset, count, False
-                        )
-                        if n is not None:
-                            r.ring.publish()
-                    else:
-                        n = r.ring.put_pread(tag, fd, offset, count)
+                    n = await self._pread_into(r, tag, fd, offset, count)
                 except ValueError as e:
                     if type(e).__name__ == "XenRingError":
                         self._ring_failed(r, str(e))
@@ -223,18 +228,36 @@ class XenBackendChannel:
                     raise
                 if n is not None:
                     break
-                await r.bell.wait()
+                await self._bell.wait()
         self._route(tag, pop=True)
         r.evtchn.notify()
         return int(n)
+
+    @staticmethod
+    async def _pread_into(r: BackendRing, tag: int, fd: int, offset: int, count: int) -> int | None:
+        """Rread from fd into ring r: from the page cache right here when it can be done without
+        blocking (RWF_NOWAIT), else in a worker thread."""
+        try:
+            n: int | None = r.ring.put_pread(tag, fd, offset, count, True, True)
+            return n
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP and count <= THREAD_READ_THRESHOLD:
+                n = r.ring.put_pread(tag, fd, offset, count)  # small read, no NOWAIT support
+                return n
+            if e.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
+                raise
+        # Read in a worker thread, publish from ours: the reply must not become visible while
+        # the session still counts its tag as in flight.
+        n = await trio.to_thread.run_sync(r.ring.put_pread, tag, fd, offset, count, False)
+        if n is not None:
+            r.ring.publish()
+        return n
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._send_q.close()
-        for r in self.rings:
-            r.bell.close()
+        self._bell.close()  # shared by every ring: wakes receive and waiting writers
 
 
 @dataclass
@@ -332,7 +355,10 @@ class XenBackendDevice:
                 await self._serve(rings, handler, watch)
                 await self._wait_frontend(watch, {XenbusState.Initialising, XenbusState.Unknown})
         finally:
-            with contextlib.suppress(Exception):
+            # The backend is going away (server shutdown): tell the frontend, best effort.
+            with trio.move_on_after(1, shield=True), contextlib.suppress(Exception):
+                if self.history and self.history[-1] != XenbusState.Closed:
+                    await self._set_state(XenbusState.Closed)
                 await watch.aclose()
 
     async def _serve(self, rings: list[BackendRing], handler: ChannelHandler, watch: Any) -> None:
@@ -343,8 +369,6 @@ class XenBackendDevice:
                 "%s: connected, %d ring(s) of %d bytes", self.peer, len(rings), rings[0].ring.size
             )
             async with trio.open_nursery() as nursery:
-                for r in rings:
-                    nursery.start_soon(chan.pump, r)
 
                 async def run_handler() -> None:
                     try:
@@ -435,7 +459,11 @@ class XenBackendDevice:
                     ) from None
                 channels.append(ch)
                 ring = ring_ext().XenRing(intf, data, order, False)
-                rings.append(BackendRing(i, ring, ch, Doorbell([ch]), [intf, data]))
+                rings.append(BackendRing(i, ring, ch, None, [intf, data]))
+            # One doorbell over every ring's event channel, shared by the reader and the writers.
+            bell = Doorbell(channels)
+            for r in rings:
+                r.bell = bell
         except BaseException:
             with trio.CancelScope(shield=True):
                 for r in rings:

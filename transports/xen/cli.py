@@ -7,8 +7,8 @@ daemon logic itself; that lives in `transports.xen.emu`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
+import signal
 from typing import Any
 
 import trio
@@ -17,10 +17,19 @@ from transports.xen.emu import serve_xenstore
 from transports.xen.platform import default_socket
 
 
+async def _serve_until_signalled(socket: str) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_xenstore, socket)
+            async for _ in signals:
+                break
+            nursery.cancel_scope.cancel()
+
+
 def run(args: argparse.Namespace) -> int:
+    """Serves until SIGINT or SIGTERM, then removes the socket and exits 0."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(serve_xenstore, args.socket)
+    trio.run(_serve_until_signalled, args.socket)
     return 0
 
 

@@ -224,6 +224,13 @@ class Daemon:
     def _drop(self, conn: Conn) -> None:
         self.conns.discard(conn)
         conn.send_q.close()
+        while True:  # frames the writer never sent still own their fds
+            try:
+                _, fds = conn.recv_q.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            for fd in fds:
+                os.close(fd)
         for txid in [t for t, tx in self.txs.items() if tx.conn is conn]:
             del self.txs[txid]
         dom = self.domains.get(conn.domid) if conn.domid is not None else None

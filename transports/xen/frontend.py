@@ -28,7 +28,7 @@ import trio
 
 from transports.base import Buffer, FramingError
 from transports.xen._ext import ring_ext
-from transports.xen.backend import XenbusState, header_tag, ring_bytes
+from transports.xen.backend import XenbusState, header_tag, peer_may_wait, ring_bytes
 from transports.xen.doorbell import Doorbell
 from transports.xen.emu import frontend_dir
 from transports.xen.platform import EventChannel, SharedPages, XenPlatform, read_or
@@ -73,6 +73,9 @@ class XenFrontend:
         self._next_ring = 0
         self._closed = False
         self._watch: Any = None
+        self._monitor_scope = trio.CancelScope()
+        #: Set when the backend left (Closing/Closed) or the platform connection broke.
+        self.backend_gone = False
 
     @classmethod
     async def connect(
@@ -158,6 +161,25 @@ class XenFrontend:
         await p.write(f"{self.fe}/state", str(int(XenbusState.Initialised)))
         await self._wait_backend({XenbusState.Connected}, {XenbusState.Closing, XenbusState.Closed})
         await p.write(f"{self.fe}/state", str(int(XenbusState.Connected)))
+        # Not tied to any caller's nursery: a Channel has none. It only watches the backend state.
+        trio.lowlevel.spawn_system_task(self._monitor, name=f"{self.peer} backend monitor")
+
+    async def _monitor(self) -> None:
+        """Ends the channel (receive → EndOfChannel) when the backend leaves, as Linux's
+        otherend_changed does."""
+        with self._monitor_scope:
+            try:
+                while True:
+                    s = await self._state(f"{self.be}/state")
+                    if s != XenbusState.Connected:
+                        log.info("%s: backend went to %s", self.peer, s.name)
+                        break
+                    await self._watch.wait()
+            except Exception as e:  # the platform connection broke: same outcome
+                log.info("%s: lost the platform: %s", self.peer, e)
+            self.backend_gone = True
+            if self._bell is not None:
+                self._bell.close()
 
     # -- Channel -------------------------------------------------------------------------------
 
@@ -188,13 +210,15 @@ class XenFrontend:
             for k in range(n):
                 r = self.rings[(self._next_ring + k) % n]
                 try:
+                    queued, prod = r.ring.peek()
                     msg = r.ring.take(self._msize)
                 except ValueError as e:
                     raise FramingError(f"{self.peer}: {e}") from e
                 if msg is None:
                     continue
                 self._next_ring = (self._next_ring + k + 1) % n
-                r.evtchn.notify()  # the backend may be waiting for room in this ring
+                if peer_may_wait(r.ring, queued, prod, self._msize):
+                    r.evtchn.notify()  # the backend may be waiting for room in this ring
                 tag = msg[5] | (msg[6] << 8)
                 if tag not in self._inflight:
                     log.warning("%s: reply for unknown tag %d skipped", self.peer, tag)
@@ -215,6 +239,7 @@ class XenFrontend:
 
     async def _teardown(self, announce: bool) -> None:
         self._closed = True
+        self._monitor_scope.cancel()
         if self._bell is not None:
             self._bell.close()
         p = self.platform
