@@ -305,6 +305,19 @@ class _FdPool:
         self.reclaims += 1
         return closed
 
+    def handles_work(self, root: _Fd) -> bool:
+        """Whether a file can be reopened by handle here (tried on the export root)."""
+        try:
+            if not self._handle(root, root._fd) or not self._mount_fd_for(root):
+                return False
+            fd = _linux.open_handle(
+                self.mount_fds[root.mount_id], root.handle or b"", os.O_PATH | os.O_CLOEXEC
+            )
+        except OSError:
+            return False
+        os.close(fd)
+        return True
+
     @staticmethod
     def _handle(h: _Fd, fd: int) -> bool:
         if h.handle is None:
@@ -376,6 +389,10 @@ class LocalBackend:
         st = os.fstat(fd)
         self._root = self._pool.new(fd, st.st_dev, st.st_ino)
         self._root.pins += 1  # never reclaimed
+        if not self._pool.handles_work(self._root):
+            # open_by_handle_at needs CAP_DAC_READ_SEARCH (or the fs has no handles): fds
+            # cannot be reopened, so none are reclaimed; the fd limit bounds live nodes.
+            self._pool.budget = 1 << 62
         self.info = BackendInfo(
             name="local",
             readonly=readonly,
