@@ -29,24 +29,18 @@ _WORKERS = 8
 class _Pool:
     def __init__(self, size: int) -> None:
         self.size = size
-        self.queue: queue.SimpleQueue[
-            tuple[Callable[[], Any], trio.lowlevel.TrioToken, trio.lowlevel.Task] | None
-        ] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[Callable[[], Any], trio.lowlevel.TrioToken, trio.lowlevel.Task] | None] = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
         self.idle = 0
 
-    def submit(
-        self, fn: Callable[[], Any], token: trio.lowlevel.TrioToken, task: trio.lowlevel.Task
-    ) -> None:
+    def submit(self, fn: Callable[[], Any], token: trio.lowlevel.TrioToken, task: trio.lowlevel.Task) -> None:
         self.queue.put((fn, token, task))
         # Grow lazily: one more thread whenever none is idle, up to the cap.
         if self.idle == 0 and len(self.threads) < self.size:
             with self.lock:
                 if len(self.threads) < self.size:
-                    t = threading.Thread(
-                        target=self._work, name=f"ninep-fs-{len(self.threads)}", daemon=True
-                    )
+                    t = threading.Thread(target=self._work, name=f"ninep-fs-{len(self.threads)}", daemon=True)
                     self.threads.append(t)
                     t.start()
 
