@@ -315,3 +315,55 @@ def raise_nofile_limit() -> int:
             except (ValueError, OSError):
                 continue
     return soft
+
+
+# -- file handles (reclaiming O_PATH fds) -----------------------------------------------------
+
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint32),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ),
+    ]
+
+
+_name_to_handle_at = getattr(_libc, "name_to_handle_at", None)
+_open_by_handle_at = getattr(_libc, "open_by_handle_at", None)
+
+
+def file_handle(fd: int) -> tuple[bytes, int] | None:
+    """(opaque handle, mount id) of the file `fd` refers to, None where the filesystem has no
+    file handles. The handle is the server's own; it never comes from a client."""
+    if _name_to_handle_at is None:
+        return None
+    fh = _FileHandle()
+    fh.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    r = _name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), AT_EMPTY_PATH)
+    if r != 0:
+        e = ctypes.get_errno()
+        if e in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EOVERFLOW, errno.ENOSYS, errno.EPERM):
+            return None
+        raise OSError(e, os.strerror(e))
+    blob = (
+        struct.pack("<Ii", fh.handle_bytes, fh.handle_type) + bytes(fh.f_handle)[: fh.handle_bytes]
+    )
+    return blob, mount_id.value
+
+
+def open_handle(mount_fd: int, blob: bytes, flags: int) -> int:
+    """Open a file by a handle from file_handle() (needs CAP_DAC_READ_SEARCH)."""
+    if _open_by_handle_at is None:
+        raise OSError(errno.ENOSYS, "open_by_handle_at")
+    nbytes, htype = struct.unpack_from("<Ii", blob)
+    fh = _FileHandle()
+    fh.handle_bytes = nbytes
+    fh.handle_type = htype
+    ctypes.memmove(fh.f_handle, blob[8:], nbytes)
+    fd = _open_by_handle_at(mount_fd, ctypes.byref(fh), flags)
+    if fd < 0:
+        raise _err()
+    return int(fd)

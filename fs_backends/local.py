@@ -11,6 +11,13 @@ Nodes remember the directory (as an fd) and name they were reached by, kept curr
 done through this backend; Tremove/Trename check the entry still names the node's (dev, ino)
 before acting and fail rather than touch another file.
 
+Idle node fds are reclaimed under pressure (more than `max_path_fds`, by default half the
+RLIMIT_NOFILE soft limit): the least recently used ones are closed after taking their file
+handle and reopened by handle when next needed, checked by (dev, ino); this never happens while a
+worker-thread call runs. How client credentials meet the host (create, chown/chmod, what getattr
+shows, which xattr and file names a client may touch) is the credential model's job
+(`fs_backends.security`), so QEMU's passthrough, none, mapped-xattr and mapped-file all fit.
+
 This module must never join path strings, follow a symlink, or block the trio loop: each backend
 call makes one hop to a worker thread (`trio.to_thread.run_sync`) and does all its syscalls there.
 """
@@ -113,16 +120,69 @@ _FMT_DT = {
 }
 
 
+class _RWLock:
+    """Many worker-thread calls at once, or one fd reclaim alone (writers go first)."""
+
+    def __init__(self) -> None:
+        self._c = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    def acquire_shared(self) -> None:
+        with self._c:
+            while self._writer or self._waiting:
+                self._c.wait()
+            self._readers += 1
+
+    def release_shared(self) -> None:
+        with self._c:
+            self._readers -= 1
+            if not self._readers:
+                self._c.notify_all()
+
+    def acquire_exclusive(self) -> None:
+        with self._c:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._c.wait()
+            self._waiting -= 1
+            self._writer = True
+
+    def release_exclusive(self) -> None:
+        with self._c:
+            self._writer = False
+            self._c.notify_all()
+
+
 class _Fd:
-    """A reference-counted O_PATH fd with the (dev, ino) it had when opened."""
+    """A reference-counted O_PATH fd with the (dev, ino) it had when opened.
 
-    __slots__ = ("fd", "dev", "ino", "refs")
+    Under fd pressure the pool may close an idle one (no call running, no open file on it)
+    after taking its file handle; `fd` then reopens it by handle, checked by (dev, ino)."""
 
-    def __init__(self, fd: int, dev: int, ino: int) -> None:
-        self.fd = fd
+    __slots__ = ("_fd", "dev", "ino", "refs", "pins", "handle", "mount_id", "last", "pool")
+
+    def __init__(self, pool: _FdPool, fd: int, dev: int, ino: int) -> None:
+        self._fd = fd
         self.dev = dev
         self.ino = ino
         self.refs = 1
+        self.pins = 0  # reasons it may not be reclaimed (open files, the export root)
+        self.handle: bytes | None = None  # b"" where the filesystem has no file handles
+        self.mount_id = -1
+        self.last = 0
+        self.pool = pool
+
+    @property
+    def fd(self) -> int:
+        """The O_PATH fd. Only worker-thread code (inside the pool's shared section) reads it."""
+        fd = self._fd
+        if fd < 0:
+            return self.pool.reopen(self)
+        self.pool.clock += 1
+        self.last = self.pool.clock
+        return fd
 
     @property
     def ident(self) -> tuple[int, int]:
@@ -168,6 +228,138 @@ def _owner_key(owner: LockOwner) -> Hashable:
     return (owner.connection, owner.client_id, owner.proc_id)
 
 
+class _FdPool:
+    """Every _Fd of one backend: counts the O_PATH fds held and, over budget, closes the least
+    recently used idle ones, to be reopened by file handle (QEMU reclaims fds under pressure
+    the same way rather than failing with EMFILE). Reclaim runs with no worker-thread call in
+    progress (the exclusive side of `rw`), so no fd number is ever closed under a syscall."""
+
+    def __init__(self, mu: threading.Lock, budget: int) -> None:
+        self.mu = mu
+        self.budget = max(budget, 4)
+        self.rw = _RWLock()
+        self.all: set[_Fd] = set()
+        self.npath = 0
+        self.clock = 0
+        self.mount_fds: dict[int, int] = {}
+        self.reclaims = 0
+
+    def new(self, fd: int, dev: int, ino: int) -> _Fd:
+        h = _Fd(self, fd, dev, ino)
+        with self.mu:
+            self.all.add(h)
+            self.npath += 1
+        return h
+
+    def drop_locked(self, h: _Fd) -> None:
+        """The last reference went away (caller holds mu)."""
+        self.all.discard(h)
+        if h._fd >= 0:
+            os.close(h._fd)
+            h._fd = -1
+            self.npath -= 1
+
+    def reopen(self, h: _Fd) -> int:
+        with self.mu:
+            if h._fd >= 0:
+                return h._fd
+            if h.refs <= 0 or not h.handle or h.mount_id not in self.mount_fds:
+                raise FsError(errno.EBADF)
+            fd = _linux.open_handle(
+                self.mount_fds[h.mount_id], h.handle, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (h.dev, h.ino):
+                os.close(fd)
+                raise FsError(errno.ESTALE)
+            h._fd = fd
+            self.npath += 1
+            return fd
+
+    def over_budget(self) -> bool:
+        return self.npath > self.budget
+
+    def reclaim(self) -> int:
+        """Close idle fds down to 3/4 of the budget. Caller holds rw exclusively."""
+        target = self.budget * 3 // 4
+        with self.mu:
+            cands = sorted((h for h in self.all if h._fd >= 0 and not h.pins), key=lambda h: h.last)
+        closed = 0
+        for h in cands:
+            if self.npath <= target:
+                break
+            fd = h._fd
+            if fd < 0:
+                continue
+            try:
+                if not self._handle(h, fd) or not self._mount_fd_for(h):
+                    continue
+            except OSError:
+                continue
+            with self.mu:
+                if h._fd >= 0 and h.refs > 0 and not h.pins:
+                    os.close(h._fd)
+                    h._fd = -1
+                    self.npath -= 1
+                    closed += 1
+        self.reclaims += 1
+        return closed
+
+    def handles_work(self, root: _Fd) -> bool:
+        """Whether a file can be reopened by handle here (tried on the export root)."""
+        try:
+            if not self._handle(root, root._fd) or not self._mount_fd_for(root):
+                return False
+            fd = _linux.open_handle(
+                self.mount_fds[root.mount_id], root.handle or b"", os.O_PATH | os.O_CLOEXEC
+            )
+        except OSError:
+            return False
+        os.close(fd)
+        return True
+
+    @staticmethod
+    def _handle(h: _Fd, fd: int) -> bool:
+        if h.handle is None:
+            got = _linux.file_handle(fd)
+            h.handle, h.mount_id = got if got is not None else (b"", -1)
+        return bool(h.handle)
+
+    def _mount_fd_for(self, h: _Fd) -> bool:
+        """A readable fd on h's mount (open_by_handle_at refuses O_PATH ones): a directory of
+        that mount, h itself or another live one of the same device."""
+        if h.mount_id in self.mount_fds:
+            return True
+        with self.mu:
+            dirs = [h] + [x for x in self.all if x.dev == h.dev and x._fd >= 0 and x is not h]
+        for d in dirs:
+            dfd = d._fd
+            try:
+                if dfd < 0 or not stat.S_ISDIR(os.fstat(dfd).st_mode):
+                    continue
+                if not self._handle(d, dfd) or d.mount_id != h.mount_id:
+                    continue
+                self.mount_fds[h.mount_id] = os.open(
+                    _proc(dfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                )
+                return True
+            except OSError:
+                continue
+        return False
+
+    def close_all(self) -> None:
+        with self.mu:
+            for h in list(self.all):
+                if h._fd >= 0:
+                    os.close(h._fd)
+                    h._fd = -1
+            self.all.clear()
+            self.npath = 0
+            for fd in self.mount_fds.values():
+                os.close(fd)
+            self.mount_fds.clear()
+
+
 class LocalBackend:
     """Exports the host directory `root_path`."""
 
@@ -178,18 +370,29 @@ class LocalBackend:
         readonly: bool = False,
         credentials: Credentials | None = None,
         multidevs: Literal["remap", "forbid", "warn"] = "remap",
+        max_path_fds: int | None = None,
     ) -> None:
+        """`max_path_fds`: how many O_PATH fds (one per live node) to keep before reclaiming
+        idle ones; default half the RLIMIT_NOFILE soft limit."""
         if multidevs not in ("remap", "forbid", "warn"):
             raise ValueError(f"multidevs must be remap, forbid or warn, not {multidevs!r}")
         if not os.path.isdir("/proc/self/fd"):
             raise RuntimeError("LocalBackend needs /proc mounted (fd reopening)")
         self.creds = credentials if credentials is not None else default_credentials()
         self.creds.check_usable()
-        _linux.raise_nofile_limit()  # one O_PATH fd per fid: the default soft limit is low
+        soft = _linux.raise_nofile_limit()  # one O_PATH fd per fid: the default limit is low
         self.multidevs = multidevs
+        self._mu = threading.Lock()  # refcounts, the location registry, live sets
+        self._pool = _FdPool(self._mu, max_path_fds if max_path_fds is not None else soft // 2)
+        self._reclaiming = False
         fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
-        self._root = _Fd(fd, st.st_dev, st.st_ino)
+        self._root = self._pool.new(fd, st.st_dev, st.st_ino)
+        self._root.pins += 1  # never reclaimed
+        if not self._pool.handles_work(self._root):
+            # open_by_handle_at needs CAP_DAC_READ_SEARCH (or the fs has no handles): fds
+            # cannot be reopened, so none are reclaimed; the fd limit bounds live nodes.
+            self._pool.budget = 1 << 62
         self.info = BackendInfo(
             name="local",
             readonly=readonly,
@@ -201,7 +404,6 @@ class LocalBackend:
                 "openat2": str(_linux.openat2_supported()),
             },
         )
-        self._mu = threading.Lock()  # refcounts, the location registry, live sets
         self._ns = threading.Lock()  # namespace changes (rename/unlink) and their registry fix-ups
         self._lk = threading.Lock()  # lock tables
         self._qmu = threading.Lock()  # qid path remapping tables
@@ -217,9 +419,35 @@ class LocalBackend:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _run(fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(partial(fn, *args))
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """One hop to a worker thread; the call runs inside the fd pool's shared section."""
+        if self._pool.over_budget() and not self._reclaiming:
+            await self._reclaim()
+        return await trio.to_thread.run_sync(partial(self._shared, fn, *args))
+
+    def _shared(self, fn: Callable[..., T], *args: Any) -> T:
+        rw = self._pool.rw
+        rw.acquire_shared()
+        try:
+            return fn(*args)
+        finally:
+            rw.release_shared()
+
+    async def _reclaim(self) -> None:
+        self._reclaiming = True
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._reclaim_sync)
+        finally:
+            self._reclaiming = False
+
+    def _reclaim_sync(self) -> int:
+        rw = self._pool.rw
+        rw.acquire_exclusive()
+        try:
+            return self._pool.reclaim()
+        finally:
+            rw.release_exclusive()
 
     async def _held(self, nodes: Sequence[LocalNode], fn: Callable[..., T], *args: Any) -> T:
         """Run fn in a worker thread while holding references on the nodes' fds, so a
@@ -287,7 +515,7 @@ class LocalBackend:
             return
         h.refs -= 1
         if h.refs == 0:
-            os.close(h.fd)
+            self._pool.drop_locked(h)
 
     def _qpath(self, dev: int, ino: int) -> int:
         """A qid.path unique across all devices under the export."""
@@ -430,7 +658,7 @@ class LocalBackend:
         except BaseException:
             os.close(fd)
             raise
-        return _Fd(fd, st.st_dev, st.st_ino), st
+        return self._pool.new(fd, st.st_dev, st.st_ino), st
 
     def _lookup(self, dh: _Fd, bname: bytes) -> tuple[_Fd, os.stat_result]:
         fd = _linux.lookup(dh.fd, bname, os.O_PATH)
@@ -441,7 +669,7 @@ class LocalBackend:
         except BaseException:
             os.close(fd)
             raise
-        return _Fd(fd, st.st_dev, st.st_ino), st
+        return self._pool.new(fd, st.st_dev, st.st_ino), st
 
     # -- attach / walk / release -----------------------------------------------------------------
 
@@ -706,6 +934,7 @@ class LocalBackend:
 
     def _add_open(self, f: LocalOpenFile) -> None:
         with self._mu:
+            f.h.pins += 1  # an open file's O_PATH fd stays (an unlinked file has no handle)
             self._open.add(f)
             self._open_by_ident.setdefault(f.h.ident, set()).add(f)
 
@@ -742,7 +971,7 @@ class LocalBackend:
         except BaseException:
             os.close(fd)
             raise
-        node = self._make_node(_Fd(pfd, st.st_dev, st.st_ino), st, dh, bname)
+        node = self._make_node(self._pool.new(pfd, st.st_dev, st.st_ino), st, dh, bname)
         f = LocalOpenFile(node, fd, flags, self._incref(node.h), False)
         self._add_open(f)
         return node, f
@@ -782,6 +1011,7 @@ class LocalBackend:
             if f.fd is None:
                 return None
             fd, f.fd = f.fd, None
+            f.h.pins -= 1
             self._decref_locked(f.h)
             return fd
 
@@ -935,7 +1165,7 @@ class LocalBackend:
         if target.fmt == stat.S_IFDIR:
             raise FsError(errno.EPERM)
         if not self.creds.needs_location:
-            await self._held((dir, target), _linux.link_fd, th.fd, dh.fd, bname)
+            await self._held((dir, target), lambda: _linux.link_fd(th.fd, dh.fd, bname))
             return
 
         def run() -> None:
@@ -955,7 +1185,7 @@ class LocalBackend:
         h = self._alive(node)
         if node.cfmt != stat.S_IFLNK:
             raise FsError(errno.EINVAL)
-        return os.fsdecode(await self._held((node,), self.creds.readlink, h.fd))
+        return os.fsdecode(await self._held((node,), lambda: self.creds.readlink(h.fd)))
 
     # -- renames and removals ---------------------------------------------------------------------
 
@@ -1140,7 +1370,7 @@ class LocalBackend:
     async def statfs(self, node: LocalNode) -> StatFs:
         h = self._alive(node)
         t, bsize, blocks, bfree, bavail, files, ffree, fsid, namelen = await self._held(
-            (node,), _linux.fstatfs, h.fd
+            (node,), lambda: _linux.fstatfs(h.fd)
         )
         return StatFs(t, bsize, blocks, bfree, bavail, files, ffree, fsid, namelen)
 
@@ -1156,11 +1386,11 @@ class LocalBackend:
     async def xattr_get(self, node: LocalNode, name: str) -> bytes:
         h = self._alive(node)
         self._xname(name, False)
-        return await self._held((node,), self.creds.xattr_get, h.fd, name)
+        return await self._held((node,), lambda: self.creds.xattr_get(h.fd, name))
 
     async def xattr_list(self, node: LocalNode) -> list[str]:
         h = self._alive(node)
-        return await self._held((node,), self.creds.xattr_list, h.fd)
+        return await self._held((node,), lambda: self.creds.xattr_list(h.fd))
 
     async def xattr_set(self, node: LocalNode, name: str, value: bytes, flags: int) -> None:
         h = self._alive(node)
@@ -1172,12 +1402,13 @@ class LocalBackend:
         hflags = (os.XATTR_CREATE if flags & P.XATTR_CREATE else 0) | (
             os.XATTR_REPLACE if flags & P.XATTR_REPLACE else 0
         )
-        await self._held((node,), self.creds.xattr_set, h.fd, name, bytes(value), hflags)
+        data = bytes(value)
+        await self._held((node,), lambda: self.creds.xattr_set(h.fd, name, data, hflags))
 
     async def xattr_remove(self, node: LocalNode, name: str) -> None:
         h = self._alive(node)
         self._xname(name, True)
-        await self._held((node,), self.creds.xattr_remove, h.fd, name)
+        await self._held((node,), lambda: self.creds.xattr_remove(h.fd, name))
 
     # -- locks ----------------------------------------------------------------------------------------
 
@@ -1332,6 +1563,7 @@ class LocalBackend:
             self._locks.clear()
         with self._mu:
             self._decref_locked(self._root)
+        self._pool.close_all()
 
 
 def backend_for_model(

@@ -2,18 +2,20 @@
 sees of ownership and mode, and which xattr names and file names it may touch.
 
 `fs_backends.local` resolves names (safely, relative to directory fds) and then hands the
-directory fd and one checked name to the model, which creates the object and records the
-client's credentials its own way:
+directory fd and one checked name (or the object's own fd, plus where it lives) to the model,
+which creates the object and records the client's credentials its own way. The four models are
+QEMU's, and an export written by QEMU under a model reads the same here and the other way round:
 
 - `PassthroughCredentials`: create, then chown to the client's uid/gid and set the exact mode
-  (needs root, like QEMU's security_model=passthrough).
+  (needs root).
 - `NoneCredentials`: the same, but ownership-change failures at creation are ignored; files end up
-  owned by the server's user (QEMU's security_model=none).
+  owned by the server's user.
+- `MappedXattrCredentials`: files owned by the server; the client's uid/gid/mode/rdev in
+  user.virtfs.* xattrs; device nodes, fifos, sockets and symlinks stored as regular files.
+- `MappedFileCredentials`: the same kept in `.virtfs_metadata/<name>` files, hidden and refused.
 
-The hooks (`create_*`, `map_stat`, `chmod`/`chown`, `check_xattr`/`filter_xattrs`,
-`reserved_name`, `readlink`) are shaped so that QEMU's mapped-xattr and mapped-file models fit
-without touching the resolver. A model must never resolve a path with more than one component, or
-follow a symlink: it only ever gets a directory fd plus one name, or an fd of the object itself.
+A model must never resolve a path with more than one component or follow a symlink: it only ever
+gets a directory fd plus one name, or an fd of the object itself.
 """
 
 from __future__ import annotations

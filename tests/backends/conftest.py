@@ -55,10 +55,21 @@ def make_backend(kind: str, root: Path, **kw: Any) -> Any:
         from fs_backends.security import MappedFileCredentials
 
         kw.setdefault("credentials", MappedFileCredentials())
+    elif kind == "local-reclaim":
+        # A tiny fd budget: idle node fds are closed and reopened by file handle all the time.
+        kw.setdefault("max_path_fds", 4)
     return LocalBackend(str(root), **kw)
 
 
-BACKENDS = ["memory", "local", "local-mapped", "local-mapped-file", "proxy", "proxy-mapped"]
+BACKENDS = [
+    "memory",
+    "local",
+    "local-mapped",
+    "local-mapped-file",
+    "local-reclaim",
+    "proxy",
+    "proxy-mapped",
+]
 
 
 @pytest.fixture(params=BACKENDS)

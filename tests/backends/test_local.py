@@ -64,9 +64,10 @@ def layout(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     assert tree_digest(canary) == before, "something outside the export changed"
 
 
-@pytest.fixture
-def lfs(layout: tuple[Path, Path]) -> Iterator[Sync]:
-    b = Sync(LocalBackend(str(layout[0])))
+@pytest.fixture(params=[None, 4], ids=["fds", "reclaim"])
+def lfs(layout: tuple[Path, Path], request: pytest.FixtureRequest) -> Iterator[Sync]:
+    """The local backend, also with a tiny fd budget (idle node fds reclaimed constantly)."""
+    b = Sync(LocalBackend(str(layout[0]), max_path_fds=request.param))
     yield b
     b.aclose()
 
@@ -673,4 +674,43 @@ def test_close_and_release_racing_requests(
 
     trio.run(main)
     assert seen <= {b"MINE"}
+    assert count_fds() == before
+
+
+def test_fd_reclaim_bounds_fds_and_keeps_nodes_working(layout: tuple[Path, Path]) -> None:
+    """Far more live nodes than the fd budget: the fds held stay bounded, every node still
+    reaches its own file, and a node whose file was deleted meanwhile fails cleanly."""
+    export, _ = layout
+    n = 300
+    (export / "d").mkdir()
+    for i in range(n):
+        (export / "d" / f"f{i}").write_bytes(b"content %d" % i)
+    before = count_fds()
+    b = LocalBackend(str(export), max_path_fds=32)
+    fs = Sync(b)
+    root = fs.attach("", ROOT)
+    nodes = [fs.walk(root, ["d", f"f{i}"]) for i in range(n)]
+    assert count_fds() - before < 80, "fds were not reclaimed"
+    assert b._pool.reclaims > 0
+    for i, (d, f) in enumerate(nodes):
+        assert f.qid.path == os.stat(export / "d" / f"f{i}").st_ino
+        o = fs.open(f, P.L_O_RDONLY, ROOT)
+        assert fs.read(o, 0, 100) == b"content %d" % i
+        fs.close(o)
+        assert fs.getattr(d, P.GETATTR_ALL).qid.path == os.stat(export / "d").st_ino
+    # Deleted behind the backend's back while its fd was reclaimed: an error, never another file.
+    os.unlink(export / "d" / "f0")
+    (export / "d" / "f0").write_bytes(b"impostor")
+    for _ in range(3):  # push f0's node out of the fd cache
+        for _d, f in nodes[1:]:
+            fs.getattr(f, P.GETATTR_BASIC)
+    with pytest.raises(OSError) as ei:
+        o = fs.open(nodes[0][1], P.L_O_RDONLY, ROOT)
+        fs.close(o)
+    assert ei.value.errno in (errno.ESTALE, errno.ENOENT)
+    for d, f in nodes:
+        fs.release(d)
+        fs.release(f)
+    fs.release(root)
+    fs.aclose()
     assert count_fds() == before
