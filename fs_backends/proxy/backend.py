@@ -200,12 +200,20 @@ class Connection:
             return rid
 
     def _send_blocking(self, data: bytes) -> None:
-        with self._send_mu:
-            self.sock.setblocking(True)
-            try:
-                self.sock.send(data)
-            finally:
-                self.sock.setblocking(False)
+        """Send from a worker thread, waiting for room without ever holding _send_mu while
+        blocked (the trio thread takes it for its own non-blocking sends)."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLOUT)
+        while True:
+            if not self.alive:
+                raise FsError(errno.EIO)
+            with self._send_mu:
+                try:
+                    self.sock.send(data, socket.MSG_DONTWAIT)
+                    return
+                except BlockingIOError:
+                    pass
+            poller.poll(100)
 
     def _drain(self) -> None:
         """Read every reply that is there now and hand each to its waiter."""
