@@ -8,10 +8,10 @@ from typing import Any
 import trio
 
 from fs_backends.memory import MemoryBackend
-from ninep.session import SessionOptions
 from ninep import messages as m
 from ninep.client import Client
 from ninep.protocol import V9P2000_L
+from ninep.session import SessionOptions
 from tests.e2e.harness import served
 
 
