@@ -19,7 +19,7 @@ shows, which xattr and file names a client may touch) is the credential model's 
 (`fs_backends.security`), so QEMU's passthrough, none, mapped-xattr and mapped-file all fit.
 
 This module must never join path strings, follow a symlink, or block the trio loop: each backend
-call makes one hop to a worker thread (`trio.to_thread.run_sync`) and does all its syscalls there.
+call makes one hop to a worker thread (`fs_backends.offload`) and does all its syscalls there.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
-from fs_backends import _linux
+from fs_backends import _linux, offload
 from fs_backends._locktable import LockTable, span
 from fs_backends.base import (
     Attr,
@@ -423,7 +423,7 @@ class LocalBackend:
         """One hop to a worker thread; the call runs inside the fd pool's shared section."""
         if self._pool.over_budget() and not self._reclaiming:
             await self._reclaim()
-        return await trio.to_thread.run_sync(partial(self._shared, fn, *args))
+        return await offload.run_sync(partial(self._shared, fn, *args))
 
     def _shared(self, fn: Callable[..., T], *args: Any) -> T:
         rw = self._pool.rw
@@ -437,7 +437,7 @@ class LocalBackend:
         self._reclaiming = True
         try:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._reclaim_sync)
+                await offload.run_sync(self._reclaim_sync)
         finally:
             self._reclaiming = False
 

@@ -215,6 +215,13 @@ def test_backend_for_model() -> None:
 NOBODY = 65534
 
 
+def _fresh_offload_pool() -> None:
+    """A forked child has none of the parent's worker threads: give it a pool of its own."""
+    from fs_backends import offload
+
+    offload._pool = offload._Pool(offload._WORKERS)
+
+
 @pytest.mark.parametrize("model", [MappedXattrCredentials, MappedFileCredentials])
 def test_mapped_works_unprivileged(model: type[Credentials]) -> None:
     """The point of the mapped models: an unprivileged server still gives clients their owners,
@@ -230,6 +237,7 @@ def test_mapped_works_unprivileged(model: type[Credentials]) -> None:
         code = 1
         try:
             os.close(r)
+            _fresh_offload_pool()
             os.setgroups([])
             os.setresgid(NOBODY, NOBODY, NOBODY)
             os.setresuid(NOBODY, NOBODY, NOBODY)
@@ -287,6 +295,7 @@ def test_none_model_unprivileged() -> None:
         code = 1
         try:
             os.close(r)
+            _fresh_offload_pool()
             os.setgroups([])
             os.setresgid(NOBODY, NOBODY, NOBODY)
             os.setresuid(NOBODY, NOBODY, NOBODY)
