@@ -126,6 +126,7 @@ class Connection:
         self._send_mu = threading.Lock()
         self._ids = itertools.count(1)
         self._on_dead: Callable[[Connection, str], None] | None = None
+        self._close_when_idle = False
 
     def handshake(self, timeout: float = HELLO_TIMEOUT) -> None:
         """Wait for the helper's HELLO (and its outer process's CHILD report)."""
@@ -256,7 +257,7 @@ class Connection:
             p.nudge()
 
     async def _lead(self, me: _Pending) -> None:
-        while not me.done:
+        while not me.done and self.alive:
             self._drain()
             if me.done:
                 return
@@ -299,6 +300,10 @@ class Connection:
                         with self._mu:
                             self._leader = None
                             others = [q for q in self.pending.values() if not q.done]
+                            close_now = self._close_when_idle
+                        if close_now:
+                            with contextlib.suppress(OSError):
+                                self.sock.close()
                         for q in others:  # one of them takes over reading
                             q.nudge()
                 else:
@@ -318,7 +323,14 @@ class Connection:
         return r, p.fds
 
     def close(self) -> None:
+        """Stop using this helper. The socket is only closed once no task waits on it: closing
+        an fd under trio's wait_readable would leave that waiter asleep for ever (the shutdown
+        in kill() is what wakes it)."""
         self.kill("closed")
+        with self._mu:
+            if self._leader is not None:
+                self._close_when_idle = True
+                return
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -402,8 +414,7 @@ class ProxyBackend:
         status = self.spawner.reap(conn.pid, 2)
         log.error("proxy helper %d died (%s, exit status %s): pending requests failed with EIO",
                   conn.pid, why, status)  # fmt: skip
-        with contextlib.suppress(OSError):
-            conn.sock.close()
+        conn.close()
         if not self.restart:
             return
         for attempt in range(5):
