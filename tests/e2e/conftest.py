@@ -36,11 +36,7 @@ def _proxy(path: Path, **kw: object) -> Backend:
     return proxy_backend(str(path), **kw)  # type: ignore[arg-type]
 
 
-# The chroot proxy backend is not in this matrix yet: under the whole suite on a loaded machine
-# some of its runs hang or fail (a helper call that never returns); its own suites
-# (tests/proxy, tests/backends) cover it meanwhile. Issue 4 stays open for that.
-BACKENDS: dict[str, Callable[..., Backend]] = {"memory": _memory, "local": _local}
-# Kept importable for running the matrix by hand: BACKENDS["proxy"] = _proxy
+BACKENDS: dict[str, Callable[..., Backend]] = {"memory": _memory, "local": _local, "proxy": _proxy}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
