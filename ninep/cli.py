@@ -44,6 +44,20 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                    help="how client credentials meet the host (default: passthrough as root, none otherwise)")
     p.add_argument("--multidevs", choices=("remap", "forbid", "warn"), default="remap",
                    help="what to do when the export spans several host filesystems")
+    p.add_argument("--fmode", type=_octal, default=None,
+                   help="host mode of new files in the mapped models (octal, default 0600)")
+    p.add_argument("--dmode", type=_octal, default=None,
+                   help="host mode of new directories in the mapped models (octal, default 0700)")
+
+
+def _octal(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= value <= 0o7777:
+        raise argparse.ArgumentTypeError(f"mode out of range: {text!r}")
+    return value
 
 
 def make_backend(export: str, args: argparse.Namespace) -> Backend:
@@ -62,7 +76,10 @@ def make_backend(export: str, args: argparse.Namespace) -> Backend:
     model = args.security_model
     factory = getattr(local, "backend_for_model", None)
     if factory is not None:
-        backend: Backend = factory(export, model=model, readonly=args.readonly, multidevs=args.multidevs, options=args)
+        try:
+            backend: Backend = factory(export, model=model, readonly=args.readonly, multidevs=args.multidevs, options=args)
+        except (ValueError, PermissionError) as e:
+            raise SystemExit(f"ninep: {e}") from None
         return backend
     if model not in (None, "none", "passthrough"):
         raise SystemExit(f"ninep: security model {model!r} is not available in this build")

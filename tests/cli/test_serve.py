@@ -173,3 +173,34 @@ def test_python_dash_m_and_console_script_agree() -> None:
     if exe.exists():  # installed by `pip install -e .`
         out2 = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True)
         assert out2.stdout == out.stdout
+
+
+def test_mapped_xattr_fmode_dmode_set_host_modes_and_keep_client_modes(tmp_path: Path) -> None:
+    export = tmp_path / "mapped"
+    export.mkdir()
+    sock = tmp_path / "mapped.sock"
+    proc = _serve(str(export), "--listen", f"unix:{sock}", "--security-model", "mapped-xattr",
+                  "--fmode", "0640", "--dmode", "0750")
+    try:
+        _wait_for(sock, proc)
+
+        async def use() -> None:
+            async with Client.connect(f"unix:{sock}") as c:
+                root = await c.attach()
+                await c.write_file(root, "f", b"x", mode=0o4755)
+                await c.mkdir(root, "d", 0o700)
+                f, _ = await c.walk(root, ["f"])
+                assert (await c.getattr(f)).mode & 0o7777 == 0o4755  # what the client asked for
+
+        trio.run(use)
+        assert (export / "f").stat().st_mode & 0o7777 == 0o640  # what the host keeps
+        assert (export / "d").stat().st_mode & 0o7777 == 0o750
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_fmode_with_a_model_that_has_no_use_for_it_is_refused(export: Path, tmp_path: Path) -> None:
+    proc = _serve(str(export), "--listen", f"unix:{tmp_path}/x.sock", "--security-model", "none", "--fmode", "0644")
+    assert proc.wait(timeout=15) != 0
+    assert b"fmode" in (proc.stderr.read() if proc.stderr else b"")
