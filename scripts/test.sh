@@ -3,8 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# A crashing peer (diod) must not leave core dumps in the tree.
-ulimit -c 0
 .venv/bin/python -m ruff check ninep fs_backends transports tests bench
 .venv/bin/python -m mypy
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
