@@ -13,6 +13,7 @@ This module must never run anything but the function it is given; it knows nothi
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -59,6 +60,15 @@ class _Pool:
 
 
 _pool = _Pool(_WORKERS)
+
+
+def _reset_after_fork() -> None:
+    # A forked child has none of the parent's worker threads: give it a fresh, empty pool.
+    global _pool
+    _pool = _Pool(_WORKERS)
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _abort(_: Any) -> trio.lowlevel.Abort:
