@@ -20,6 +20,18 @@ from ninep import protocol as P
 ROOT = Cred(0, 0, "root")
 
 
+async def _until_gone(pid: int) -> None:
+    with trio.fail_after(10):
+        while True:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                        return
+            except FileNotFoundError:
+                return
+            await trio.sleep(0.01)
+
+
 @pytest.mark.parametrize("victim", ["child", "outer"])
 def test_sigkill_gives_eio_then_recovers(
     site: tuple[Path, Path], victim: str, caplog: pytest.LogCaptureFixture
@@ -53,7 +65,9 @@ def test_sigkill_gives_eio_then_recovers(
             assert results == []
             os.kill(old[1] if victim == "child" else old[0], signal.SIGKILL)
             if victim == "outer":
-                os.kill(old[1], signal.SIGCONT)  # PDEATHSIG's SIGKILL needs it scheduled
+                # The child dies of PDEATHSIG's SIGKILL, which ends a stopped process too; resuming
+                # it first would let it answer the pending requests before it goes.
+                await _until_gone(old[1])
         assert results == [errno.EIO] * 3
 
         with trio.fail_after(30):
