@@ -8,12 +8,40 @@ This module must never block or do I/O.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from ninep.protocol import LOCK_TYPE_RDLCK, LOCK_TYPE_UNLCK, LOCK_TYPE_WRLCK
+from fs_backends.base import FsError, Lock, LockOwner
+from ninep.protocol import (
+    L_O_ACCMODE,
+    L_O_RDONLY,
+    L_O_WRONLY,
+    LOCK_TYPE_RDLCK,
+    LOCK_TYPE_UNLCK,
+    LOCK_TYPE_WRLCK,
+)
 
 MAX_OFFSET = 2**63 - 1
+
+
+def owner_key(owner: LockOwner) -> Hashable:
+    """The table key of a lock owner: one process on one client connection."""
+    return (owner.connection, owner.client_id, owner.proc_id)
+
+
+def check_lock_request(lock: Lock, open_flags: int) -> None:
+    """Refuses what fcntl would: an unknown type or negative range (EINVAL), a read lock on a
+    file open write-only or a write lock on one open read-only (EBADF)."""
+    if lock.type not in (LOCK_TYPE_RDLCK, LOCK_TYPE_WRLCK, LOCK_TYPE_UNLCK):
+        raise FsError(errno.EINVAL)
+    if lock.start < 0 or lock.length < 0:
+        raise FsError(errno.EINVAL)
+    acc = open_flags & L_O_ACCMODE
+    if (lock.type == LOCK_TYPE_RDLCK and acc == L_O_WRONLY) or (
+        lock.type == LOCK_TYPE_WRLCK and acc == L_O_RDONLY
+    ):
+        raise FsError(errno.EBADF)
 
 
 @dataclass(slots=True)

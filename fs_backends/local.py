@@ -38,7 +38,7 @@ from typing import Any, Literal, TypeVar
 import trio
 
 from fs_backends import _linux, offload
-from fs_backends._locktable import LockTable, span
+from fs_backends._locktable import LockTable, check_lock_request, owner_key, span
 from fs_backends.base import (
     Attr,
     BackendInfo,
@@ -222,10 +222,6 @@ class _FileLocks:
 
     table: LockTable = field(default_factory=LockTable)
     fds: dict[Hashable, int] = field(default_factory=dict)
-
-
-def _owner_key(owner: LockOwner) -> Hashable:
-    return (owner.connection, owner.client_id, owner.proc_id)
 
 
 class _FdPool:
@@ -1441,19 +1437,11 @@ class LocalBackend:
 
     async def lock(self, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> int:
         self._fd(f)
-        if lock.type not in (P.LOCK_TYPE_RDLCK, P.LOCK_TYPE_WRLCK, P.LOCK_TYPE_UNLCK):
-            raise FsError(errno.EINVAL)
-        if lock.start < 0 or lock.length < 0:
-            raise FsError(errno.EINVAL)
-        acc = f.flags & P.L_O_ACCMODE
-        if (lock.type == P.LOCK_TYPE_RDLCK and acc == P.L_O_WRONLY) or (
-            lock.type == P.LOCK_TYPE_WRLCK and acc == P.L_O_RDONLY
-        ):
-            raise FsError(errno.EBADF)
+        check_lock_request(lock, f.flags)
         return await self._infile(f, self._lock_sync, f, lock, owner)
 
     def _lock_sync(self, fd: int, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> int:
-        key = _owner_key(owner)
+        key = owner_key(owner)
         ident = f.h.ident
         start, end = span(lock.start, lock.length)
         length = 0 if end is None else end - start
@@ -1494,7 +1482,7 @@ class LocalBackend:
         return await self._infile(f, self._getlock_sync, f, lock, owner)
 
     def _getlock_sync(self, fd: int, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> Lock:
-        key = _owner_key(owner)
+        key = owner_key(owner)
         ident = f.h.ident
         start, end = span(lock.start, lock.length)
         length = 0 if end is None else end - start
@@ -1532,7 +1520,7 @@ class LocalBackend:
             log.exception("release_locks failed")
 
     def _release_locks_sync(self, f: LocalOpenFile, owner: LockOwner | None) -> None:
-        keys = {_owner_key(owner)} if owner is not None else set(f.lock_owners)
+        keys = {owner_key(owner)} if owner is not None else set(f.lock_owners)
         ident = f.h.ident
         with self._lk:
             fl = self._locks.get(ident)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from fs_backends._locktable import LockTable, span
+from fs_backends._locktable import LockTable, check_lock_request, owner_key, span
 from fs_backends.base import (
     Attr,
     BackendInfo,
@@ -121,10 +121,6 @@ def _check_name(name: str) -> None:
         raise FsError(errno.EINVAL)
     if len(name.encode("utf-8", "surrogateescape")) > 255:
         raise FsError(errno.ENAMETOOLONG)
-
-
-def _owner_key(owner: LockOwner) -> Hashable:
-    return (owner.connection, owner.client_id, owner.proc_id)
 
 
 class MemoryBackend:
@@ -640,16 +636,8 @@ class MemoryBackend:
 
     async def lock(self, f: MemOpenFile, lock: Lock, owner: LockOwner) -> int:
         i = self._file(f)
-        if lock.type not in (P.LOCK_TYPE_RDLCK, P.LOCK_TYPE_WRLCK, P.LOCK_TYPE_UNLCK):
-            raise FsError(errno.EINVAL)
-        if lock.start < 0 or lock.length < 0:
-            raise FsError(errno.EINVAL)
-        acc = f.flags & P.L_O_ACCMODE
-        if (lock.type == P.LOCK_TYPE_RDLCK and acc == P.L_O_WRONLY) or (
-            lock.type == P.LOCK_TYPE_WRLCK and acc == P.L_O_RDONLY
-        ):
-            raise FsError(errno.EBADF)
-        key = _owner_key(owner)
+        check_lock_request(lock, f.flags)
+        key = owner_key(owner)
         start, end = span(lock.start, lock.length)
         if i.locks.conflict(key, lock.type, start, end) is not None:
             return P.LOCK_BLOCKED
@@ -663,7 +651,7 @@ class MemoryBackend:
         if lock.type not in (P.LOCK_TYPE_RDLCK, P.LOCK_TYPE_WRLCK):
             raise FsError(errno.EINVAL)
         start, end = span(lock.start, lock.length)
-        r = i.locks.conflict(_owner_key(owner), lock.type, start, end)
+        r = i.locks.conflict(owner_key(owner), lock.type, start, end)
         if r is None:
             return Lock(P.LOCK_TYPE_UNLCK, lock.start, lock.length, lock.proc_id, lock.client_id)
         assert isinstance(r.owner, tuple)
@@ -672,7 +660,7 @@ class MemoryBackend:
 
     async def release_locks(self, f: MemOpenFile, owner: LockOwner | None) -> None:
         i = f.node.inode
-        keys = {_owner_key(owner)} if owner is not None else set(f.lock_owners)
+        keys = {owner_key(owner)} if owner is not None else set(f.lock_owners)
         for k in keys:
             i.locks.drop(k)
         f.lock_owners -= keys

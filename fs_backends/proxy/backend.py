@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import trio
 
 from fs_backends import _linux
-from fs_backends._locktable import LockTable, span
+from fs_backends._locktable import LockTable, check_lock_request, owner_key, span
 from fs_backends.base import (
     Attr,
     BackendInfo,
@@ -360,10 +360,6 @@ class ProxyOpenFile:
     ident: tuple[int, int]
     lock_owners: set[Hashable] = field(default_factory=set)
     closed: bool = False
-
-
-def _owner_key(owner: LockOwner) -> Hashable:
-    return (owner.connection, owner.client_id, owner.proc_id)
 
 
 class ProxyBackend:
@@ -717,16 +713,8 @@ class ProxyBackend:
 
     async def lock(self, f: ProxyOpenFile, lock: Lock, owner: LockOwner) -> int:
         self._fd(f)
-        if lock.type not in (P.LOCK_TYPE_RDLCK, P.LOCK_TYPE_WRLCK, P.LOCK_TYPE_UNLCK):
-            raise FsError(errno.EINVAL)
-        if lock.start < 0 or lock.length < 0:
-            raise FsError(errno.EINVAL)
-        acc = f.flags & P.L_O_ACCMODE
-        if (lock.type == P.LOCK_TYPE_RDLCK and acc == P.L_O_WRONLY) or (
-            lock.type == P.LOCK_TYPE_WRLCK and acc == P.L_O_RDONLY
-        ):
-            raise FsError(errno.EBADF)
-        key = _owner_key(owner)
+        check_lock_request(lock, f.flags)
+        key = owner_key(owner)
         start, end = span(lock.start, lock.length)
         length = 0 if end is None else end - start
         if lock.type == P.LOCK_TYPE_UNLCK:
@@ -764,7 +752,7 @@ class ProxyBackend:
             raise FsError(errno.EINVAL)
         if lock.start < 0 or lock.length < 0:
             raise FsError(errno.EINVAL)
-        key = _owner_key(owner)
+        key = owner_key(owner)
         start, end = span(lock.start, lock.length)
         length = 0 if end is None else end - start
         lfd, new = await self._lock_fd(f, key)
@@ -792,7 +780,7 @@ class ProxyBackend:
             log.exception("release_locks failed")
 
     def _release_locks_sync(self, f: ProxyOpenFile, owner: LockOwner | None) -> None:
-        keys = {_owner_key(owner)} if owner is not None else set(f.lock_owners)
+        keys = {owner_key(owner)} if owner is not None else set(f.lock_owners)
         with self._lk:
             fl = self._locks.get(f.ident)
             for k in keys:
