@@ -1,6 +1,8 @@
 """The `ninep` command: serve an export, mount one with FUSE, run the proxy helper and friends.
 
     ninep serve EXPORT --listen tcp:127.0.0.1:5640 [--listen unix:/run/9p.sock] [--readonly] ...
+    ninep serve --config exports.toml          (several exports; SIGHUP reloads; see ninep.config)
+    ninep check-config exports.toml
     ninep mount SOURCE MOUNTPOINT ...          (FUSE; see ninep.fuse_cli)
 
 This module parses arguments and wires parts together; it must never contain protocol or
@@ -15,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -96,32 +98,37 @@ def _setup_logging(verbose: int, trace: bool) -> None:
         logging.getLogger("ninep.trace").setLevel(logging.INFO)
 
 
-async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Namespace) -> None:
-    options = SessionOptions(readonly=args.readonly, max_msize=args.msize, trace=args.trace)
-    lopts = ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure)
+async def _serve(server: Server, addresses: Sequence[str], args: argparse.Namespace, *,
+                 names: Sequence[str] | None = None, lopts: ListenOptions | None = None,
+                 reload: Callable[[], Awaitable[None]] | None = None) -> None:
+    lopts = lopts or ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure)
     listeners = [listener_from_address(a, lopts) for a in addresses]
-    server = Server(backend, options)
     only_fd = all(a.startswith("fd:") for a in addresses)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    sigs = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if reload is not None else ()))
+    with trio.open_signal_receiver(*sigs) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signal() -> None:
                 async for sig in signals:
                     log.info("received %s", signal.Signals(sig).name)
+                    if sig == signal.SIGHUP and reload is not None:
+                        await reload()
+                        continue
                     server.shutdown()
                     return
 
             nursery.start_soon(on_signal)
 
             async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-                await server.serve(listeners, task_status=task_status)
+                await server.serve(listeners, names=names, task_status=task_status)
                 nursery.cancel_scope.cancel()
 
             await nursery.start(run)
-            listening = getattr(backend, "listening", None)
-            if listening is not None:
-                # Listeners are bound: a backend may now shed privileges (the proxy does).
-                listening()
+            for export in server.exports:
+                listening = getattr(export.backend, "listening", None)
+                if listening is not None:
+                    # Listeners are bound: a backend may now shed privileges (the proxy does).
+                    listening()
             if only_fd:
                 # An fd pair is a single connection: when it ends, the server is done.
                 await trio.sleep(0.05)
@@ -132,7 +139,14 @@ async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Name
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose, args.trace)
-    args.msize = min(_size(str(args.msize)), MAX_MSIZE)
+    if args.config is not None:
+        from ninep.config_serve import serve_config
+
+        return serve_config(args)
+    if args.export is None:
+        print("ninep serve: give an EXPORT directory or --config FILE", file=sys.stderr)
+        return 2
+    args.msize = min(_size(str(args.msize or DEFAULT_MSIZE)), MAX_MSIZE)
     try:
         backend = make_backend(args.export, args)
         addresses = args.listen or ["tcp:127.0.0.1:5640"]
@@ -142,7 +156,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ninep: {e}", file=sys.stderr)
         return 2
     log.info("serving %s (%s) on %s", args.export, backend.info.name, ", ".join(addresses))
-    trio.run(_serve, backend, addresses, args)
+    options = SessionOptions(readonly=args.readonly, max_msize=args.msize, trace=args.trace)
+    trio.run(_serve, Server(backend, options), addresses, args)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from ninep.config import ConfigError, load
+
+    try:
+        cfg = load(args.file)
+    except ConfigError as e:
+        print(f"ninep: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(cfg.exports)} export{'s' if len(cfg.exports) != 1 else ''}")
+    for ec in cfg.exports:
+        reach = ", ".join(sorted(ec.listeners)) if ec.listeners is not None else "every listener"
+        print(f"  {ec.name}: aname {ec.aname!r} -> {ec.path} ({ec.security_model or 'default model'}"
+              f"{', read-only' if ec.readonly else ''}; {reach})")
     return 0
 
 
@@ -151,17 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="export a directory over 9P")
-    s.add_argument("export", help="host directory to export (or memory: for an in-memory tree)")
+    s.add_argument("export", nargs="?", help="host directory to export (or memory: for an in-memory tree)")
+    s.add_argument("--config", metavar="FILE",
+                   help="serve the exports an exports file describes instead of EXPORT (SIGHUP reloads it)")
     s.add_argument("--listen", "-l", action="append", metavar="ADDR",
                    help="tcp:HOST:PORT, unix:PATH, fd:RFD,WFD, vhost-user:SOCK or xen:DOMID/DEVID "
                         "(repeatable; default tcp:127.0.0.1:5640)")
-    s.add_argument("--msize", default=DEFAULT_MSIZE, help="largest message size to agree to (default 512K, max 4M)")
+    s.add_argument("--msize", default=None, help="largest message size to agree to (default 512K, max 4M)")
     s.add_argument("--tag", default="ninep", help="mount tag for virtio/Xen transports")
     s.add_argument("--insecure", action="store_true", help="allow unencrypted TCP on non-loopback addresses")
     s.add_argument("--trace", action="store_true", help="log every request and reply with its latency")
     s.add_argument("-v", "--verbose", action="count", default=0)
     add_backend_arguments(s)
     s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check-config", help="validate an exports file without serving it")
+    c.add_argument("file", help="the exports file (TOML)")
+    c.set_defaults(func=cmd_check_config)
 
     for module in ("ninep.fuse_cli", "ninep.proxy_cli", "transports.xen.cli"):
         # Optional parts register their own subcommands; a part that is not built is absent.

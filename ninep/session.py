@@ -9,6 +9,9 @@ and replies, which the protocol allows (a client must honour a reply that arrive
 When the connection ends every waiting request is interrupted, the rest finish, and every fid is
 clunked, so a client dying mid-request leaks nothing.
 
+Files are reached through the exports table the server shares with every session: an attach
+picks an Export by aname and the fid carries it (see ninep.exports).
+
 This module must never touch the host filesystem or a socket directly: files go through the
 Backend, bytes through the Channel.
 """
@@ -26,9 +29,10 @@ from typing import Any
 
 import trio
 
-from fs_backends.base import Backend, Cred, Node
+from fs_backends.base import Backend, Cred
 from ninep import messages as m
 from ninep.codec import HEADER, Codec, DecodeError, codec_for
+from ninep.exports import ExportTable
 from ninep.fids import Fid
 from ninep.protocol import (
     IOHDRSZ,
@@ -88,8 +92,12 @@ class Request:
 
 
 class Session:
-    def __init__(self, backend: Backend, channel: Channel, options: SessionOptions | None = None) -> None:
-        self.backend = backend
+    def __init__(self, exports: ExportTable | Backend, channel: Channel, options: SessionOptions | None = None,
+                 listener: str = "") -> None:
+        #: Shared with the server (and replaced in place on reload); a bare Backend is one export.
+        self.exports = exports if isinstance(exports, ExportTable) else ExportTable.single(exports)
+        #: The name of the listener this connection came in on (export access rules use it).
+        self.listener = listener
         self.channel = channel
         self.options = options or SessionOptions()
         self.conn_id = next(_connection_ids)
@@ -105,16 +113,21 @@ class Session:
     # --- public --------------------------------------------------------------------------------
 
     @property
-    def iounit(self) -> int:
-        bs = max(self.backend.info.block_size, 512)
+    def identity(self) -> str:
+        """Who the client is, for logs: its peer address and TLS subject if it has one."""
+        tls = getattr(self.channel, "identity", None)
+        return f"{self.channel.peer} ({tls})" if tls else self.channel.peer
+
+    def iounit(self, fid: Fid) -> int:
+        bs = max(fid.export.backend.info.block_size, 512)
         unit = self.msize - IOHDRSZ
         return unit - unit % bs if unit >= bs else unit
 
     async def run(self) -> None:
         """Serve the channel until the peer goes away; then cancel what is in flight and clunk
         every fid."""
-        peer = self.channel.peer
-        log.info("connection %d from %s", self.conn_id, peer)
+        peer = self.identity
+        log.info("connection %d from %s%s", self.conn_id, peer, f" on {self.listener}" if self.listener else "")
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -213,12 +226,9 @@ class Session:
         if req is not None:
             req.answered = True
 
-    def check_writable(self) -> None:
-        if self.options.readonly or self.backend.info.readonly:
+    def check_writable(self, fid: Fid) -> None:
+        if self.options.readonly or fid.export.policy.readonly or fid.export.backend.info.readonly:
             raise OSError(errno.EROFS, "read-only export")
-
-    async def release_node(self, node: Node) -> None:
-        await self.backend.release(node)
 
     # --- dispatch -----------------------------------------------------------------------------
 
