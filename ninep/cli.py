@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import trio
 
 from fs_backends.base import Backend
+from ninep.policy import add_policy_arguments, policy_from_args
 from ninep.server import Server
 from ninep.session import SessionOptions
 from transports.address import AddressError, ListenOptions, listener_from_address
@@ -48,6 +49,7 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                    help="host mode of new files in the mapped models (octal, default 0600)")
     p.add_argument("--dmode", type=_octal, default=None,
                    help="host mode of new directories in the mapped models (octal, default 0700)")
+    add_policy_arguments(p)
 
 
 def _octal(text: str) -> int:
@@ -97,7 +99,7 @@ def _setup_logging(verbose: int, trace: bool) -> None:
 
 
 async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Namespace) -> None:
-    options = SessionOptions(readonly=args.readonly, max_msize=args.msize, trace=args.trace)
+    options = SessionOptions(policy=policy_from_args(args), max_msize=args.msize, trace=args.trace)
     lopts = ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure)
     listeners = [listener_from_address(a, lopts) for a in addresses]
     server = Server(backend, options)

@@ -16,6 +16,7 @@ from fs_backends.base import Attr, SetAttr
 from ninep import messages as m
 from ninep.fids import Fid, FidKind
 from ninep.ops import _file_fid, check_name
+from ninep.policy import gate
 from ninep.protocol import (
     DMAPPEND,
     DMDEVICE,
@@ -113,7 +114,7 @@ async def open_(s: Session, msg: m.Topen) -> m.Message:
         raise OSError(errno.EBUSY, "fid already open")
     flags = open_flags(msg.mode)
     if flags & (L_O_WRONLY | L_O_RDWR | L_O_TRUNC) or msg.mode & ORCLOSE:
-        s.check_writable()
+        gate(s, fid).writable(fid.name)
     if fid.node.qid.type & QTDIR:
         flags = L_O_RDONLY | L_O_DIRECTORY
     fid.open = await s.backend.open(fid.node, flags, fid.cred)
@@ -128,7 +129,8 @@ async def create(s: Session, msg: m.Tcreate) -> m.Message:
     check_name(msg.name)
     if fid.open is not None:
         raise OSError(errno.EBUSY, "fid already open")
-    s.check_writable()
+    g = gate(s, fid)
+    g.writable(msg.name)
     cred = fid.cred
     perm = msg.perm & 0o777
     if msg.perm & DMSETUID:
@@ -136,6 +138,8 @@ async def create(s: Session, msg: m.Tcreate) -> m.Message:
     if msg.perm & DMSETGID:
         perm |= st.S_ISGID
     special = msg.perm & (DMDIR | DMSYMLINK | DMLINK | DMDEVICE | DMNAMEDPIPE | DMSOCKET)
+    if not msg.perm & DMDIR:  # devices are checked below, once their kind is known
+        g.mode(msg.name, perm, False)
     if special:
         if msg.perm & DMDIR:
             await s.backend.mkdir(fid.node, msg.name, perm, cred)
@@ -151,6 +155,7 @@ async def create(s: Session, msg: m.Tcreate) -> m.Message:
         else:
             kind, major, minor = msg.extension.split()
             fmt = st.S_IFCHR if kind == "c" else st.S_IFBLK
+            g.mknod(msg.name, fmt | perm)
             await s.backend.mknod(fid.node, msg.name, fmt | perm, int(major), int(minor), cred)
         nodes = await s.backend.walk(fid.node, [msg.name])
         node = nodes[0]
@@ -178,7 +183,8 @@ async def stat_(s: Session, msg: m.Tstat) -> m.Message:
 async def wstat(s: Session, msg: m.Twstat) -> m.Message:
     fid = _file_fid(s, msg.fid)
     d = msg.stat
-    s.check_writable()
+    g = gate(s, fid)
+    g.writable(fid.name)
     valid = 0
     sa = SetAttr(0)
     if d.mode != _U32:
@@ -186,6 +192,7 @@ async def wstat(s: Session, msg: m.Twstat) -> m.Message:
             raise OSError(errno.EINVAL, "cannot change a file's directory bit")
         valid |= SETATTR_MODE
         sa.mode = d.mode & 0o777 | (st.S_ISUID if d.mode & DMSETUID else 0) | (st.S_ISGID if d.mode & DMSETGID else 0)
+        g.mode(fid.name, sa.mode, bool(d.mode & DMDIR))
     if d.length != _U64:
         valid |= SETATTR_SIZE
         sa.size = d.length

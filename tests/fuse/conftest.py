@@ -182,6 +182,8 @@ def start_mount(
         str(log),
         "-o",
         "allow_other",
+        # The POSIX suite chmods setuid bits (ninep's policy refuses them by default).
+        "--allow-setid",
         *extra,
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -209,7 +211,7 @@ def close_mount(m: Mount) -> None:
 
 def start_ninep_server(export: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [PY, "-m", "ninep", "serve", str(export), "--listen", f"tcp:127.0.0.1:{port}"]
+    cmd = [PY, "-m", "ninep", "serve", str(export), "--listen", f"tcp:127.0.0.1:{port}", "--allow-setid"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     wait_port(port, proc)
