@@ -182,8 +182,6 @@ def start_mount(
         str(log),
         "-o",
         "allow_other",
-        # The POSIX suite chmods setuid bits (ninep's policy refuses them by default).
-        "--allow-setid",
         *extra,
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -240,7 +238,8 @@ def open_kind(kind: str, base: Path, export: Path | None = None) -> Mount:
     mnt = base / "mnt"
     log = base / "mount.log"
     if kind == "local":
-        return start_mount(str(export), mnt, log, kind=kind, host=export)
+        # The POSIX suite chmods setuid bits (ninep's policy refuses them by default).
+        return start_mount(str(export), mnt, log, "--allow-setid", kind=kind, host=export)
     if kind == "memory":
         return start_mount("memory:", mnt, log, kind=kind, host=None)
     port = free_port()
@@ -257,6 +256,7 @@ def open_kind(kind: str, base: Path, export: Path | None = None) -> Mount:
             log,
             "--uname",
             "root",
+            "--allow-setid",
             kind=kind,
             host=export,
         )
