@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from fs_backends.base import Backend
+from ninep.policy import add_policy_arguments, policy_from_args
 from ninep.server import Server
 from ninep.session import SessionOptions
 from transports.address import AddressError, ListenOptions, listener_from_address
@@ -50,6 +51,7 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                    help="host mode of new files in the mapped models (octal, default 0600)")
     p.add_argument("--dmode", type=_octal, default=None,
                    help="host mode of new directories in the mapped models (octal, default 0700)")
+    add_policy_arguments(p)
 
 
 def _octal(text: str) -> int:
@@ -156,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ninep: {e}", file=sys.stderr)
         return 2
     log.info("serving %s (%s) on %s", args.export, backend.info.name, ", ".join(addresses))
-    options = SessionOptions(readonly=args.readonly, max_msize=args.msize, trace=args.trace)
+    options = SessionOptions(policy=policy_from_args(args), max_msize=args.msize, trace=args.trace)
     trio.run(_serve, Server(backend, options), addresses, args)
     return 0
 

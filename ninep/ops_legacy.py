@@ -16,6 +16,7 @@ from fs_backends.base import Attr, SetAttr
 from ninep import messages as m
 from ninep.fids import Fid, FidKind
 from ninep.ops import _file_fid, check_name, same_export
+from ninep.policy import gate
 from ninep.protocol import (
     DMAPPEND,
     DMDEVICE,
@@ -113,7 +114,7 @@ async def open_(s: Session, msg: m.Topen) -> m.Message:
         raise OSError(errno.EBUSY, "fid already open")
     flags = open_flags(msg.mode)
     if flags & (L_O_WRONLY | L_O_RDWR | L_O_TRUNC) or msg.mode & ORCLOSE:
-        s.check_writable(fid)
+        gate(s, fid).writable(fid.name)
     if fid.node.qid.type & QTDIR:
         flags = L_O_RDONLY | L_O_DIRECTORY
     fid.open = await fid.export.backend.open(fid.node, flags, fid.cred)
@@ -128,7 +129,8 @@ async def create(s: Session, msg: m.Tcreate) -> m.Message:
     check_name(msg.name)
     if fid.open is not None:
         raise OSError(errno.EBUSY, "fid already open")
-    s.check_writable(fid)
+    g = gate(s, fid)
+    g.writable(msg.name)
     backend = fid.export.backend
     cred = fid.cred
     perm = msg.perm & 0o777
@@ -137,6 +139,8 @@ async def create(s: Session, msg: m.Tcreate) -> m.Message:
     if msg.perm & DMSETGID:
         perm |= st.S_ISGID
     special = msg.perm & (DMDIR | DMSYMLINK | DMLINK | DMDEVICE | DMNAMEDPIPE | DMSOCKET)
+    if not msg.perm & DMDIR:  # devices are checked below, once their kind is known
+        g.mode(msg.name, perm, False)
     if special:
         if msg.perm & DMDIR:
             await backend.mkdir(fid.node, msg.name, perm, cred)
@@ -153,6 +157,7 @@ async def create(s: Session, msg: m.Tcreate) -> m.Message:
         else:
             kind, major, minor = msg.extension.split()
             fmt = st.S_IFCHR if kind == "c" else st.S_IFBLK
+            g.mknod(msg.name, fmt | perm)
             await backend.mknod(fid.node, msg.name, fmt | perm, int(major), int(minor), cred)
         nodes = await backend.walk(fid.node, [msg.name])
         node = nodes[0]
@@ -180,7 +185,8 @@ async def stat_(s: Session, msg: m.Tstat) -> m.Message:
 async def wstat(s: Session, msg: m.Twstat) -> m.Message:
     fid = _file_fid(s, msg.fid)
     d = msg.stat
-    s.check_writable(fid)
+    g = gate(s, fid)
+    g.writable(fid.name)
     backend = fid.export.backend
     valid = 0
     sa = SetAttr(0)
@@ -189,6 +195,7 @@ async def wstat(s: Session, msg: m.Twstat) -> m.Message:
             raise OSError(errno.EINVAL, "cannot change a file's directory bit")
         valid |= SETATTR_MODE
         sa.mode = d.mode & 0o777 | (st.S_ISUID if d.mode & DMSETUID else 0) | (st.S_ISGID if d.mode & DMSETGID else 0)
+        g.mode(fid.name, sa.mode, bool(d.mode & DMDIR))
     if d.length != _U64:
         valid |= SETATTR_SIZE
         sa.size = d.length

@@ -23,7 +23,6 @@ import trio
 
 from fs_backends.base import Backend
 from ninep.exports import Export, ExportTable
-from ninep.policy import OperationPolicy
 from ninep.session import Session, SessionOptions
 from transports.base import Channel, Listener
 
@@ -50,7 +49,7 @@ class Server:
         self.options = options or SessionOptions()
         if not isinstance(exports, ExportTable):
             # One backend: the whole server is one export reached by any aname.
-            policy = getattr(self.options, "policy", None) or OperationPolicy(readonly=self.options.readonly)
+            policy = self.options.policy
             exports = ExportTable.single(exports, policy)
         self.exports = exports
         self.sessions: set[Session] = set()

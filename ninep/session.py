@@ -34,6 +34,7 @@ from ninep import messages as m
 from ninep.codec import HEADER, Codec, DecodeError, codec_for
 from ninep.exports import ExportTable
 from ninep.fids import Fid
+from ninep.policy import DEFAULT_POLICY, OperationPolicy, Refused
 from ninep.protocol import (
     IOHDRSZ,
     MIN_MSIZE,
@@ -62,7 +63,8 @@ Handler = Callable[["Session", Any], Awaitable[m.Message | Sent]]
 
 @dataclass(slots=True)
 class SessionOptions:
-    readonly: bool = False
+    #: What clients may do (read-only, devices, setid bits, privileged xattrs): `policy_of`.
+    policy: OperationPolicy = DEFAULT_POLICY
     max_msize: int = 512 * 1024
     max_fids: int = 65536
     max_inflight: int = 256
@@ -226,9 +228,6 @@ class Session:
         if req is not None:
             req.answered = True
 
-    def check_writable(self, fid: Fid) -> None:
-        if self.options.readonly or fid.export.policy.readonly or fid.export.backend.info.readonly:
-            raise OSError(errno.EROFS, "read-only export")
 
     # --- dispatch -----------------------------------------------------------------------------
 
@@ -270,6 +269,10 @@ class Session:
                     reply = await handler(self, msg)
                 except Flushed:
                     pass
+                except Refused as e:
+                    name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
+                    e.log(f"connection {self.conn_id} from {self.channel.peer}", name)
+                    err = (e.errno or errno.EPERM, e.reason)
                 except DecodeError as e:
                     log.info("connection %d: malformed message (type %s tag %s): %s", self.conn_id, req.msgtype, req.tag, e)
                     err = (e.errno, str(e))
