@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import trio
 
 from fs_backends.base import Backend
+from ninep import stats_cli
 from ninep.server import Server
 from ninep.session import SessionOptions
 from transports.address import AddressError, ListenOptions, listener_from_address
@@ -118,6 +119,7 @@ async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Name
                 nursery.cancel_scope.cancel()
 
             await nursery.start(run)
+            await stats_cli.start_endpoints(nursery, server.metrics, args)
             listening = getattr(backend, "listening", None)
             if listening is not None:
                 # Listeners are bound: a backend may now shed privileges (the proxy does).
@@ -138,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         addresses = args.listen or ["tcp:127.0.0.1:5640"]
         for a in addresses:
             listener_from_address(a, ListenOptions(insecure=args.insecure))  # validate early
+        stats_cli.check_serve_arguments(args)
     except AddressError as e:
         print(f"ninep: {e}", file=sys.stderr)
         return 2
@@ -161,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace", action="store_true", help="log every request and reply with its latency")
     s.add_argument("-v", "--verbose", action="count", default=0)
     add_backend_arguments(s)
+    stats_cli.add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
+    stats_cli.add_parser(sub)
 
     for module in ("ninep.fuse_cli", "ninep.proxy_cli", "transports.xen.cli"):
         # Optional parts register their own subcommands; a part that is not built is absent.

@@ -42,7 +42,7 @@ from ninep.protocol import (
     XATTR_SIZE_MAX,
     T,
 )
-from ninep.session import SENT, Handler, Sent, Session
+from ninep.session import Handler, Sent, Session
 
 log = logging.getLogger("ninep.ops")
 
@@ -148,6 +148,7 @@ async def attach(s: Session, msg: m.Tattach) -> m.Message:
     except OSError:
         await s.backend.release(node)
         raise
+    s.stats.attached(msg.aname)
     log.info("connection %d: attach %r as %s (uid %d)", s.conn_id, msg.aname, msg.uname, cred.uid)
     return m.Rattach(node.qid)
 
@@ -288,8 +289,7 @@ async def read(s: Session, msg: m.Tread) -> m.Message | Sent:
     zc = getattr(s.channel, "send_rread", None)
     if zc is not None and fid.open.fd is not None:
         s.mark_answered(msg.tag)  # the channel replies itself; the tag is free once it has
-        await zc(msg.tag, fid.open.fd, msg.offset, count)
-        return SENT
+        return Sent(await zc(msg.tag, fid.open.fd, msg.offset, count))
     return m.Rread(await s.backend.read(fid.open, msg.offset, count))
 
 

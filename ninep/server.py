@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import trio
 
 from fs_backends.base import Backend
+from ninep.metrics import Metrics
 from ninep.session import Session, SessionOptions
 from transports.base import Channel, Listener
 
@@ -27,6 +28,7 @@ class Server:
         self.options = options or SessionOptions()
         self.sessions: set[Session] = set()
         self._stopped = trio.Event()
+        self.metrics = Metrics(backend.info.extra.get("root") or backend.info.name)
 
     async def handle(self, channel: Channel) -> None:
         """Serve one connection until it ends."""
@@ -35,12 +37,14 @@ class Server:
             return
         session = Session(self.backend, channel, self.options)
         self.sessions.add(session)
+        self.metrics.connect(session)
         try:
             await session.run()
         except Exception:
             log.exception("connection %d from %s failed", session.conn_id, channel.peer)
         finally:
             self.sessions.discard(session)
+            self.metrics.disconnect(session)
 
     async def serve(self, listeners: Sequence[Listener], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `shutdown`; returns after every connection has been cleaned up."""
