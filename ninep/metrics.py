@@ -222,7 +222,8 @@ class Metrics:
         """Everything, as plain JSON-able data (the format of the control socket)."""
         live = list(self._live.values())
         exports: dict[str, dict[str, Any]] = {}
-        names = {s.stats.export for s in live} | set(self._retired)
+        # The default export is always listed, so an idle server shows what it serves.
+        names = {s.stats.export for s in live} | set(self._retired) | {self.default_export}
         all_tables: list[dict[int, OpStats]] = []
         for name in sorted(names):
             mine = [s for s in live if s.stats.export == name]

@@ -99,12 +99,20 @@ def errors_text(errors: dict[str, int]) -> str:
     return " ".join(f"{name}×{n}" for name, n in errors.items()) or "-"
 
 
+_TEXT_COLUMNS = ("peer", "export", "errors", "dialect")
+
+
 def _console(file: Any = None) -> Any:
     from rich.console import Console
 
     out = file or sys.stdout
-    # Not a terminal (a pipe, a test): wide enough that the tables are not wrapped.
-    return Console(file=out, width=None if out.isatty() else 160, highlight=False)
+    if out.isatty():
+        # The terminal's real size, followed as it changes: a stale exported COLUMNS/LINES (tmux
+        # and shells set them) would pin rich to it.
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        return Console(file=out, highlight=False, _environ=env)
+    # Not a terminal (a pipe, a script): never squeeze a table; each takes only what it needs.
+    return Console(file=out, width=1000, highlight=False)
 
 
 def _table(title: str, columns: list[str]) -> Any:
@@ -113,8 +121,14 @@ def _table(title: str, columns: list[str]) -> Any:
 
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 or c in ("peer", "export", "errors", "dialect") else "right",
-                     no_wrap=True)
+        if i == 0 or c in _TEXT_COLUMNS:
+            # In a narrow terminal long paths give way (with an ellipsis), never the numbers.
+            # (Wrappable, so rich narrows these first; a path is one word, cut with an ellipsis.)
+            t.add_column(c, justify="left", overflow="ellipsis", min_width=min(len(c), 8))
+        else:
+            # Never wrapped; if even so the terminal is too narrow, a cut number ends in "…"
+            # rather than being cropped into a wrong one.
+            t.add_column(c, justify="right", no_wrap=True, overflow="ellipsis")
     return t
 
 
@@ -179,22 +193,23 @@ def render_top(prev: Snapshot, snap: Snapshot, source: str) -> Any:
                          str(sum(o["errors"].values()))]))
     for _, row in sorted(rows, key=lambda r: (-r[0], r[1][0])):
         ops.add_row(*row)
-    exports = _table("exports", ["export", "conns", "fids", "open", "inflight", "req/s", "err/s", "in/s", "out/s", "requests"])
+    # Rates only (totals are `ninep stats`'), so the tables fit an 80-column terminal.
+    exports = _table("exports", ["export", "conns", "fids", "open", "inflight", "req/s", "err/s", "in/s", "out/s"])
     for name, e in snap["exports"].items():
         b = prev["exports"].get(name, {"requests": 0, "errors": 0, "bytes": {"in": 0, "out": 0}})
         exports.add_row(name, str(e["connections"]), str(e["fids"]), str(e["open_files"]), str(e["inflight"]),
                         f"{_rate(e['requests'], b['requests'], dt):.1f}", f"{_rate(e['errors'], b['errors'], dt):.1f}",
                         human_bytes(_rate(e["bytes"]["in"], b["bytes"]["in"], dt)),
-                        human_bytes(_rate(e["bytes"]["out"], b["bytes"]["out"], dt)), str(e["requests"]))
+                        human_bytes(_rate(e["bytes"]["out"], b["bytes"]["out"], dt)))
     conns = _table("connections", ["id", "peer", "export", "fids", "open", "inflight", "req/s", "err/s",
-                                   "in/s", "out/s", "requests"])
+                                   "in/s", "out/s"])
     before_conns = {c["id"]: c for c in prev["connections"]}
     for c in snap["connections"]:
         b = before_conns.get(c["id"], {"requests": 0, "errors": 0, "bytes": {"in": 0, "out": 0}})
         conns.add_row(str(c["id"]), c["peer"], c["export"], str(c["fids"]), str(c["open_files"]), str(c["inflight"]),
                       f"{_rate(c['requests'], b['requests'], dt):.1f}", f"{_rate(c['errors'], b['errors'], dt):.1f}",
                       human_bytes(_rate(c["bytes"]["in"], b["bytes"]["in"], dt)),
-                      human_bytes(_rate(c["bytes"]["out"], b["bytes"]["out"], dt)), str(c["requests"]))
+                      human_bytes(_rate(c["bytes"]["out"], b["bytes"]["out"], dt)))
     return Group(header, ops, exports, conns)
 
 
