@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ninep.messages import Message
 from ninep.protocol import T
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ _LAST = NBUCKETS - 1
 OUT_OPS = frozenset((int(T.Tread), int(T.Treaddir)))
 IN_OPS = frozenset((int(T.Twrite),))
 _PAYLOAD_OPS = OUT_OPS | IN_OPS
+_TWRITE = int(T.Twrite)
 
 #: A request interrupted by Tflush (or by the connection ending) is counted with this error:
 #: the client saw it fail as interrupted.
@@ -125,7 +127,12 @@ class ConnStats:
         elif reply is None:  # flushed: no reply at all
             op.errors[FLUSHED_ERRNO] = op.errors.get(FLUSHED_ERRNO, 0) + 1
         elif msgtype in _PAYLOAD_OPS:
-            op.nbytes += _payload(reply)
+            if msgtype == _TWRITE:
+                op.nbytes += reply.count  # type: ignore[attr-defined]
+            elif isinstance(reply, Message):
+                op.nbytes += len(reply.data)  # type: ignore[attr-defined]  # Rread, Rreaddir
+            else:
+                op.nbytes += reply.nbytes  # type: ignore[attr-defined]  # a zero-copy read's Sent
 
     def attached(self, export: str) -> None:
         """The connection's first successful attach names its export; later attaches do not
@@ -134,14 +141,6 @@ class ConnStats:
             self.attached_once = True
             if export:
                 self.export = export
-
-
-def _payload(reply: object) -> int:
-    n = getattr(reply, "nbytes", None)  # a zero-copy read's Sent
-    if n is None:
-        data = getattr(reply, "data", None)  # Rread, Rreaddir
-        n = len(data) if data is not None else getattr(reply, "count", 0)  # Rwrite
-    return int(n)
 
 
 def _sum_ops(tables: Iterable[dict[int, OpStats]]) -> dict[int, OpStats]:
