@@ -51,6 +51,11 @@ FLUSHED_ERRNO = errno.EINTR
 
 SNAPSHOT_VERSION = 1
 
+#: Closed connections' counters are kept for at most this many export names; the rest are
+#: summed under OTHER_EXPORTS.
+MAX_EXPORTS = 256
+OTHER_EXPORTS = "(other)"
+
 
 def op_name(msgtype: int) -> str:
     """'walk' for Twalk: the label used everywhere outside the session."""
@@ -209,13 +214,18 @@ class Metrics:
         if self._live.pop(session.conn_id, None) is None:
             return
         st = session.stats
-        table = self._retired.setdefault(st.export, {})
+        export = st.export
+        if export not in self._retired and len(self._retired) >= MAX_EXPORTS:
+            # Clients choose anames: never let them grow the table (and Prometheus' label
+            # cardinality) without bound.
+            export = OTHER_EXPORTS
+        table = self._retired.setdefault(export, {})
         for msgtype, op in st.ops.items():
             acc = table.get(msgtype)
             if acc is None:
                 acc = table[msgtype] = OpStats()
             acc.add(op)
-        self._retired_conns[st.export] = self._retired_conns.get(st.export, 0) + 1
+        self._retired_conns[export] = self._retired_conns.get(export, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
         """Everything, as plain JSON-able data (the format of the control socket)."""

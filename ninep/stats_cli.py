@@ -5,7 +5,8 @@
     ninep top unix:/run/ninep.stats [--interval 1] [--once]
 
 `stats` prints the totals since start (per operation, per export, per connection); `top` shows
-rates over the last interval, refreshed live (q or Ctrl-C quits), like diod's dtop. Both are
+rates over the last interval, refreshed live (q or Ctrl-C quits), like diod's dtop; when its
+output is not a terminal it prints one screen per interval instead. Both are
 clients of the JSON snapshot `ninep.metrics_serve` serves; this module also adds the `--stats`
 and `--metrics` options to `ninep serve` and starts those endpoints. It must never compute a
 metric itself: it only formats differences of snapshots.
@@ -255,12 +256,17 @@ async def _top(args: argparse.Namespace) -> None:
 
     console = _console()
     prev = await fetch_snapshot(args.socket)
-    if args.once:
-        await trio.sleep(args.interval)
-        console.print(render_top(prev, await fetch_snapshot(args.socket), args.socket))
-        return
-    with _keys() as keyfd, Live(console=console, screen=console.is_terminal, auto_refresh=False,
-                                 transient=False) as live:
+    if args.once or not console.is_terminal:
+        # One screen, or (output not a terminal) one screen per interval, like `top -b`.
+        while True:
+            await trio.sleep(args.interval)
+            snap = await fetch_snapshot(args.socket)
+            console.print(render_top(prev, snap, args.socket))
+            if args.once:
+                return
+            console.file.flush()
+            prev = snap
+    with _keys() as keyfd, Live(console=console, screen=True, auto_refresh=False) as live:
         live.update(render_top(prev, prev, args.socket), refresh=True)
         deadline = time.monotonic() + args.interval
         while True:

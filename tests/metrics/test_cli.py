@@ -217,6 +217,21 @@ def test_top_once_shows_rates_per_op_export_and_connection(served: Served) -> No
     assert float(conn[6]) > 0  # req/s
 
 
+def test_top_into_a_pipe_prints_one_screen_per_interval(served: Served) -> None:
+    proc = subprocess.Popen([*NINEP, "top", f"unix:{served.stats}", "--interval", "0.3"], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        screens, deadline = 0, time.monotonic() + 60
+        assert proc.stdout is not None
+        while screens < 3:
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, "top stopped printing"
+            screens += line.startswith("ninep top — ")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
 def test_serve_refuses_a_non_loopback_metrics_address_without_insecure(tmp_path: Path) -> None:
     r = subprocess.run([*NINEP, "serve", "memory:", "--listen", f"unix:{tmp_path}/s", "--metrics", "tcp:0.0.0.0:9640"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -148,3 +148,24 @@ def test_latency_lands_in_log2_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
                             "buckets": list(BUCKET_BOUNDS), "server": {"process_open_fds": 3}})
     assert 'ninep_request_duration_seconds_bucket{op="getattr",export="e",le="0.000512"} 4' in text
     assert 'ninep_request_duration_seconds_bucket{op="getattr",export="e",le="+Inf"} 6' in text
+
+
+def test_export_names_from_clients_are_bounded() -> None:
+    from types import SimpleNamespace
+
+    import ninep.metrics
+
+    reg = ninep.metrics.Metrics("/srv/export")
+    for i in range(ninep.metrics.MAX_EXPORTS + 10):
+        st = ConnStats(i + 1)
+        st.attached(f"dir{i}")
+        st.done(T.Tattach, 0, object(), 0.0)
+        session: Any = SimpleNamespace(conn_id=i + 1, stats=st, fids={}, inflight={}, dialect=None, msize=0)
+        reg.connect(session)
+        reg.disconnect(session)
+    snap = reg.snapshot()
+    # The cap, plus "(other)", plus the server's own export (always listed).
+    assert len(snap["exports"]) == ninep.metrics.MAX_EXPORTS + 2
+    assert snap["exports"][ninep.metrics.OTHER_EXPORTS]["connections_total"] == 10
+    assert snap["exports"]["/srv/export"]["requests"] == 0
+    assert snap["server"]["requests"] == ninep.metrics.MAX_EXPORTS + 10
