@@ -226,14 +226,26 @@ def _fetch(address: str) -> Snapshot:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     snap = _fetch(args.socket)
-    if args.json:
-        json.dump(snap, sys.stdout, indent=2)
-        print()
-        return 0
-    console = _console()
-    for part in render_stats(snap):
-        console.print(part)
+    with _quiet_broken_pipe():
+        if args.json:
+            json.dump(snap, sys.stdout, indent=2)
+            print()
+            return 0
+        console = _console()
+        for part in render_stats(snap):
+            console.print(part)
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_broken_pipe() -> Iterator[None]:
+    """`ninep stats | head` is fine: a reader that stops early ends us without a traceback."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @contextlib.contextmanager
@@ -285,7 +297,8 @@ async def _top(args: argparse.Namespace) -> None:
 
 def cmd_top(args: argparse.Namespace) -> int:
     try:
-        trio.run(_top, args)
+        with _quiet_broken_pipe():
+            trio.run(_top, args)
     except KeyboardInterrupt:
         pass
     except (OSError, ValueError) as e:
