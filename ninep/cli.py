@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from fs_backends.base import Backend
+from ninep import stats_cli
 from ninep.policy import add_policy_arguments, policy_from_args
 from ninep.server import Server
 from ninep.session import SessionOptions
@@ -126,6 +127,7 @@ async def _serve(server: Server, addresses: Sequence[str], args: argparse.Namesp
                 nursery.cancel_scope.cancel()
 
             await nursery.start(run)
+            await stats_cli.start_endpoints(nursery, server.metrics, args)
             for export in server.exports:
                 listening = getattr(export.backend, "listening", None)
                 if listening is not None:
@@ -154,6 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         addresses = args.listen or ["tcp:127.0.0.1:5640"]
         for a in addresses:
             listener_from_address(a, ListenOptions(insecure=args.insecure))  # validate early
+        stats_cli.check_serve_arguments(args)
     except AddressError as e:
         print(f"ninep: {e}", file=sys.stderr)
         return 2
@@ -196,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace", action="store_true", help="log every request and reply with its latency")
     s.add_argument("-v", "--verbose", action="count", default=0)
     add_backend_arguments(s)
+    stats_cli.add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
+    stats_cli.add_parser(sub)
 
     c = sub.add_parser("check-config", help="validate an exports file without serving it")
     c.add_argument("file", help="the exports file (TOML)")

@@ -44,7 +44,7 @@ from ninep.protocol import (
     XATTR_SIZE_MAX,
     T,
 )
-from ninep.session import SENT, Handler, Sent, Session
+from ninep.session import Handler, Sent, Session
 
 log = logging.getLogger("ninep.ops")
 
@@ -167,6 +167,7 @@ async def attach(s: Session, msg: m.Tattach) -> m.Message:
     except OSError:
         await backend.release(node)
         raise
+    s.stats.attached(export.name)
     log.info("connection %d from %s: attach %r (export %s) as %s (uid %d)", s.conn_id, s.identity, msg.aname,
              export.name, msg.uname, cred.uid)
     return m.Rattach(node.qid)
@@ -312,8 +313,7 @@ async def read(s: Session, msg: m.Tread) -> m.Message | Sent:
     zc = getattr(s.channel, "send_rread", None)
     if zc is not None and fid.open.fd is not None:
         s.mark_answered(msg.tag)  # the channel replies itself; the tag is free once it has
-        await zc(msg.tag, fid.open.fd, msg.offset, count)
-        return SENT
+        return Sent(await zc(msg.tag, fid.open.fd, msg.offset, count))
     return m.Rread(await fid.export.backend.read(fid.open, msg.offset, count))
 
 

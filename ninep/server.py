@@ -23,6 +23,7 @@ import trio
 
 from fs_backends.base import Backend
 from ninep.exports import Export, ExportTable
+from ninep.metrics import Metrics
 from ninep.session import Session, SessionOptions
 from transports.base import Channel, Listener
 
@@ -49,13 +50,17 @@ class Server:
         self.options = options or SessionOptions()
         if not isinstance(exports, ExportTable):
             # One backend: the whole server is one export reached by any aname.
-            policy = self.options.policy
-            exports = ExportTable.single(exports, policy)
+            # Named after what it serves, so logs and metrics say which directory it is.
+            name = str(exports.info.extra.get("root") or exports.info.name)
+            exports = ExportTable.single(exports, self.options.policy, name=name)
         self.exports = exports
         self.sessions: set[Session] = set()
         #: Exports replaced or removed by a reload whose backend may still be in use.
         self._retired: list[Export] = []
         self._stopped = trio.Event()
+        # A connection counts under its export from its first attach; before, under the only one.
+        only = list(exports)
+        self.metrics = Metrics(only[0].name if len(only) == 1 else "")
 
     @property
     def backend(self) -> Backend:
@@ -69,12 +74,14 @@ class Server:
             return
         session = Session(self.exports, channel, self.options, listener)
         self.sessions.add(session)
+        self.metrics.connect(session)
         try:
             await session.run()
         except Exception:
             log.exception("connection %d from %s failed", session.conn_id, channel.peer)
         finally:
             self.sessions.discard(session)
+            self.metrics.disconnect(session)
             if self._retired:
                 with trio.CancelScope(shield=True):
                     await self._close_unused()

@@ -34,6 +34,7 @@ from ninep import messages as m
 from ninep.codec import HEADER, Codec, DecodeError, codec_for
 from ninep.exports import ExportTable
 from ninep.fids import Fid
+from ninep.metrics import ConnStats
 from ninep.policy import DEFAULT_POLICY, OperationPolicy, Refused
 from ninep.protocol import (
     IOHDRSZ,
@@ -53,7 +54,13 @@ _connection_ids = itertools.count(1)
 
 
 class Sent:
-    """Returned by a handler that already sent its reply itself (zero-copy reads)."""
+    """Returned by a handler that already sent its reply itself (zero-copy reads), with the
+    payload bytes it sent (for the metrics)."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int = 0) -> None:
+        self.nbytes = nbytes
 
 
 SENT = Sent()
@@ -111,6 +118,7 @@ class Session:
         self._slots = trio.Semaphore(self.options.max_inflight)
         self._handlers: dict[int, Handler] = {}
         self._closing = False
+        self.stats = ConnStats(self.conn_id, channel.peer)
 
     # --- public --------------------------------------------------------------------------------
 
@@ -297,6 +305,7 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection is going away; run() cleans up
         finally:
+            self.stats.done(req.msgtype, err[0] if err else 0, reply, req.started)
             if self.inflight.get(req.tag) is req:
                 del self.inflight[req.tag]
             req.done.set()
