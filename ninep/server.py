@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import trio
 
 from fs_backends.base import Backend
-from ninep.session import Session, SessionOptions
+from ninep.limits import refuse
+from ninep.session import Session, SessionOptions, encode_error
 from transports.base import Channel, Listener
 
 log = logging.getLogger("ninep.server")
@@ -26,12 +27,20 @@ class Server:
         self.backend = backend
         self.options = options or SessionOptions()
         self.sessions: set[Session] = set()
+        #: Connections refused because max_connections were being served.
+        self.refused = 0
         self._stopped = trio.Event()
 
     async def handle(self, channel: Channel) -> None:
         """Serve one connection until it ends."""
         if self._stopped.is_set():
             log.info("refusing connection from %s: shutting down", channel.peer)
+            return
+        if len(self.sessions) >= self.options.max_connections:
+            self.refused += 1
+            log.warning("refusing connection from %s: max-connections %d reached",
+                        channel.peer, self.options.max_connections)
+            await refuse(channel, "max-connections", encode_error)
             return
         session = Session(self.backend, channel, self.options)
         self.sessions.add(session)
