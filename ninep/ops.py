@@ -288,7 +288,13 @@ async def read(s: Session, msg: m.Tread) -> m.Message | Sent:
     zc = getattr(s.channel, "send_rread", None)
     if zc is not None and fid.open.fd is not None:
         s.mark_answered(msg.tag)  # the channel replies itself; the tag is free once it has
-        await zc(msg.tag, fid.open.fd, msg.offset, count)
+        hold = getattr(s.backend, "hold_fd", None)
+        if hold is None:
+            await zc(msg.tag, fid.open.fd, msg.offset, count)
+        else:
+            # The backend may close idle fds under pressure: keep this one open meanwhile.
+            async with hold(fid.open) as fd:
+                await zc(msg.tag, fd, msg.offset, count)
         return SENT
     return m.Rread(await s.backend.read(fid.open, msg.offset, count))
 
