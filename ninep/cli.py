@@ -55,6 +55,34 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     add_policy_arguments(p)
 
 
+#: SessionOptions fields set by `--max-…` options, with their help text.
+LIMITS = {
+    "max_connections": "connections served at once; more are refused with EUSERS and a log line",
+    "max_fids": "fids one connection may hold; past it requests answer EMFILE",
+    "max_inflight": "requests in flight per connection; past it the connection is not read until replies drain",
+    "max_conn_memory": "bytes of request/reply buffers per connection (K/M suffixes); past it the "
+                       "connection is not read until replies drain",
+}
+
+
+def _positive_size(text: str) -> int:
+    try:
+        value = _size(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = SessionOptions()
+    for name, text in LIMITS.items():
+        default = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=_positive_size, default=default,
+                       help=f"{text} (default {default})")
+
+
 def _octal(text: str) -> int:
     try:
         value = int(text, 8)
@@ -161,7 +189,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ninep: {e}", file=sys.stderr)
         return 2
     log.info("serving %s (%s) on %s", args.export, backend.info.name, ", ".join(addresses))
-    options = SessionOptions(policy=policy_from_args(args), max_msize=args.msize, trace=args.trace)
+    options = SessionOptions(policy=policy_from_args(args), max_msize=args.msize, trace=args.trace,
+                             **{name: getattr(args, name) for name in LIMITS})
     trio.run(_serve, Server(backend, options), addresses, args)
     return 0
 
@@ -193,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", "-l", action="append", metavar="ADDR",
                    help="tcp:HOST:PORT, unix:PATH, fd:RFD,WFD, vhost-user:SOCK or xen:DOMID/DEVID "
                         "(repeatable; default tcp:127.0.0.1:5640)")
-    s.add_argument("--msize", default=None, help="largest message size to agree to (default 512K, max 4M)")
+    s.add_argument("--msize", "--max-msize", default=None,
+                   help="largest message size to agree to (default 512K, max 4M)")
+    add_limit_arguments(s)
     s.add_argument("--tag", default="ninep", help="mount tag for virtio/Xen transports")
     s.add_argument("--insecure", action="store_true", help="allow unencrypted TCP on non-loopback addresses")
     s.add_argument("--trace", action="store_true", help="log every request and reply with its latency")

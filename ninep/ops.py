@@ -313,7 +313,12 @@ async def read(s: Session, msg: m.Tread) -> m.Message | Sent:
     zc = getattr(s.channel, "send_rread", None)
     if zc is not None and fid.open.fd is not None:
         s.mark_answered(msg.tag)  # the channel replies itself; the tag is free once it has
-        return Sent(await zc(msg.tag, fid.open.fd, msg.offset, count))
+        hold = getattr(fid.export.backend, "hold_fd", None)
+        if hold is None:
+            return Sent(await zc(msg.tag, fid.open.fd, msg.offset, count))
+        # The backend may close idle fds under pressure: keep this one open meanwhile.
+        async with hold(fid.open) as fd:
+            return Sent(await zc(msg.tag, fd, msg.offset, count))
     return m.Rread(await fid.export.backend.read(fid.open, msg.offset, count))
 
 

@@ -23,8 +23,9 @@ import trio
 
 from fs_backends.base import Backend
 from ninep.exports import Export, ExportTable
+from ninep.limits import refuse
 from ninep.metrics import Metrics
-from ninep.session import Session, SessionOptions
+from ninep.session import Session, SessionOptions, encode_error
 from transports.base import Channel, Listener
 
 log = logging.getLogger("ninep.server")
@@ -55,6 +56,8 @@ class Server:
             exports = ExportTable.single(exports, self.options.policy, name=name)
         self.exports = exports
         self.sessions: set[Session] = set()
+        #: Connections refused because max_connections were being served.
+        self.refused = 0
         #: Exports replaced or removed by a reload whose backend may still be in use.
         self._retired: list[Export] = []
         self._stopped = trio.Event()
@@ -71,6 +74,12 @@ class Server:
         """Serve one connection (that came in on the listener named `listener`) until it ends."""
         if self._stopped.is_set():
             log.info("refusing connection from %s: shutting down", channel.peer)
+            return
+        if len(self.sessions) >= self.options.max_connections:
+            self.refused += 1
+            log.warning("refusing connection from %s: max-connections %d reached",
+                        channel.peer, self.options.max_connections)
+            await refuse(channel, "max-connections", encode_error)
             return
         session = Session(self.exports, channel, self.options, listener)
         self.sessions.add(session)

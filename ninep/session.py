@@ -34,6 +34,7 @@ from ninep import messages as m
 from ninep.codec import HEADER, Codec, DecodeError, codec_for
 from ninep.exports import ExportTable
 from ninep.fids import Fid
+from ninep.limits import MemoryBudget, request_cost
 from ninep.metrics import ConnStats
 from ninep.policy import DEFAULT_POLICY, OperationPolicy, Refused
 from ninep.protocol import (
@@ -45,7 +46,7 @@ from ninep.protocol import (
     VERSION_UNKNOWN,
     T,
 )
-from transports.base import Channel, FramingError
+from transports.base import Buffer, Channel, FramingError
 
 log = logging.getLogger("ninep.session")
 trace_log = logging.getLogger("ninep.trace")
@@ -70,11 +71,21 @@ Handler = Callable[["Session", Any], Awaitable[m.Message | Sent]]
 
 @dataclass(slots=True)
 class SessionOptions:
+    """Per-connection behaviour and the server's limits (field names are what an exports file
+    or the command line set: `--max-fids` is `max_fids`)."""
+
     #: What clients may do (read-only, devices, setid bits, privileged xattrs): `policy_of`.
     policy: OperationPolicy = DEFAULT_POLICY
     max_msize: int = 512 * 1024
+    #: Fids one connection may hold; past it Tattach/Twalk/... answer EMFILE (and a log line).
     max_fids: int = 65536
+    #: Requests one connection may have in flight; past it the session stops reading (backpressure).
     max_inflight: int = 256
+    #: Bytes of request and reply buffers one connection may hold in flight (see ninep.limits);
+    #: past it the session stops reading until replies drain.
+    max_conn_memory: int = 64 * 1024 * 1024
+    #: Connections the server serves at once; more are refused (EUSERS to their Tversion).
+    max_connections: int = 1024
     trace: bool = False
     #: Grace period for in-flight requests at shutdown.
     drain_seconds: float = 3.0
@@ -95,6 +106,8 @@ class Request:
     scope: trio.CancelScope | None = None
     done: trio.Event = field(default_factory=trio.Event)
     started: float = 0.0
+    #: Bytes charged to the connection's memory budget (ninep.limits.request_cost).
+    cost: int = 0
     #: Set just before the reply goes out: from then on the client may legitimately reuse the tag
     #: (it can see the reply before this task has removed the request from `inflight`).
     answered: bool = False
@@ -116,6 +129,8 @@ class Session:
         self.fids: dict[int, Fid] = {}
         self.inflight: dict[int, Request] = {}
         self._slots = trio.Semaphore(self.options.max_inflight)
+        self._memory = MemoryBudget(self.options.max_conn_memory, f"connection {self.conn_id}")
+        self._slots_warned = False
         self._handlers: dict[int, Handler] = {}
         self._closing = False
         self.stats = ConnStats(self.conn_id, channel.peer)
@@ -255,8 +270,14 @@ class Session:
             if not old.answered:
                 raise FramingError(f"tag {tag} reused while still in flight")
             await old.done.wait()
+        if not self._slots.value and not self._slots_warned:
+            self._slots_warned = True
+            log.info("connection %d: max-inflight %d reached: not reading more until replies drain",
+                     self.conn_id, self.options.max_inflight)
         await self._slots.acquire()
-        req = Request(tag, msgtype, started=time.perf_counter())
+        cost = request_cost(buf, msgtype, self.msize)
+        await self._memory.acquire(cost)
+        req = Request(tag, msgtype, started=time.perf_counter(), cost=cost)
         self.inflight[tag] = req
         nursery.start_soon(self._run_request, buf, req)
 
@@ -310,6 +331,7 @@ class Session:
                 del self.inflight[req.tag]
             req.done.set()
             self._slots.release()
+            self._memory.release(req.cost)
 
     # --- replies ------------------------------------------------------------------------------
 
@@ -320,13 +342,7 @@ class Session:
         await self._send_error_raw(tag, err, text or os.strerror(err), self.dialect or V9P2000)
 
     async def _send_error_raw(self, tag: int, err: int, text: str, dialect: str) -> None:
-        if dialect == V9P2000_L:
-            msg: m.Message = m.Rlerror(err, tag=tag)
-        else:
-            # Always the standard strerror text: 9P2000 clients (Linux, plan9port) map the string
-            # back to an errno with a table of exactly these strings; `text` stays in the logs.
-            msg = m.Rerror(os.strerror(err), err, tag=tag)
-        await self.channel.send(codec_for(dialect).encode(msg))
+        await self.channel.send(encode_error(tag, err, dialect))
 
     # --- version ------------------------------------------------------------------------------
 
@@ -372,3 +388,12 @@ class Session:
         log.info("connection %d: %s, msize %d", self.conn_id, version, msize)
 
 
+def encode_error(tag: int, err: int, dialect: str) -> list[Buffer]:
+    """The error reply for `tag` in `dialect`: Rlerror for 9P2000.L, else Rerror."""
+    if dialect == V9P2000_L:
+        msg: m.Message = m.Rlerror(err, tag=tag)
+    else:
+        # Always the standard strerror text: 9P2000 clients (Linux, plan9port) map the string
+        # back to an errno with a table of exactly these strings; the detail stays in the logs.
+        msg = m.Rerror(os.strerror(err), err, tag=tag)
+    return codec_for(dialect).encode(msg)
