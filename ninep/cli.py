@@ -20,9 +20,11 @@ from collections.abc import Sequence
 import trio
 
 from fs_backends.base import Backend
+from ninep.identity import IdentityRule, parse_map
 from ninep.server import Server
 from ninep.session import SessionOptions
 from transports.address import AddressError, ListenOptions, listener_from_address
+from transports.base import Listener
 
 log = logging.getLogger("ninep")
 
@@ -96,12 +98,14 @@ def _setup_logging(verbose: int, trace: bool) -> None:
         logging.getLogger("ninep.trace").setLevel(logging.INFO)
 
 
-async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Namespace) -> None:
-    options = SessionOptions(readonly=args.readonly, max_msize=args.msize, trace=args.trace)
-    lopts = ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure)
-    listeners = [listener_from_address(a, lopts) for a in addresses]
+async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Namespace,
+                 inherited: Sequence[Listener] = ()) -> None:
+    options = SessionOptions(readonly=args.readonly, max_msize=args.msize, trace=args.trace,
+                             tls_identities=dict(args.tls_map))
+    lopts = _listen_options(args)
+    listeners = [*inherited, *(listener_from_address(a, lopts) for a in addresses)]
     server = Server(backend, options)
-    only_fd = all(a.startswith("fd:") for a in addresses)
+    only_fd = not inherited and all(a.startswith("fd:") for a in addresses)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -130,20 +134,46 @@ async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Name
                 server.shutdown()
 
 
+def _listen_options(args: argparse.Namespace) -> ListenOptions:
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            raise AddressError("TLS needs both --tls-cert and --tls-key")
+        from transports.tls import ServerTLS
+
+        tls = ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    return ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure, tls=tls)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose, args.trace)
     args.msize = min(_size(str(args.msize)), MAX_MSIZE)
     try:
+        # Before the backend: a proxy helper forked by make_backend must not inherit the sockets.
+        from transports.activation import listeners_from_sockets, take_inherited_sockets
+
+        inherited = listeners_from_sockets(take_inherited_sockets(), _listen_options(args))
         backend = make_backend(args.export, args)
-        addresses = args.listen or ["tcp:127.0.0.1:5640"]
+        addresses = args.listen or ([] if inherited else ["tcp:127.0.0.1:5640"])
         for a in addresses:
-            listener_from_address(a, ListenOptions(insecure=args.insecure))  # validate early
+            listener_from_address(a, _listen_options(args))  # validate early (and load certificates)
     except AddressError as e:
         print(f"ninep: {e}", file=sys.stderr)
         return 2
-    log.info("serving %s (%s) on %s", args.export, backend.info.name, ", ".join(addresses))
-    trio.run(_serve, backend, addresses, args)
+    except OSError as e:  # an unreadable or mismatched certificate or key (ssl.SSLError too)
+        print(f"ninep: TLS: {e}", file=sys.stderr)
+        return 2
+    log.info("serving %s (%s) on %s", args.export, backend.info.name,
+             ", ".join([*(x.address for x in inherited), *addresses]))
+    trio.run(_serve, backend, addresses, args, inherited)
     return 0
+
+
+def _tls_map(text: str) -> tuple[str, IdentityRule]:
+    try:
+        return parse_map(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; default tcp:127.0.0.1:5640)")
     s.add_argument("--msize", default=DEFAULT_MSIZE, help="largest message size to agree to (default 512K, max 4M)")
     s.add_argument("--tag", default="ninep", help="mount tag for virtio/Xen transports")
-    s.add_argument("--insecure", action="store_true", help="allow unencrypted TCP on non-loopback addresses")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow TCP on non-loopback addresses without TLS client authentication")
+    s.add_argument("--tls-cert", metavar="PEM", help="serve TCP with TLS: the server certificate (chain)")
+    s.add_argument("--tls-key", metavar="PEM", help="the server certificate's private key (may be the same file)")
+    s.add_argument("--tls-client-ca", metavar="PEM",
+                   help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--tls-map", metavar="SUBJECT=UID", type=_tls_map, action="append", default=[],
+                   help="force the uid of clients whose certificate subject is SUBJECT, as logged "
+                        "(e.g. 'CN=alice,O=ninep=1000'; repeatable)")
     s.add_argument("--trace", action="store_true", help="log every request and reply with its latency")
     s.add_argument("-v", "--verbose", action="count", default=0)
     add_backend_arguments(s)

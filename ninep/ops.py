@@ -19,6 +19,7 @@ from fs_backends.base import Attr, Cred, Lock, LockOwner, SetAttr
 from ninep import messages as m
 from ninep.codec import pack_dirent
 from ninep.fids import Fid, FidKind
+from ninep.identity import rule_for
 from ninep.protocol import (
     AT_REMOVEDIR,
     GETATTR_ALL,
@@ -141,7 +142,16 @@ async def attach(s: Session, msg: m.Tattach) -> m.Message:
         raise OSError(errno.EINVAL, "no authentication fid is needed")
     if msg.fid in s.fids:
         raise OSError(errno.EBADF, f"fid {msg.fid} already in use")
-    cred = _cred(msg.uname, msg.n_uname)
+    uname, n_uname = msg.uname, msg.n_uname
+    identity = getattr(s.channel, "identity", None)
+    rule = rule_for(s.options.tls_identities, identity)
+    if rule is not None:
+        if not rule.allows(msg.aname):
+            log.warning("connection %d: attach %r by %s refused: it may attach only %r", s.conn_id, msg.aname,
+                        identity, rule.export)
+            raise OSError(errno.EACCES, f"{identity} may not attach {msg.aname!r}")
+        uname, n_uname = rule.credentials(uname, n_uname)
+    cred = _cred(uname, n_uname)
     node = await s.backend.attach(msg.aname, cred)
     try:
         s.new_fid(msg.fid, Fid(node, cred))

@@ -30,6 +30,7 @@ from fs_backends.base import Backend, Cred, Node
 from ninep import messages as m
 from ninep.codec import HEADER, Codec, DecodeError, codec_for
 from ninep.fids import Fid
+from ninep.identity import IdentityRule
 from ninep.protocol import (
     IOHDRSZ,
     MIN_MSIZE,
@@ -65,6 +66,8 @@ class SessionOptions:
     trace: bool = False
     #: Grace period for in-flight requests at shutdown.
     drain_seconds: float = 3.0
+    #: TLS client subject (RFC 4514) → the export and uid it is held to (ninep.identity).
+    tls_identities: dict[str, IdentityRule] = field(default_factory=dict)
 
 
 class Flushed(Exception):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from cryptography import x509
 
 from fs_backends.base import Backend
 from fs_backends.memory import MemoryBackend
@@ -42,6 +43,12 @@ class PKI:
     def client(self, who: str | None = "alice", ca: str = "ca.pem") -> ClientTLS:
         cert = self.path(f"{who}.pem") if who else None
         return ClientTLS(ca=self.path(ca), cert=cert, key=cert)
+
+
+def subject_of(pem: str) -> str:
+    """A certificate's subject as the server should report it (cryptography's RFC 4514 form;
+    trustme adds a random OU, so tests never spell subjects out)."""
+    return x509.load_pem_x509_certificate(Path(pem).read_bytes()).subject.rfc4514_string()
 
 
 def make_pki(root: Path) -> PKI:

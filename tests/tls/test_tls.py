@@ -14,18 +14,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from cryptography import x509
 
 from ninep.client import Client
 from transports.address import AddressError, ConnectOptions, ListenOptions, listener_from_address
 from transports.tls import ClientTLS, ServerTLS
 
-from .conftest import PKI, tls_server
-
-
-def subject_of(pem: str) -> str:
-    """The subject as the server should report it (cryptography's RFC 4514 rendering)."""
-    return x509.load_pem_x509_certificate(Path(pem).read_bytes()).subject.rfc4514_string()
+from .conftest import PKI, subject_of, tls_server
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
