@@ -87,7 +87,9 @@ _SHORT_NAMES = {
 
 
 def _escape(value: str) -> str:
-    out = re.sub(r'([\\",+;<>])', r"\\\1", value).replace("\0", "\\00")
+    out = re.sub(r'([\\",+;<>])', r"\\\1", value)
+    # Control characters as \XX: a subject must never break a log line in two.
+    out = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\{ord(m.group()):02x}", out)
     if out.startswith(("#", " ")):
         out = "\\" + out
     if out.endswith(" ") and not out.endswith("\\ "):

@@ -148,3 +148,39 @@ def test_unreadable_certificate_fails_when_the_listener_is_made(pki: PKI, tmp_pa
     bad = ServerTLS(cert=str(tmp_path / "junk.pem"), key=str(tmp_path / "junk.pem"), client_ca=pki.path("ca.pem"))
     with pytest.raises(ssl.SSLError):
         listener_from_address("tcp:127.0.0.1:0", ListenOptions(tls=bad))
+
+
+def test_subject_rendering_matches_rfc4514_for_awkward_names(tmp_path: Path) -> None:
+    import trustme
+
+    from transports.tls import rfc4514
+
+    ca = trustme.CA()
+    pem = tmp_path / "odd.pem"
+    ca.issue_cert("odd.test", common_name=' Doe, "J" <x>+y;z ', organization_name="#ninep\\labs").cert_chain_pems[0].write_to_path(str(pem))
+    cert = ssl._ssl._test_decode_cert(str(pem))  # type: ignore[attr-defined]  # getpeercert()'s decoder
+    assert rfc4514(cert["subject"]) == subject_of(str(pem))
+    assert "\n" not in rfc4514(((("commonName", "evil\nWARNING forged"),),))
+
+
+def test_shutdown_with_tls_clients_connected_finishes(pki: PKI) -> None:
+    from fs_backends.memory import MemoryBackend
+    from ninep.server import Server
+    from ninep.session import SessionOptions
+
+    async def main() -> None:
+        server = Server(MemoryBackend(), SessionOptions(drain_seconds=1.0))
+        listener = listener_from_address("tcp:127.0.0.1:0", ListenOptions(tls=pki.server))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, [listener])
+            host, port = listener.bound  # type: ignore[attr-defined]
+            async with Client.connect(f"tcp:{host}:{port}", options=ConnectOptions(tls=pki.client())) as c:
+                root = await c.attach()
+                with trio.fail_after(15):
+                    server.shutdown()
+                    while server.sessions:
+                        await trio.sleep(0.05)
+                with pytest.raises(OSError):
+                    await c.read_file(root, "nothing")
+
+    trio.run(main)
