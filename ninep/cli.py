@@ -135,6 +135,8 @@ async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Name
 
 
 def _listen_options(args: argparse.Namespace) -> ListenOptions:
+    if args.tls_map and not args.tls_client_ca:
+        raise AddressError("--tls-map needs --tls-client-ca: identities come from client certificates")
     tls = None
     if args.tls_cert or args.tls_key or args.tls_client_ca:
         if not (args.tls_cert and args.tls_key):
