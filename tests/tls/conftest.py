@@ -38,7 +38,7 @@ class PKI:
     @property
     def server(self) -> ServerTLS:
         return ServerTLS(cert=self.path("server.pem"), key=self.path("server.pem"), client_ca=self.path("ca.pem"),
-                         handshake_timeout=2.0)
+                         handshake_timeout=4.0)
 
     def client(self, who: str | None = "alice", ca: str = "ca.pem") -> ClientTLS:
         cert = self.path(f"{who}.pem") if who else None
