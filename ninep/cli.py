@@ -1,6 +1,8 @@
 """The `ninep` command: serve an export, mount one with FUSE, run the proxy helper and friends.
 
     ninep serve EXPORT --listen tcp:127.0.0.1:5640 [--listen unix:/run/9p.sock] [--readonly] ...
+    ninep serve --config exports.toml          (several exports; SIGHUP reloads; see ninep.config)
+    ninep check-config exports.toml
     ninep mount SOURCE MOUNTPOINT ...          (FUSE; see ninep.fuse_cli)
 
 This module parses arguments and wires parts together; it must never contain protocol or
@@ -15,12 +17,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from fs_backends.base import Backend
+from ninep import stats_cli
 from ninep.identity import IdentityRule, parse_map
+from ninep.policy import add_policy_arguments, policy_from_args
 from ninep.server import Server
 from ninep.session import SessionOptions
 from transports.address import AddressError, ListenOptions, listener_from_address
@@ -50,6 +54,7 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                    help="host mode of new files in the mapped models (octal, default 0600)")
     p.add_argument("--dmode", type=_octal, default=None,
                    help="host mode of new directories in the mapped models (octal, default 0700)")
+    add_policy_arguments(p)
 
 
 def _octal(text: str) -> int:
@@ -98,34 +103,42 @@ def _setup_logging(verbose: int, trace: bool) -> None:
         logging.getLogger("ninep.trace").setLevel(logging.INFO)
 
 
-async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Namespace,
-                 inherited: Sequence[Listener] = ()) -> None:
-    options = SessionOptions(readonly=args.readonly, max_msize=args.msize, trace=args.trace,
-                             tls_identities=dict(args.tls_map))
-    lopts = _listen_options(args)
+async def _serve(server: Server, addresses: Sequence[str], args: argparse.Namespace, *,
+                 names: Sequence[str] | None = None, lopts: ListenOptions | None = None,
+                 reload: Callable[[], Awaitable[None]] | None = None, inherited: Sequence[Listener] = ()) -> None:
+    """`inherited`: listeners on sockets from systemd (transports.activation), served first and
+    named by their address (systemd:NAME) for the exports' listener rules."""
+    lopts = lopts or ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure)
     listeners = [*inherited, *(listener_from_address(a, lopts) for a in addresses)]
-    server = Server(backend, options)
+    if names is not None:
+        names = [*(x.address for x in inherited), *names]
     only_fd = not inherited and all(a.startswith("fd:") for a in addresses)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    sigs = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if reload is not None else ()))
+    with trio.open_signal_receiver(*sigs) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signal() -> None:
                 async for sig in signals:
                     log.info("received %s", signal.Signals(sig).name)
+                    if sig == signal.SIGHUP and reload is not None:
+                        await reload()
+                        continue
                     server.shutdown()
                     return
 
             nursery.start_soon(on_signal)
 
             async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-                await server.serve(listeners, task_status=task_status)
+                await server.serve(listeners, names=names, task_status=task_status)
                 nursery.cancel_scope.cancel()
 
             await nursery.start(run)
-            listening = getattr(backend, "listening", None)
-            if listening is not None:
-                # Listeners are bound: a backend may now shed privileges (the proxy does).
-                listening()
+            await stats_cli.start_endpoints(nursery, server.metrics, args)
+            for export in server.exports:
+                listening = getattr(export.backend, "listening", None)
+                if listening is not None:
+                    # Listeners are bound: a backend may now shed privileges (the proxy does).
+                    listening()
             if only_fd:
                 # An fd pair is a single connection: when it ends, the server is done.
                 await trio.sleep(0.05)
@@ -149,7 +162,14 @@ def _listen_options(args: argparse.Namespace) -> ListenOptions:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose, args.trace)
-    args.msize = min(_size(str(args.msize)), MAX_MSIZE)
+    if args.config is not None:
+        from ninep.config_serve import serve_config
+
+        return serve_config(args)
+    if args.export is None:
+        print("ninep serve: give an EXPORT directory or --config FILE", file=sys.stderr)
+        return 2
+    args.msize = min(_size(str(args.msize or DEFAULT_MSIZE)), MAX_MSIZE)
     try:
         # Before the backend: a proxy helper forked by make_backend must not inherit the sockets.
         from transports.activation import listeners_from_sockets, take_inherited_sockets
@@ -159,6 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         addresses = args.listen or ([] if inherited else ["tcp:127.0.0.1:5640"])
         for a in addresses:
             listener_from_address(a, _listen_options(args))  # validate early (and load certificates)
+        stats_cli.check_serve_arguments(args)
     except AddressError as e:
         print(f"ninep: {e}", file=sys.stderr)
         return 2
@@ -167,7 +188,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     log.info("serving %s (%s) on %s", args.export, backend.info.name,
              ", ".join([*(x.address for x in inherited), *addresses]))
-    trio.run(_serve, backend, addresses, args, inherited)
+    options = SessionOptions(policy=policy_from_args(args), max_msize=args.msize, trace=args.trace,
+                             tls_identities=dict(args.tls_map))
+    trio.run(lambda: _serve(Server(backend, options), addresses, args, lopts=_listen_options(args),
+                            inherited=inherited))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from ninep.config import ConfigError, load
+
+    try:
+        cfg = load(args.file)
+    except ConfigError as e:
+        print(f"ninep: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(cfg.exports)} export{'s' if len(cfg.exports) != 1 else ''}")
+    for ec in cfg.exports:
+        reach = ", ".join(sorted(ec.listeners)) if ec.listeners is not None else "every listener"
+        print(f"  {ec.name}: aname {ec.aname!r} -> {ec.path} ({ec.security_model or 'default model'}"
+              f"{', read-only' if ec.readonly else ''}; {reach})")
     return 0
 
 
@@ -183,11 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="export a directory over 9P")
-    s.add_argument("export", help="host directory to export (or memory: for an in-memory tree)")
+    s.add_argument("export", nargs="?", help="host directory to export (or memory: for an in-memory tree)")
+    s.add_argument("--config", metavar="FILE",
+                   help="serve the exports an exports file describes instead of EXPORT (SIGHUP reloads it)")
     s.add_argument("--listen", "-l", action="append", metavar="ADDR",
                    help="tcp:HOST:PORT, unix:PATH, fd:RFD,WFD, vhost-user:SOCK or xen:DOMID/DEVID "
                         "(repeatable; default tcp:127.0.0.1:5640)")
-    s.add_argument("--msize", default=DEFAULT_MSIZE, help="largest message size to agree to (default 512K, max 4M)")
+    s.add_argument("--msize", default=None, help="largest message size to agree to (default 512K, max 4M)")
     s.add_argument("--tag", default="ninep", help="mount tag for virtio/Xen transports")
     s.add_argument("--insecure", action="store_true",
                    help="allow TCP on non-loopback addresses without TLS client authentication")
@@ -201,7 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace", action="store_true", help="log every request and reply with its latency")
     s.add_argument("-v", "--verbose", action="count", default=0)
     add_backend_arguments(s)
+    stats_cli.add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
+    stats_cli.add_parser(sub)
+
+    c = sub.add_parser("check-config", help="validate an exports file without serving it")
+    c.add_argument("file", help="the exports file (TOML)")
+    c.set_defaults(func=cmd_check_config)
 
     for module in ("ninep.fuse_cli", "ninep.proxy_cli", "transports.xen.cli"):
         # Optional parts register their own subcommands; a part that is not built is absent.

@@ -233,6 +233,7 @@ async def _mount(
     import pyfuse3
 
     from ninep.fuse import FuseOperations, mount_options
+    from ninep.policy import policy_from_args
 
     backend, root = await open_backend(args, stack, local)
     ops = FuseOperations(
@@ -242,6 +243,7 @@ async def _mount(
         entry_timeout=args.timeout,
         debug=args.debug,
         max_inodes=args.max_inodes or default_max_inodes(args.source),
+        policy=policy_from_args(args),
     )
     extra = [o for opt in args.options for o in opt.split(",")]
     opts = mount_options(f"ninep:{args.source}", readonly=args.readonly, extra=extra)

@@ -4,7 +4,8 @@ The TLS transport (`transports.tls`) verifies the client certificate and gives t
 `identity`, its subject as an RFC 4514 string ("CN=alice,O=ninep", exactly as the server logs it
 on connection). `SessionOptions.tls_identities` maps such subjects to an `IdentityRule` (filled
 from the exports file's `[[tls.client]]` entries or `ninep serve --tls-map`). At Tattach a rule:
-- with `export` set, refuses (EACCES) any attach whose aname is not that export;
+- with `export` set (an export's name), refuses (EACCES) any attach whose aname resolves to
+  another export;
 - with `uid` set, replaces the uid the client asks for (n_uname/uname) by this one.
 A verified identity without a rule attaches like any client (the CA vouched for it).
 
@@ -20,20 +21,16 @@ from dataclasses import dataclass
 from ninep.protocol import NONUNAME
 
 
-def _components(aname: str) -> list[str]:
-    # "/srv", "srv/", "./srv" name the same export.
-    return [p for p in aname.split("/") if p and p != "."]
-
-
 @dataclass(frozen=True, slots=True)
 class IdentityRule:
-    #: The only export this subject may attach to (None: any export).
+    #: The name of the only export this subject may attach to (None: any export).
     export: str | None = None
     #: The uid every attach of this subject is forced to (None: as the client says).
     uid: int | None = None
 
-    def allows(self, aname: str) -> bool:
-        return self.export is None or _components(self.export) == _components(aname)
+    def allows(self, export: str) -> bool:
+        """May this subject attach to the export named `export` (the one its aname resolved to)?"""
+        return self.export is None or self.export == export
 
     def credentials(self, uname: str, n_uname: int) -> tuple[str, int]:
         """The (uname, n_uname) an attach proceeds with: the forced uid, whatever name the

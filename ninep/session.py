@@ -9,6 +9,9 @@ and replies, which the protocol allows (a client must honour a reply that arrive
 When the connection ends every waiting request is interrupted, the rest finish, and every fid is
 clunked, so a client dying mid-request leaks nothing.
 
+Files are reached through the exports table the server shares with every session: an attach
+picks an Export by aname and the fid carries it (see ninep.exports).
+
 This module must never touch the host filesystem or a socket directly: files go through the
 Backend, bytes through the Channel.
 """
@@ -26,11 +29,14 @@ from typing import Any
 
 import trio
 
-from fs_backends.base import Backend, Cred, Node
+from fs_backends.base import Backend, Cred
 from ninep import messages as m
 from ninep.codec import HEADER, Codec, DecodeError, codec_for
+from ninep.exports import ExportTable
 from ninep.fids import Fid
 from ninep.identity import IdentityRule
+from ninep.metrics import ConnStats
+from ninep.policy import DEFAULT_POLICY, OperationPolicy, Refused
 from ninep.protocol import (
     IOHDRSZ,
     MIN_MSIZE,
@@ -49,7 +55,13 @@ _connection_ids = itertools.count(1)
 
 
 class Sent:
-    """Returned by a handler that already sent its reply itself (zero-copy reads)."""
+    """Returned by a handler that already sent its reply itself (zero-copy reads), with the
+    payload bytes it sent (for the metrics)."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int = 0) -> None:
+        self.nbytes = nbytes
 
 
 SENT = Sent()
@@ -59,7 +71,8 @@ Handler = Callable[["Session", Any], Awaitable[m.Message | Sent]]
 
 @dataclass(slots=True)
 class SessionOptions:
-    readonly: bool = False
+    #: What clients may do (read-only, devices, setid bits, privileged xattrs): `policy_of`.
+    policy: OperationPolicy = DEFAULT_POLICY
     max_msize: int = 512 * 1024
     max_fids: int = 65536
     max_inflight: int = 256
@@ -91,8 +104,12 @@ class Request:
 
 
 class Session:
-    def __init__(self, backend: Backend, channel: Channel, options: SessionOptions | None = None) -> None:
-        self.backend = backend
+    def __init__(self, exports: ExportTable | Backend, channel: Channel, options: SessionOptions | None = None,
+                 listener: str = "") -> None:
+        #: Shared with the server (and replaced in place on reload); a bare Backend is one export.
+        self.exports = exports if isinstance(exports, ExportTable) else ExportTable.single(exports)
+        #: The name of the listener this connection came in on (export access rules use it).
+        self.listener = listener
         self.channel = channel
         self.options = options or SessionOptions()
         self.conn_id = next(_connection_ids)
@@ -104,20 +121,26 @@ class Session:
         self._slots = trio.Semaphore(self.options.max_inflight)
         self._handlers: dict[int, Handler] = {}
         self._closing = False
+        self.stats = ConnStats(self.conn_id, channel.peer)
 
     # --- public --------------------------------------------------------------------------------
 
     @property
-    def iounit(self) -> int:
-        bs = max(self.backend.info.block_size, 512)
+    def identity(self) -> str:
+        """Who the client is, for logs: its peer address and TLS subject if it has one."""
+        tls = getattr(self.channel, "identity", None)
+        return f"{self.channel.peer} ({tls})" if tls else self.channel.peer
+
+    def iounit(self, fid: Fid) -> int:
+        bs = max(fid.export.backend.info.block_size, 512)
         unit = self.msize - IOHDRSZ
         return unit - unit % bs if unit >= bs else unit
 
     async def run(self) -> None:
         """Serve the channel until the peer goes away; then cancel what is in flight and clunk
         every fid."""
-        peer = self.channel.peer
-        log.info("connection %d from %s", self.conn_id, peer)
+        peer = self.identity
+        log.info("connection %d from %s%s", self.conn_id, peer, f" on {self.listener}" if self.listener else "")
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -216,12 +239,6 @@ class Session:
         if req is not None:
             req.answered = True
 
-    def check_writable(self) -> None:
-        if self.options.readonly or self.backend.info.readonly:
-            raise OSError(errno.EROFS, "read-only export")
-
-    async def release_node(self, node: Node) -> None:
-        await self.backend.release(node)
 
     # --- dispatch -----------------------------------------------------------------------------
 
@@ -263,6 +280,10 @@ class Session:
                     reply = await handler(self, msg)
                 except Flushed:
                     pass
+                except Refused as e:
+                    name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
+                    e.log(f"connection {self.conn_id} from {self.channel.peer}", name)
+                    err = (e.errno or errno.EPERM, e.reason)
                 except DecodeError as e:
                     log.info("connection %d: malformed message (type %s tag %s): %s", self.conn_id, req.msgtype, req.tag, e)
                     err = (e.errno, str(e))
@@ -287,6 +308,7 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection is going away; run() cleans up
         finally:
+            self.stats.done(req.msgtype, err[0] if err else 0, reply, req.started)
             if self.inflight.get(req.tag) is req:
                 del self.inflight[req.tag]
             req.done.set()

@@ -6,7 +6,7 @@ limit. A failed handshake (no client certificate, a certificate from another CA,
 plain 9P sent to the TLS port, a client that never speaks) is one log line with the peer and the
 reason, and only that connection closes. The Channel of a good handshake carries `identity`: the
 verified client certificate's subject as an RFC 4514 string ("CN=alice,O=ninep"), which
-`ninep.identity` maps to an export and a uid; its `peer` names it for the logs.
+`ninep.identity` maps to an export and a uid, and the session's log lines show next to the peer.
 
 Client side: `ClientTLS` (CA to trust, optional client certificate and key) wraps a connected TCP
 socket; the server's certificate must be valid for the host named in the address (or
@@ -122,8 +122,8 @@ class TLSChannel(StreamChannel):
 
     def __init__(self, stream: trio.SSLStream[trio.SocketStream], peer: str, identity: str | None,
                  max_message_size: int = STREAM_MAX_MESSAGE) -> None:
-        label = f"{peer} (tls {identity})" if identity else f"{peer} (tls)"
-        super().__init__(stream, stream, label, max_message_size)
+        # The session's log lines add the identity to the peer (ninep.session.Session.identity).
+        super().__init__(stream, stream, peer, max_message_size)
         self.identity = identity
         self._stream = stream
         self._closed = False
@@ -159,7 +159,7 @@ def server_upgrade(cfg: ServerTLS, max_message_size: int) -> Upgrade:
             log.warning("%s: TLS handshake refused: %s", peer, _reason(e))
         else:
             channel = TLSChannel(stream, peer, _identity(stream), max_message_size)
-            log.info("%s: TLS %s established", channel.peer, stream.version())
+            log.info("%s: TLS %s established with %s", peer, stream.version(), channel.identity or "no client certificate")
             return channel
         await trio.aclose_forcefully(stream.transport_stream)
         return None

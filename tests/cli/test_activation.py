@@ -138,7 +138,7 @@ def test_inherited_tcp_socket_gets_tls_and_tls_map(export: Path, tmp_path: Path)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         err = proc.stderr.read().decode() if proc.stderr else ""
-    assert f"(tls {alice})" in err and "TLS handshake refused" in err, err
+    assert f"({alice})" in err and "TLS handshake refused" in err, err
 
 
 def test_inherited_non_loopback_tcp_without_tls_is_refused(export: Path) -> None:

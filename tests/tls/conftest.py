@@ -22,6 +22,7 @@ from cryptography import x509
 
 from fs_backends.base import Backend
 from fs_backends.memory import MemoryBackend
+from ninep.exports import ExportTable
 from ninep.server import Server
 from ninep.session import SessionOptions
 from transports.address import ListenOptions, listener_from_address
@@ -80,9 +81,9 @@ def _transport_logs(caplog: pytest.LogCaptureFixture) -> None:
 
 
 @asynccontextmanager
-async def tls_server(tls: ServerTLS, backend: Backend | None = None,
+async def tls_server(tls: ServerTLS, backend: Backend | ExportTable | None = None,
                      options: SessionOptions | None = None) -> AsyncIterator[str]:
-    """Serves `backend` (default: an empty memory tree) with TLS on 127.0.0.1; yields tcp:H:P."""
+    """Serves `backend` or an export table (default: an empty memory tree) with TLS on 127.0.0.1; yields tcp:H:P."""
     server = Server(backend or MemoryBackend(), options or SessionOptions())
     listener = listener_from_address("tcp:127.0.0.1:0", ListenOptions(tls=tls))
     async with trio.open_nursery() as nursery:

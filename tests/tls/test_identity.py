@@ -10,6 +10,7 @@ import trio
 
 from fs_backends.memory import MemoryBackend
 from ninep.client import Client, ClientError
+from ninep.exports import Export, ExportTable
 from ninep.identity import IdentityRule, parse_map
 from ninep.session import SessionOptions
 from transports.address import ConnectOptions
@@ -26,23 +27,31 @@ async def _uid_of_new_file(c: Client, root: int, name: str) -> int:
         await c.clunk(fid)
 
 
+def _table() -> ExportTable:
+    return ExportTable([Export("home", "home", MemoryBackend()), Export("alice", "home/alice", MemoryBackend()),
+                        Export("shared", "shared", MemoryBackend()), Export("scratch", "", MemoryBackend())])
+
+
 def test_identity_is_held_to_its_export_and_uid(pki: PKI, caplog: pytest.LogCaptureFixture) -> None:
-    alice, bob = subject_of(pki.path("alice.pem")), subject_of(pki.path("bob.pem"))
-    options = SessionOptions(tls_identities={alice: IdentityRule(export="home/alice", uid=1234)})
+    alice = subject_of(pki.path("alice.pem"))
+    options = SessionOptions(tls_identities={alice: IdentityRule(export="alice", uid=1234)})
 
     async def main() -> None:
-        async with tls_server(pki.server, MemoryBackend(), options) as addr:
+        async with tls_server(pki.server, _table(), options) as addr:
             async with Client.connect(addr, options=ConnectOptions(tls=pki.client("bob"))) as c:
-                root = await c.attach("")
-                for d in ("home", "home/alice", "shared"):
-                    await c.mkdir(await c.walk_path(root, "/".join(d.split("/")[:-1])), d.split("/")[-1])
                 # bob has no rule: he attaches where he likes, as whom he says.
                 assert await _uid_of_new_file(c, await c.attach("shared", "root", 0), "by-bob") == 0
+                with pytest.raises(ClientError) as e:
+                    await c.attach("home/bob")  # export "home", directory bob: absent, not forbidden
+                assert e.value.errno == errno.ENOENT
             async with Client.connect(addr, options=ConnectOptions(tls=pki.client("alice"))) as c:
-                # alice claims root: the rule makes her 1234; "/home/alice/" names the same export.
+                # alice claims root: the rule makes her 1234, wherever in her export she attaches.
                 mine = await c.attach("/home/alice/", "root", 0)
                 assert await _uid_of_new_file(c, mine, "by-alice") == 1234
-                for other in ("", "shared", "home", "home/alice/sub"):
+                await c.mkdir(mine, "sub")
+                sub = await c.attach("home/alice/sub", "root", 0)
+                assert await _uid_of_new_file(c, sub, "deeper") == 1234
+                for other in ("", "scratch-dir", "shared", "home", "home/bob"):
                     with pytest.raises(ClientError) as e:
                         await c.attach(other, "root", 0)
                     assert e.value.errno == errno.EACCES
@@ -51,8 +60,7 @@ def test_identity_is_held_to_its_export_and_uid(pki: PKI, caplog: pytest.LogCapt
 
     trio.run(main)
     refused = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "refused" in r.getMessage()]
-    assert len(refused) == 4 and all(alice in line for line in refused), refused
-    assert not any(bob in line for line in refused)
+    assert len(refused) == 5 and all(alice in line and "only export alice" in line for line in refused), refused
 
 
 def test_uid_only_rule_allows_every_export(pki: PKI) -> None:

@@ -58,7 +58,7 @@ def test_mount_over_mutual_tls_with_forced_uid(pki: PKI, tmp_path: Path) -> None
             close_mount(m)
     finally:
         stop(server)
-    assert f"(tls {alice})" in (tmp_path / "server.log").read_text()
+    assert f"({alice})" in (tmp_path / "server.log").read_text()
 
 
 def test_mount_without_client_certificate_fails_cleanly(pki: PKI, tmp_path: Path) -> None:
