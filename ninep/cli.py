@@ -23,10 +23,12 @@ import trio
 
 from fs_backends.base import Backend
 from ninep import stats_cli
+from ninep.identity import IdentityRule, parse_map
 from ninep.policy import add_policy_arguments, policy_from_args
 from ninep.server import Server
 from ninep.session import SessionOptions
 from transports.address import AddressError, ListenOptions, listener_from_address
+from transports.base import Listener
 
 log = logging.getLogger("ninep")
 
@@ -131,10 +133,14 @@ def _setup_logging(verbose: int, trace: bool) -> None:
 
 async def _serve(server: Server, addresses: Sequence[str], args: argparse.Namespace, *,
                  names: Sequence[str] | None = None, lopts: ListenOptions | None = None,
-                 reload: Callable[[], Awaitable[None]] | None = None) -> None:
+                 reload: Callable[[], Awaitable[None]] | None = None, inherited: Sequence[Listener] = ()) -> None:
+    """`inherited`: listeners on sockets from systemd (transports.activation), served first and
+    named by their address (systemd:NAME) for the exports' listener rules."""
     lopts = lopts or ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure)
-    listeners = [listener_from_address(a, lopts) for a in addresses]
-    only_fd = all(a.startswith("fd:") for a in addresses)
+    listeners = [*inherited, *(listener_from_address(a, lopts) for a in addresses)]
+    if names is not None:
+        names = [*(x.address for x in inherited), *names]
+    only_fd = not inherited and all(a.startswith("fd:") for a in addresses)
     sigs = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if reload is not None else ()))
     with trio.open_signal_receiver(*sigs) as signals:
         async with trio.open_nursery() as nursery:
@@ -169,6 +175,19 @@ async def _serve(server: Server, addresses: Sequence[str], args: argparse.Namesp
                 server.shutdown()
 
 
+def _listen_options(args: argparse.Namespace) -> ListenOptions:
+    if args.tls_map and not args.tls_client_ca:
+        raise AddressError("--tls-map needs --tls-client-ca: identities come from client certificates")
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            raise AddressError("TLS needs both --tls-cert and --tls-key")
+        from transports.tls import ServerTLS
+
+        tls = ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    return ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure, tls=tls)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose, args.trace)
     if args.config is not None:
@@ -180,18 +199,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     args.msize = min(_size(str(args.msize or DEFAULT_MSIZE)), MAX_MSIZE)
     try:
+        # Before the backend: a proxy helper forked by make_backend must not inherit the sockets.
+        from transports.activation import listeners_from_sockets, take_inherited_sockets
+
+        inherited = listeners_from_sockets(take_inherited_sockets(), _listen_options(args))
         backend = make_backend(args.export, args)
-        addresses = args.listen or ["tcp:127.0.0.1:5640"]
+        addresses = args.listen or ([] if inherited else ["tcp:127.0.0.1:5640"])
         for a in addresses:
-            listener_from_address(a, ListenOptions(insecure=args.insecure))  # validate early
+            listener_from_address(a, _listen_options(args))  # validate early (and load certificates)
         stats_cli.check_serve_arguments(args)
     except AddressError as e:
         print(f"ninep: {e}", file=sys.stderr)
         return 2
-    log.info("serving %s (%s) on %s", args.export, backend.info.name, ", ".join(addresses))
+    except OSError as e:  # an unreadable or mismatched certificate or key (ssl.SSLError too)
+        print(f"ninep: TLS: {e}", file=sys.stderr)
+        return 2
+    log.info("serving %s (%s) on %s", args.export, backend.info.name,
+             ", ".join([*(x.address for x in inherited), *addresses]))
     options = SessionOptions(policy=policy_from_args(args), max_msize=args.msize, trace=args.trace,
+                             tls_identities=dict(args.tls_map),
                              **{name: getattr(args, name) for name in LIMITS})
-    trio.run(_serve, Server(backend, options), addresses, args)
+    trio.run(lambda: _serve(Server(backend, options), addresses, args, lopts=_listen_options(args),
+                            inherited=inherited))
     return 0
 
 
@@ -211,6 +240,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_map(text: str) -> tuple[str, IdentityRule]:
+    try:
+        return parse_map(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ninep", description="A 9P2000.L file server for VMs and developers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,7 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest message size to agree to (default 512K, max 4M)")
     add_limit_arguments(s)
     s.add_argument("--tag", default="ninep", help="mount tag for virtio/Xen transports")
-    s.add_argument("--insecure", action="store_true", help="allow unencrypted TCP on non-loopback addresses")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow TCP on non-loopback addresses without TLS client authentication")
+    s.add_argument("--tls-cert", metavar="PEM", help="serve TCP with TLS: the server certificate (chain)")
+    s.add_argument("--tls-key", metavar="PEM", help="the server certificate's private key (may be the same file)")
+    s.add_argument("--tls-client-ca", metavar="PEM",
+                   help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--tls-map", metavar="SUBJECT=UID", type=_tls_map, action="append", default=[],
+                   help="force the uid of clients whose certificate subject is SUBJECT, as logged "
+                        "(e.g. 'CN=alice,O=ninep=1000'; repeatable)")
     s.add_argument("--trace", action="store_true", help="log every request and reply with its latency")
     s.add_argument("-v", "--verbose", action="count", default=0)
     add_backend_arguments(s)

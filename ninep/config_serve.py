@@ -22,7 +22,6 @@ This module must never parse the file itself (ninep.config does) or touch messag
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from collections.abc import Iterable
@@ -35,16 +34,14 @@ from ninep.config import ConfigError, ExportConfig, ServerConfig, load
 from ninep.exports import Export, ExportTable
 from ninep.server import Server
 from ninep.session import SessionOptions
+from transports.activation import listeners_from_sockets, take_inherited_sockets
 from transports.address import AddressError, ListenOptions, listener_from_address
+from transports.tls import ServerTLS
 
 log = logging.getLogger("ninep.config")
 
 DEFAULT_LISTEN = "tcp:127.0.0.1:5640"
 
-#: The SessionOptions field the TLS part enforces [[tls.client]] rules from.
-_TLS_IDENTITIES = "tls_identities"
-#: ListenOptions field names for the [tls] files (the TLS part provides them).
-_TLS_LISTEN_FIELDS = {"cert": "tls_cert", "key": "tls_key", "client_ca": "tls_client_ca"}
 
 
 def _backend_args(ec: ExportConfig) -> argparse.Namespace:
@@ -101,24 +98,20 @@ def _close_soon(backends: list[Backend]) -> None:
 def session_options(cfg: ServerConfig, msize: int, trace: bool) -> SessionOptions:
     kwargs: dict[str, object] = {"max_msize": msize, "trace": trace, **cfg.limits}
     if cfg.tls is not None and cfg.tls.identities:
-        if _TLS_IDENTITIES not in {f.name for f in dataclasses.fields(SessionOptions)}:
-            raise ConfigError("[[tls.client]] rules need TLS support, which this build lacks", cfg.file)
-        kwargs[_TLS_IDENTITIES] = dict(cfg.tls.identities)
+        if cfg.tls.client_ca is None:
+            raise ConfigError("[[tls.client]] rules need [tls] client_ca: identities come from client certificates",
+                              cfg.file)
+        kwargs["tls_identities"] = dict(cfg.tls.identities)
     return SessionOptions(**kwargs)  # type: ignore[arg-type]
 
 
 def listen_options(cfg: ServerConfig, msize: int, args: argparse.Namespace) -> ListenOptions:
-    lopts = ListenOptions(max_msize=msize, tag=cfg.tag or args.tag, insecure=cfg.insecure or args.insecure)
-    if cfg.tls is not None:
-        have = {f.name for f in dataclasses.fields(ListenOptions)}
-        for key, name in _TLS_LISTEN_FIELDS.items():
-            value = getattr(cfg.tls, key)
-            if value is None:
-                continue
-            if name not in have:
-                raise ConfigError(f"[tls] {key}: TLS listeners are not available in this build", cfg.file)
-            setattr(lopts, name, value)
-    return lopts
+    tls = None
+    if cfg.tls is not None and (cfg.tls.cert or cfg.tls.key or cfg.tls.client_ca):
+        if not (cfg.tls.cert and cfg.tls.key):
+            raise ConfigError("[tls] needs both cert and key", cfg.file)
+        tls = ServerTLS(cert=cfg.tls.cert, key=cfg.tls.key, client_ca=cfg.tls.client_ca)
+    return ListenOptions(max_msize=msize, tag=cfg.tag or args.tag, insecure=cfg.insecure or args.insecure, tls=tls)
 
 
 class Reloader:
@@ -148,8 +141,8 @@ class Reloader:
         if new.server_wide() != self.cfg.server_wide():
             log.warning("reload of %s: changes to [server], [listeners], [limits] or the [tls] files "
                         "take effect only after a restart", file)
-        if new.tls is not None and hasattr(self.server.options, _TLS_IDENTITIES):
-            setattr(self.server.options, _TLS_IDENTITIES, dict(new.tls.identities))
+        if new.tls is not None:
+            self.server.options.tls_identities = dict(new.tls.identities)
         self.cfg = new
         log.info("reloaded %s: %s", file, changes)
 
@@ -173,22 +166,29 @@ def serve_config(args: argparse.Namespace) -> int:
         msize = min(_size(str(args.msize or cfg.msize or DEFAULT_MSIZE)), MAX_MSIZE)
         options = session_options(cfg, msize, bool(args.trace or cfg.trace))
         lopts = listen_options(cfg, msize, args)
+        # Before the backends: a proxy helper they fork must not inherit the sockets.
+        inherited = listeners_from_sockets(take_inherited_sockets(), lopts)
         names = [lc.name for lc in cfg.listeners] + list(args.listen or [])
         addresses = [lc.address for lc in cfg.listeners] + list(args.listen or [])
-        if not addresses:
+        if not addresses and not inherited:
             names, addresses = [DEFAULT_LISTEN], [DEFAULT_LISTEN]
         for a in addresses:
-            listener_from_address(a, ListenOptions(insecure=lopts.insecure))  # validate early
+            listener_from_address(a, lopts)  # validate early (and load the TLS certificates)
     except (ConfigError, AddressError) as e:
         print(f"ninep: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unreadable or mismatched certificate or key (ssl.SSLError too)
+        print(f"ninep: TLS: {e}", file=sys.stderr)
         return 2
     exports, _ = make_exports(cfg)
     server = Server(ExportTable(exports), options)
     for x in exports:
         log.info("export %s: aname %r -> %s (%s)", x.name, x.aname, x.config.path if x.config else "?",
                  x.backend.info.name)
-    log.info("serving %d exports from %s on %s", len(exports), cfg.file, ", ".join(addresses))
-    trio.run(lambda: _serve(server, addresses, args, names=names, lopts=lopts, reload=Reloader(server, cfg)))
+    log.info("serving %d exports from %s on %s", len(exports), cfg.file,
+             ", ".join([*(x.address for x in inherited), *addresses]))
+    trio.run(lambda: _serve(server, addresses, args, names=names, lopts=lopts, reload=Reloader(server, cfg),
+                            inherited=inherited))
     return 0
 
 

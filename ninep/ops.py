@@ -19,6 +19,7 @@ from fs_backends.base import Attr, Cred, Lock, LockOwner, SetAttr
 from ninep import messages as m
 from ninep.codec import pack_dirent
 from ninep.fids import Fid, FidKind
+from ninep.identity import rule_for
 from ninep.policy import gate, policy_of
 from ninep.protocol import (
     AT_REMOVEDIR,
@@ -149,7 +150,12 @@ async def attach(s: Session, msg: m.Tattach) -> m.Message:
         raise OSError(errno.EINVAL, "no authentication fid is needed")
     if msg.fid in s.fids:
         raise OSError(errno.EBADF, f"fid {msg.fid} already in use")
-    cred = _cred(msg.uname, msg.n_uname)
+    uname, n_uname = msg.uname, msg.n_uname
+    identity = getattr(s.channel, "identity", None)
+    rule = rule_for(s.options.tls_identities, identity)
+    if rule is not None:
+        uname, n_uname = rule.credentials(uname, n_uname)
+    cred = _cred(uname, n_uname)
     try:
         export, inside = s.exports.resolve(msg.aname)
     except OSError:
@@ -160,6 +166,10 @@ async def attach(s: Session, msg: m.Tattach) -> m.Message:
         log.warning("connection %d from %s: attach %r as %s refused: export %s is not offered on %s",
                     s.conn_id, s.identity, msg.aname, msg.uname, export.name, s.listener or "this channel")
         raise OSError(errno.EACCES, f"export {export.name} is not offered here")
+    if rule is not None and not rule.allows(export.name):
+        log.warning("connection %d from %s: attach %r as %s refused: this client may attach only export %s",
+                    s.conn_id, s.identity, msg.aname, msg.uname, rule.export)
+        raise OSError(errno.EACCES, f"export {export.name} is not for {identity}")
     backend = export.backend
     node = await backend.attach(inside, cred)
     try:

@@ -34,6 +34,7 @@ from ninep import messages as m
 from ninep.codec import HEADER, Codec, DecodeError, codec_for
 from ninep.exports import ExportTable
 from ninep.fids import Fid
+from ninep.identity import IdentityRule
 from ninep.limits import MemoryBudget, request_cost
 from ninep.metrics import ConnStats
 from ninep.policy import DEFAULT_POLICY, OperationPolicy, Refused
@@ -89,6 +90,8 @@ class SessionOptions:
     trace: bool = False
     #: Grace period for in-flight requests at shutdown.
     drain_seconds: float = 3.0
+    #: TLS client subject (RFC 4514) → the export and uid it is held to (ninep.identity).
+    tls_identities: dict[str, IdentityRule] = field(default_factory=dict)
 
 
 class Flushed(Exception):

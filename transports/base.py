@@ -67,6 +67,14 @@ class Listener(Protocol):
         ...
 
 
+class Authenticated(Protocol):
+    """Optional Channel attribute (TLS, `transports.tls`): the peer's verified identity, the
+    client certificate subject as an RFC 4514 string, or None when the peer showed none. Read it
+    with `getattr(channel, "identity", None)`; other transports do not authenticate."""
+
+    identity: str | None
+
+
 class ZeroCopyReads(Protocol):
     """Optional Channel capability (ring transports): answer a Tread by reading the file straight
     into the reply buffer the peer provided, with no intermediate copy.

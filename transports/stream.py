@@ -175,14 +175,16 @@ class SocketChannel:
             await trio.lowlevel.checkpoint()
 
 
-class FdPairChannel:
-    """A Channel over a read fd and a write fd (pipes, a socketpair end twice, a character device)."""
+class StreamChannel:
+    """A Channel over trio byte streams (a receive side and a send side, maybe the same object):
+    fd pairs, and TLS (`transports.tls`) on top of a socket."""
 
-    def __init__(self, rfd: int, wfd: int, max_message_size: int = STREAM_MAX_MESSAGE) -> None:
-        self.peer = f"fd:{rfd},{wfd}"
+    def __init__(self, r: trio.abc.ReceiveStream, w: trio.abc.SendStream, peer: str,
+                 max_message_size: int = STREAM_MAX_MESSAGE) -> None:
+        self.peer = peer
         self.max_message_size = max_message_size
-        self._r = trio.lowlevel.FdStream(os.dup(rfd))
-        self._w = self._r if rfd == wfd else trio.lowlevel.FdStream(os.dup(wfd))
+        self._r = r
+        self._w = w
         self._framer = _Framer(max_message_size)
         self._send_lock = trio.Lock()
 
@@ -208,6 +210,15 @@ class FdPairChannel:
             await self._w.aclose()
 
 
+class FdPairChannel(StreamChannel):
+    """A Channel over a read fd and a write fd (pipes, a socketpair end twice, a character device)."""
+
+    def __init__(self, rfd: int, wfd: int, max_message_size: int = STREAM_MAX_MESSAGE) -> None:
+        r = trio.lowlevel.FdStream(os.dup(rfd))
+        w = r if rfd == wfd else trio.lowlevel.FdStream(os.dup(wfd))
+        super().__init__(r, w, f"fd:{rfd},{wfd}", max_message_size)
+
+
 # --- listeners ---------------------------------------------------------------------------------
 
 
@@ -219,25 +230,33 @@ async def _serve_channel(handler: ChannelHandler, channel: Channel) -> None:
             await channel.aclose()
 
 
+#: Turns an accepted connection into a Channel (TLS: after a handshake); None when refused, in
+#: which case it has closed the socket and logged why.
+Upgrade = Callable[[trio.socket.SocketType, str], Awaitable[Channel | None]]
+
+
 class SocketListener:
-    def __init__(self, address: str, family: int, sockaddr: object, max_message_size: int) -> None:
+    """Accepts TCP or unix connections on a socket it binds, or on an inherited listening socket
+    (`inherited`: systemd socket activation), which it then neither binds nor unlinks."""
+
+    def __init__(self, address: str, family: int, sockaddr: object, max_message_size: int, *,
+                 inherited: socket.socket | None = None, upgrade: Upgrade | None = None) -> None:
         self.address = address
         self.family = family
         self.sockaddr = sockaddr
         self.max_message_size = max_message_size
+        self.inherited = inherited
+        self.upgrade = upgrade
         self.bound: Any = None
 
-    async def serve(self, handler: ChannelHandler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _bind(self) -> trio.socket.SocketType:
         sock = trio.socket.socket(self.family, socket.SOCK_STREAM)
-        with sock:
+        try:
             if self.family == socket.AF_UNIX:
                 path = str(self.sockaddr)
                 with contextlib.suppress(FileNotFoundError):
                     if stat.S_ISSOCK(os.lstat(path).st_mode):
                         os.unlink(path)
-            else:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.family == socket.AF_UNIX:
                 # Bind under a temporary name and rename once listening, so the path appears only
                 # when connections are accepted (scripts and QEMU may wait for it to exist).
                 tmp = f"{self.sockaddr}.{os.getpid()}.tmp"
@@ -247,10 +266,21 @@ class SocketListener:
                 sock.listen(128)
                 os.rename(tmp, str(self.sockaddr))
             else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 await sock.bind(self.sockaddr)
                 sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def serve(self, handler: ChannelHandler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.from_stdlib_socket(self.inherited) if self.inherited is not None else await self._bind()
+        with sock:
             self.bound = sock.getsockname()
-            log.info("listening on %s", self.address if self.family == socket.AF_UNIX else f"tcp:{self.bound[0]}:{self.bound[1]}")
+            where = f"tcp:{self.bound[0]}:{self.bound[1]}" if self.family != socket.AF_UNIX else f"unix:{self.sockaddr}"
+            log.info("listening on %s%s%s", self.address if self.inherited is not None else where,
+                     f" ({where})" if self.inherited is not None else "", " with TLS" if self.upgrade else "")
             task_status.started()
             try:
                 async with trio.open_nursery() as nursery:
@@ -268,11 +298,20 @@ class SocketListener:
                             peer = f"tcp:{addr[0]}:{addr[1]}"
                         else:
                             peer = f"unix:{self.sockaddr}"
-                        nursery.start_soon(_serve_channel, handler, SocketChannel(conn, peer, self.max_message_size))
+                        nursery.start_soon(self._connection, handler, conn, peer)
             finally:
-                if self.family == socket.AF_UNIX:
+                if self.family == socket.AF_UNIX and self.inherited is None:
                     with contextlib.suppress(OSError):
                         os.unlink(str(self.sockaddr))
+
+    async def _connection(self, handler: ChannelHandler, conn: trio.socket.SocketType, peer: str) -> None:
+        if self.upgrade is None:
+            await _serve_channel(handler, SocketChannel(conn, peer, self.max_message_size))
+            return
+        # In the connection's own task: a slow or failing handshake never holds up accept.
+        channel = await self.upgrade(conn, peer)
+        if channel is not None:
+            await _serve_channel(handler, channel)
 
 
 class FdListener:
@@ -305,6 +344,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_exposure(host: str, options: ListenOptions) -> None:
+    """Plain 9P carries no authentication: only loopback, unless TLS with client certificates
+    guards the port or the user said --insecure."""
+    authenticated = options.tls is not None and options.tls.client_ca is not None
+    if not _is_loopback(host) and not options.insecure and not authenticated:
+        raise AddressError(f"refusing to serve 9P without TLS client authentication on non-loopback {host}; "
+                           "give --tls-cert/--tls-key/--tls-client-ca, or pass --insecure to do it anyway")
+
+
+def tcp_upgrade(options: ListenOptions, max_message_size: int) -> Upgrade | None:
+    """The TLS handshake for TCP connections when TLS is configured (loads the certificates now,
+    so a bad file fails at start-up)."""
+    if options.tls is None:
+        return None
+    from transports.tls import server_upgrade
+
+    return server_upgrade(options.tls, max_message_size)
+
+
 def _parse_fds(rest: str) -> tuple[int, int]:
     r, sep, w = rest.partition(",")
     if not sep or not r.isdigit() or not w.isdigit():
@@ -317,10 +375,9 @@ def listener_from_address(address: str, options: ListenOptions) -> SocketListene
     limit = min(options.max_msize, STREAM_MAX_MESSAGE)
     if scheme == "tcp":
         host, port = _parse_tcp(rest)
-        if not _is_loopback(host) and not options.insecure:
-            raise AddressError(f"refusing to serve unencrypted 9P on non-loopback {host}; pass --insecure to do it anyway")
+        check_exposure(host, options)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return SocketListener(address, family, (host, port), limit)
+        return SocketListener(address, family, (host, port), limit, upgrade=tcp_upgrade(options, limit))
     if scheme == "unix":
         if not rest:
             raise AddressError("unix address must be unix:PATH")
@@ -345,6 +402,10 @@ async def connect_address(address: str, options: ConnectOptions) -> Channel:
             sock.close()
             raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if options.tls is not None:
+            from transports.tls import client_channel
+
+            return await client_channel(sock, host, address, options.tls, limit)
         return SocketChannel(sock, address, limit)
     if scheme == "unix":
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
