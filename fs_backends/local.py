@@ -1029,6 +1029,13 @@ class LocalBackend:
             raise FsError(errno.EINVAL)
         return await self._infile(f, os.pwrite, data, offset)
 
+    async def write_from(self, f: LocalOpenFile, offset: int, pwrite: Callable[[int, int], int]) -> int:
+        """`write` whose data `pwrite(fd, offset)` writes itself (zero-copy from guest memory)."""
+        self._fd(f)
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        return await self._infile(f, pwrite, offset)
+
     async def fsync(self, f: LocalOpenFile, datasync: bool) -> None:
         await self._infile(f, os.fdatasync if datasync else os.fsync)
 

@@ -39,7 +39,7 @@ from ninep.protocol import (
     VERSION_UNKNOWN,
     T,
 )
-from transports.base import Channel, FramingError
+from transports.base import Channel, FramingError, Payload
 
 log = logging.getLogger("ninep.session")
 trace_log = logging.getLogger("ninep.trace")
@@ -101,6 +101,8 @@ class Session:
         self._slots = trio.Semaphore(self.options.max_inflight)
         self._handlers: dict[int, Handler] = {}
         self._closing = False
+        #: `ZeroCopyWrites` channels: large Twrite data stays in the peer's memory.
+        self._take_payload: Callable[[int], Payload | None] | None = getattr(channel, "take_payload", None)
 
     # --- public --------------------------------------------------------------------------------
 
@@ -212,6 +214,13 @@ class Session:
         req = self.inflight.get(tag)
         if req is not None:
             req.answered = True
+
+    def write_payload(self, msg: m.Twrite) -> Payload | None:
+        """The data of a Twrite that the channel left in the peer's memory (it arrived with count
+        0; see `transports.base.ZeroCopyWrites`), once; None for an ordinary Twrite."""
+        if self._take_payload is None or len(msg.data):
+            return None
+        return self._take_payload(msg.tag)
 
     def check_writable(self) -> None:
         if self.options.readonly or self.backend.info.readonly:
