@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")
     ap.add_argument("--pyspy", type=Path, help="sample the server with py-spy into this raw file")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="extra `ninep serve` argument (repeatable), e.g. --server-arg=--inline-metadata")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from bench._common import RESULTS, machine, stamp, write_json
@@ -125,7 +127,7 @@ def main() -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         server = subprocess.Popen(
             [sys.executable, "-m", "ninep", "serve", str(ours), "--listen", f"vhost-user:{sock}", "--tag", "vt0",
-             "--security-model", args.model, "--msize", str(args.msize)],
+             "--security-model", args.model, "--msize", str(args.msize), *args.server_arg],
             cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         )
         stop = threading.Event()
@@ -172,6 +174,7 @@ def main() -> None:
     counts |= {m: args.files for m in ("create_per_s", "stat_per_s", "unlink_per_s")}
     cpu = cpu_per_op(seen, counts)
     print(f"accel {run.accel}, msize {args.msize}, cache=none, model {args.model}, {args.reps} reps (medians), "
+          f"server args {args.server_arg}, "
           f"load {os.getloadavg()[0]:.1f}")
     print(f"{'metric':20s} {'ninep':>9s} {'qemu':>9s} {'ratio':>6s}  {'ninep server CPU/op':>20s}")
     table: dict[str, dict[str, object]] = {}
@@ -186,7 +189,7 @@ def main() -> None:
     if not args.no_save:
         out = write_json(RESULTS / f"virtio-guest-{stamp()}.json", {
             "what": "in-guest trans=virtio: ninep vhost-user back-end vs QEMU -fsdev local (virtio-9p-pci)",
-            "accel": run.accel, "msize": args.msize, "model": args.model, "size_mb": args.size_mb,
+            "server_args": args.server_arg, "accel": run.accel, "msize": args.msize, "model": args.model, "size_mb": args.size_mb,
             "reads": args.reads, "files": args.files, "reps": args.reps, "machine": machine(), "metrics": table,
         })
         print(f"wrote {out}")
