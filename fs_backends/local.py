@@ -24,7 +24,9 @@ shows, which xattr and file names a client may touch) is the credential model's 
 (`fs_backends.security`), so QEMU's passthrough, none, mapped-xattr and mapped-file all fit.
 
 This module must never join path strings, follow a symlink, or block the trio loop: each backend
-call makes one hop to a worker thread (`fs_backends.offload`) and does all its syscalls there.
+call makes one hop to a worker thread (`fs_backends.offload`) and does all its syscalls there —
+except, when `inline_metadata` is on, metadata calls, which run on the loop while every one of
+them stays under 2 ms (one slower call sends them back to the workers for a while).
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import trio
 
@@ -139,6 +142,14 @@ class _RWLock:
             while self._writer or self._waiting:
                 self._c.wait()
             self._readers += 1
+
+    def try_acquire_shared(self) -> bool:
+        """acquire_shared if that needs no waiting (no reclaim running or due), else False."""
+        with self._c:
+            if self._writer or self._waiting:
+                return False
+            self._readers += 1
+            return True
 
     def release_shared(self) -> None:
         with self._c:
@@ -424,9 +435,11 @@ class LocalBackend:
         credentials: Credentials | None = None,
         multidevs: Literal["remap", "forbid", "warn"] = "remap",
         max_path_fds: int | None = None,
+        inline_metadata: bool = False,
     ) -> None:
         """`max_path_fds`: how many O_PATH fds (one per live node) to keep before reclaiming
-        idle ones; default half the RLIMIT_NOFILE soft limit."""
+        idle ones; default half the RLIMIT_NOFILE soft limit. `inline_metadata`: run metadata
+        calls on the trio thread while they are quick (see `_inline`) instead of a worker."""
         if multidevs not in ("remap", "forbid", "warn"):
             raise ValueError(f"multidevs must be remap, forbid or warn, not {multidevs!r}")
         if not os.path.isdir("/proc/self/fd"):
@@ -441,6 +454,9 @@ class LocalBackend:
         budget = max(8, min(soft // 2, soft - 40))
         self._pool = _FdPool(self._mu, max_path_fds if max_path_fds is not None else budget)
         self._reclaiming = False
+        #: Metadata calls (`_held`) run on the trio thread while they stay quick (`_inline`).
+        self.inline_metadata = inline_metadata
+        self._inline_until = 0.0
         fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         self._root = self._pool.new(fd, st.st_dev, st.st_ino)
@@ -617,11 +633,36 @@ class LocalBackend:
                 n.h.refs += 1
                 held.append(n.h)
         try:
+            if self.inline_metadata and self._inline_until <= time.monotonic():
+                ran, result = self._inline(fn, *args)
+                if ran:
+                    return cast(T, result)
             return await self._run(fn, *args)
         finally:
             with self._mu:
                 for h in held:
                     self._decref_locked(h)
+
+    #: An inline call slower than this turns inline calls off for INLINE_BACKOFF seconds.
+    INLINE_SLOW = 0.002
+    INLINE_BACKOFF = 10.0
+
+    def _inline(self, fn: Callable[..., T], *args: Any) -> tuple[bool, T | None]:
+        """Runs a metadata call on the trio thread itself, saving the two thread handoffs (and
+        context switches) of a worker-thread hop; (False, None) when it must hop instead: an fd
+        reclaim due or running. A slow call (cold cache on slow storage) sends the next calls to
+        the workers for a while, so a stall of the loop does not repeat."""
+        if self._reclaiming or self._pool.over_budget() or not self._pool.rw.try_acquire_shared():
+            return False, None
+        start = time.monotonic()
+        try:
+            return True, fn(*args)
+        finally:
+            self._pool.rw.release_shared()
+            if time.monotonic() - start > self.INLINE_SLOW:
+                self._inline_until = time.monotonic() + self.INLINE_BACKOFF
+                log.info("a metadata call took %.1f ms on the event loop; worker threads for %.0f s",
+                         (time.monotonic() - start) * 1000, self.INLINE_BACKOFF)
 
     async def _infile(self, f: LocalOpenFile, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(fd, *args) in a worker thread with f's fd kept open meanwhile; a close
@@ -1206,6 +1247,13 @@ class LocalBackend:
             raise FsError(errno.EINVAL)
         return await self._infile(f, os.pwrite, data, offset)
 
+    async def write_from(self, f: LocalOpenFile, offset: int, pwrite: Callable[[int, int], int]) -> int:
+        """`write` whose data `pwrite(fd, offset)` writes itself (zero-copy from guest memory)."""
+        self._fd(f)
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        return await self._infile(f, pwrite, offset)
+
     async def fsync(self, f: LocalOpenFile, datasync: bool) -> None:
         await self._infile(f, os.fdatasync if datasync else os.fsync)
 
@@ -1758,7 +1806,8 @@ def backend_for_model(
         fmode=getattr(options, "fmode", None),
         dmode=getattr(options, "dmode", None),
     )
-    return LocalBackend(export, readonly=readonly, credentials=creds, multidevs=multidevs)
+    return LocalBackend(export, readonly=readonly, credentials=creds, multidevs=multidevs,
+                        inline_metadata=bool(getattr(options, "inline_metadata", False)))
 
 
 __all__ = [

@@ -333,18 +333,26 @@ async def read(s: Session, msg: m.Tread) -> m.Message | Sent:
 
 
 async def write(s: Session, msg: m.Twrite) -> m.Message:
+    payload = s.write_payload(msg)  # data the transport left in guest memory, if any
     fid = s.fid(msg.fid)
     if fid.kind is FidKind.XATTR_WRITE:
-        end = msg.offset + len(msg.data)
+        data = msg.data if payload is None else payload.copy()
+        end = msg.offset + len(data)
         if msg.offset != len(fid.xattr_buf) or end > fid.xattr_size:
             raise OSError(errno.EINVAL, "xattr writes must be sequential and within the announced size")
-        fid.xattr_buf += msg.data
-        return m.Rwrite(len(msg.data))
+        fid.xattr_buf += data
+        return m.Rwrite(len(data))
     if fid.open is None:
         raise OSError(errno.EBADF, "fid not open")
-    if policy_of(s, fid).readonly or fid.export.backend.info.readonly:  # the hot path builds no Gate
+    backend = fid.export.backend
+    if policy_of(s, fid).readonly or backend.info.readonly:  # the hot path builds no Gate
         gate(s, fid).writable(fid.name)
-    n = await fid.export.backend.write(fid.open, msg.offset, msg.data)
+    if payload is None:
+        n = await backend.write(fid.open, msg.offset, msg.data)
+    elif (write_from := getattr(backend, "write_from", None)) is not None:
+        n = await write_from(fid.open, msg.offset, payload.pwrite)  # pwritev from guest memory
+    else:
+        n = await backend.write(fid.open, msg.offset, payload.copy())
     return m.Rwrite(n)
 
 

@@ -1,7 +1,9 @@
 """One 9P connection: dialect and msize negotiation, the fid table, requests in flight, flush.
 
-The session reads whole messages from a Channel, runs each request as its own trio task (many in
-flight, answered as they finish), and hands decoded T-messages to the handlers in `ninep.ops`.
+The session reads whole messages from a Channel, runs each request on one of the connection's
+worker tasks (many in flight, answered as they finish; a worker that finishes waits for the next
+request instead of exiting, so a request costs no task spawn), and hands decoded T-messages to the
+handlers in `ninep.ops`.
 Tflush interrupts the request where it waits (a blocking lock: `Session.interruptible`) and is
 answered after it; a request interrupted that way gets no reply. Backend calls are never abandoned
 half-way — their results (fds, new fids) would leak — so a request flushed while in one completes
@@ -47,7 +49,7 @@ from ninep.protocol import (
     VERSION_UNKNOWN,
     T,
 )
-from transports.base import Buffer, Channel, FramingError
+from transports.base import Buffer, Channel, FramingError, Payload
 
 log = logging.getLogger("ninep.session")
 trace_log = logging.getLogger("ninep.trace")
@@ -131,11 +133,18 @@ class Session:
         self.msize = 0
         self.fids: dict[int, Fid] = {}
         self.inflight: dict[int, Request] = {}
-        self._slots = trio.Semaphore(self.options.max_inflight)
+        #: Workers parked between requests (`_worker`), and the request handed to each on waking.
+        self._idle: list[trio.lowlevel.Task] = []
+        self._handoff: dict[trio.lowlevel.Task, tuple[memoryview, Request]] = {}
+        #: Set when a request finishes while `_dispatch` waits for `max_inflight` to allow another.
+        self._slot_freed: trio.Event | None = None
+        self._parking = True  # False once the connection ends: workers exit after their request
         self._memory = MemoryBudget(self.options.max_conn_memory, f"connection {self.conn_id}")
         self._slots_warned = False
         self._handlers: dict[int, Handler] = {}
         self._closing = False
+        #: `ZeroCopyWrites` channels: large Twrite data stays in the peer's memory.
+        self._take_payload: Callable[[int], Payload | None] | None = getattr(channel, "take_payload", None)
         self.stats = ConnStats(self.conn_id, channel.peer)
 
     # --- public --------------------------------------------------------------------------------
@@ -173,6 +182,7 @@ class Session:
                     # within a grace period: a backend that never answers (a wedged remote or
                     # proxy helper) must not keep a dead connection, or the server, alive.
                     self.interrupt_all()
+                    self._dismiss_workers()
                     await self._reap(self.options.drain_seconds)
         finally:
             with trio.CancelScope(shield=True):
@@ -254,6 +264,13 @@ class Session:
         if req is not None:
             req.answered = True
 
+    def write_payload(self, msg: m.Twrite) -> Payload | None:
+        """The data of a Twrite that the channel left in the peer's memory (it arrived with count
+        0; see `transports.base.ZeroCopyWrites`), once; None for an ordinary Twrite."""
+        if self._take_payload is None or len(msg.data):
+            return None
+        return self._take_payload(msg.tag)
+
 
     # --- dispatch -----------------------------------------------------------------------------
 
@@ -273,16 +290,53 @@ class Session:
             if not old.answered:
                 raise FramingError(f"tag {tag} reused while still in flight")
             await old.done.wait()
-        if not self._slots.value and not self._slots_warned:
+        if len(self.inflight) >= self.options.max_inflight and not self._slots_warned:
             self._slots_warned = True
             log.info("connection %d: max-inflight %d reached: not reading more until replies drain",
                      self.conn_id, self.options.max_inflight)
-        await self._slots.acquire()
+        while len(self.inflight) >= self.options.max_inflight:
+            self._slot_freed = trio.Event()
+            await self._slot_freed.wait()
         cost = request_cost(buf, msgtype, self.msize)
         await self._memory.acquire(cost)
         req = Request(tag, msgtype, started=time.perf_counter(), cost=cost)
         self.inflight[tag] = req
-        nursery.start_soon(self._run_request, buf, req)
+        if self._idle:
+            worker = self._idle.pop()
+            self._handoff[worker] = (buf, req)
+            trio.lowlevel.reschedule(worker)
+        else:
+            nursery.start_soon(self._worker, buf, req)
+
+    #: Parked workers kept per connection; more finish instead of parking.
+    MAX_IDLE_WORKERS = 16
+
+    async def _worker(self, buf: memoryview, req: Request) -> None:
+        """Runs requests one after another: the first it was started with, then each one
+        `_dispatch` hands it while it is parked. Exits when enough others are parked already, or
+        when the connection's nursery is cancelled while it is parked."""
+        task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._idle.remove(task)  # cancelled while parked: nothing was handed to it
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            await self._run_request(buf, req)
+            if not self._parking or len(self._idle) >= self.MAX_IDLE_WORKERS:
+                return
+            self._idle.append(task)
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            work = self._handoff.pop(task, None)
+            if work is None:
+                return  # dismissed: the connection ended
+            buf, req = work
+
+    def _dismiss_workers(self) -> None:
+        self._parking = False
+        idle, self._idle = self._idle, []
+        for task in idle:
+            trio.lowlevel.reschedule(task)
 
     async def _run_request(self, buf: memoryview, req: Request) -> None:
         reply: m.Message | Sent | None = None
@@ -303,7 +357,7 @@ class Session:
                     pass
                 except Refused as e:
                     name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
-                    e.log(f"connection {self.conn_id} from {self.channel.peer}", name)
+                    e.log(f"connection {self.conn_id} from {self.identity}", name)
                     err = (e.errno or errno.EPERM, e.reason)
                 except DecodeError as e:
                     log.info("connection %d: malformed message (type %s tag %s): %s", self.conn_id, req.msgtype, req.tag, e)
@@ -333,8 +387,10 @@ class Session:
             if self.inflight.get(req.tag) is req:
                 del self.inflight[req.tag]
             req.done.set()
-            self._slots.release()
             self._memory.release(req.cost)
+            if self._slot_freed is not None:
+                self._slot_freed.set()
+                self._slot_freed = None
 
     # --- replies ------------------------------------------------------------------------------
 

@@ -58,6 +58,8 @@ def make_backend(kind: str, root: Path, **kw: Any) -> Any:
     elif kind == "local-reclaim":
         # A tiny fd budget: idle node fds are closed and reopened by file handle all the time.
         kw.setdefault("max_path_fds", 4)
+    elif kind == "local-inline":
+        kw.setdefault("inline_metadata", True)  # metadata syscalls on the trio thread
     return LocalBackend(str(root), **kw)
 
 
@@ -67,6 +69,7 @@ BACKENDS = [
     "local-mapped",
     "local-mapped-file",
     "local-reclaim",
+    "local-inline",
     "proxy",
     "proxy-mapped",
 ]

@@ -27,7 +27,7 @@ import trio
 from transports.base import ChannelHandler
 from transports.virtio import vhost_user as vu
 from transports.virtio._ext import MemTable, VirtqError, VirtQueue, drain_eventfd, signal_eventfd
-from transports.virtio.channel import QueueChannel
+from transports.virtio.channel import QueueChannel, split_args
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,7 @@ class Device:
             log.warning("vhost-user %s: queue %d cannot start: %s", self.peer, vr.index, exc)
             self._signal_error(vr)
             return
+        queue.set_split(*split_args())  # large Twrite data stays in guest memory (zero-copy)
         self.starts += 1
         vr.queue = queue
         vr.channel = QueueChannel(f"vhost-user:{self.peer}#{self.starts}", self.max_msize, vr.notify)

@@ -4,10 +4,11 @@ request; its reply goes back into the same chain.
 Replies are matched to chains by the tag in the 7-byte header (tags are unique among a
 session's requests in flight; a duplicate is tolerated by answering chains of one tag in order).
 Requests are handed out as soon as they are popped, so the server may process several at once
-and answer them in any order. `send_rread` reads a file straight into the chain's buffers.
+and answer them in any order. `send_rread` reads a file straight into the chain's buffers; a large
+Twrite arrives with its data left in guest memory (`take_payload`, written to a file with pwritev).
 
-This module must never parse a 9P message beyond its header, except the two fields it needs to
-return a flushed request's buffers to the driver (Tflush's oldtag).
+This module must never parse a 9P message beyond its header, except Tflush's oldtag (to return a
+flushed request's buffers to the driver) and the fixed Twrite header (to leave its data in place).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -28,7 +30,11 @@ log = logging.getLogger(__name__)
 HEADER = struct.Struct("<IBH")
 RREAD_HEADER = struct.Struct("<IBHI")
 RLERROR = struct.Struct("<IBHI")
-TFLUSH, RFLUSH, RREAD, RLERROR_TYPE = 108, 109, 117, 7
+#: size[4] type[1] tag[2] fid[4] offset[8] count[4], the same in every dialect.
+TWRITE_HEADER = struct.Struct("<IBHIQI")
+TFLUSH, RFLUSH, RREAD, TWRITE, RLERROR_TYPE = 108, 109, 117, 118, 7
+#: Twrites with more data than this keep it in guest memory (Linux's own zero-copy threshold).
+ZERO_COPY_WRITE_MIN = 1024
 EINVAL, EMSGSIZE, EOPNOTSUPP = 22, 90, 95
 
 
@@ -39,6 +45,35 @@ def _header_of(parts: Sequence[Buffer]) -> bytes:
         if len(head) >= 7:
             return head
     raise ValueError("reply shorter than a 9P header")
+
+
+def split_args() -> tuple[int, int, int]:
+    """`VirtQueue.set_split` arguments that leave large Twrite data in guest memory."""
+    return TWRITE, TWRITE_HEADER.size, TWRITE_HEADER.size + ZERO_COPY_WRITE_MIN
+
+
+@dataclass(slots=True)
+class GuestPayload:
+    """The data of one Twrite, still in guest memory: `count` bytes at `start` of its chain's
+    readable stream. Addresses and lengths were read and checked once when the chain was popped;
+    the guest may still change the bytes (that is its own data)."""
+
+    chain: Chain
+    start: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def pwrite(self, fd: int, offset: int) -> int:
+        """Blocking pwritev from guest memory to `fd` (GIL released): run it in a worker thread."""
+        n: int = self.chain.pwrite(fd, offset, self.start, self.count)
+        return n
+
+    def copy(self) -> bytes:
+        """A private copy, for writes that do not go to a host fd."""
+        data: bytes = self.chain.read(self.start, self.count)
+        return data
 
 
 class QueueChannel:
@@ -54,8 +89,10 @@ class QueueChannel:
         self._send_q, self._recv_q = trio.open_memory_channel[memoryview](math.inf)
         self._inflight: dict[int, deque[Chain]] = {}
         self._flushes: dict[int, int] = {}  # tag of a Tflush -> the tag it flushes
+        self._payloads: dict[int, GuestPayload] = {}  # tag of a split Twrite -> its data
         self._closed = False
         self.zero_copy_reads = 0  # Rreads that went file -> guest buffers directly
+        self.zero_copy_writes = 0  # Twrites handed out with their data left in guest memory
         self._nowait = True  # try preadv2(RWF_NOWAIT) on the loop before a worker thread
 
     # -- fed by the back-end ------------------------------------------------------------------
@@ -66,16 +103,31 @@ class QueueChannel:
             return
         request = chain.request
         size, mtype, tag = HEADER.unpack_from(request)  # caller guarantees >= 7 bytes
-        if size < 7 or size > len(request) or size > self._msize:
-            log.warning("%s: request of %d bytes declares size %d; answered EMSGSIZE", self.peer, len(request), size)
+        if size < 7 or size > chain.readable or size > self._msize:
+            log.warning("%s: request of %d bytes declares size %d; answered EMSGSIZE", self.peer, chain.readable, size)
             self._answer_error(chain, tag, EMSGSIZE)
             return
-        message = memoryview(request)[:size]
+        message = self._split_write(chain, request, size, tag) if chain.split else memoryview(request)[:size]
         if mtype == TFLUSH and size >= 9:
             (oldtag,) = struct.unpack_from("<H", request, 7)
             self._flushes[tag] = oldtag
         self._inflight.setdefault(tag, deque()).append(chain)
         self._send_q.send_nowait(message)
+
+    def _split_write(self, chain: Chain, head: bytes, size: int, tag: int) -> memoryview:
+        """The message to hand out for a Twrite whose data stayed in guest memory: its header with
+        count 0 (size 23), the data kept for `take_payload`. A Twrite whose count disagrees with
+        its size is copied whole instead, so the codec rejects it as it would on any transport."""
+        _, _, _, fid, offset, count = TWRITE_HEADER.unpack_from(head)
+        if size != TWRITE_HEADER.size + count:
+            return memoryview(head + chain.read(len(head), size - len(head)))
+        self._payloads[tag] = GuestPayload(chain, TWRITE_HEADER.size, count)
+        self.zero_copy_writes += 1
+        return memoryview(TWRITE_HEADER.pack(TWRITE_HEADER.size, TWRITE, tag, fid, offset, 0))
+
+    def take_payload(self, tag: int) -> GuestPayload | None:
+        """The guest-memory data of the Twrite `tag` received with count 0, once; else None."""
+        return self._payloads.pop(tag, None)
 
     def _answer_error(self, chain: Chain, tag: int, errno: int) -> None:
         if chain.capacity >= RLERROR.size:
@@ -109,6 +161,7 @@ class QueueChannel:
             return  # the ring is gone; its buffers went with it
         size, mtype, tag = HEADER.unpack(_header_of(parts))
         chain = self._take(tag)
+        self._payloads.pop(tag, None)  # a Twrite answered without taking its data (an error)
         if chain is None:
             log.warning("%s: reply for tag %d matches no request in flight; dropped", self.peer, tag)
             return
@@ -124,6 +177,7 @@ class QueueChannel:
             if oldtag is not None and oldtag != tag:
                 # The flushed request will get no reply; hand its buffers back, empty.
                 old = self._take(oldtag)
+                self._payloads.pop(oldtag, None)
                 if old is not None:
                     self._complete(old, 0)
 
@@ -181,3 +235,4 @@ class QueueChannel:
             self._send_q.close()
             self._inflight.clear()
             self._flushes.clear()
+            self._payloads.clear()
