@@ -63,7 +63,7 @@ class Server:
         self._stopped = trio.Event()
         # A connection counts under its export from its first attach; before, under the only one.
         only = list(exports)
-        self.metrics = Metrics(only[0].name if len(only) == 1 else "")
+        self.metrics = Metrics(only[0].name if len(only) == 1 else "(unattached)")
 
     @property
     def backend(self) -> Backend:
