@@ -420,6 +420,52 @@ def test_missing_doorbells_and_doorbell_storms() -> None:
     run(main)
 
 
+def test_no_kicks_needed_while_the_device_is_busy() -> None:
+    """With EVENT_IDX the driver kicks only when the device went idle: requests queued while the
+    server is still working on earlier ones are picked up without a kick (a guest exit each)."""
+
+    async def main() -> None:
+        busy = trio.Event()
+        release = trio.Event()
+
+        async def handler(channel) -> None:  # noqa: ANN001
+            first = True
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        msg = await channel.receive()
+                    except trio.EndOfChannel:
+                        break
+                    if first:  # stays busy with the first request before reading more
+                        first = False
+                        busy.set()
+                        await release.wait()
+                    size, mtype, tag = HDR.unpack_from(msg)
+                    nursery.start_soon(channel.send, [HDR.pack(size, mtype + 1, tag), bytes(msg[7:])])
+                nursery.cancel_scope.cancel()
+
+        async with serving(handler) as (path, _):
+            fe = Frontend(path, msize=65536, event_idx=True, slots=8)
+            ch = await fe.connect()
+            await ch.send([HDR.pack(8, 100, 1), b"a"])
+            with trio.fail_after(5):
+                await busy.wait()
+            for tag in (2, 3, 4):
+                await ch.send([HDR.pack(8, 100, tag), b"b"])
+            assert fe.kicks == 1  # only the request that found the device idle
+            release.set()
+            tags = set()
+            with trio.fail_after(5):
+                for _ in range(4):
+                    tags.add(HDR.unpack_from(await ch.receive())[2])
+            assert tags == {1, 2, 3, 4}
+            assert await roundtrip(ch, 9, b"idle again") == b"idle again"  # idle: kicked again
+            assert fe.kicks == 2
+            await ch.aclose()
+
+    run(main)
+
+
 def test_missing_extension_gives_a_clear_import_error() -> None:
     import subprocess
     import sys

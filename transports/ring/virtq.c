@@ -582,8 +582,9 @@ static PyObject *vq_pop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
     c->mem = q->mem;
     q->inflight++;
     q->last_avail++;
-    if (q->event_idx)
-        ring_store16(vq_avail_event(q), htole16(q->last_avail));
+    /* avail_event is left where the last empty pop put it: while the device keeps popping, the
+     * driver need not kick (a kick per request costs the guest an exit and us a wakeup). The pop
+     * that finds the ring empty asks for the next kick and looks again, so none is missed. */
     return (PyObject *)c;
 fail:
     PyMem_Free(rd.v);

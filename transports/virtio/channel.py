@@ -1,6 +1,9 @@
 """The server-side Channel of one running virtqueue: each available descriptor chain is one 9P
 request; its reply goes back into the same chain.
 
+`receive` pops the virtqueue itself (no task between the ring and the session): it takes the
+next available chain, and only when the ring is empty waits for the driver's kick on its eventfd.
+
 Replies are matched to chains by the tag in the 7-byte header (tags are unique among a
 session's requests in flight; a duplicate is tolerated by answering chains of one tag in order).
 Requests are handed out as soon as they are popped, so the server may process several at once
@@ -14,16 +17,16 @@ flushed request's buffers to the driver) and the fixed Twrite header (to leave i
 from __future__ import annotations
 
 import logging
-import math
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import trio
 
 from transports.base import Buffer
-from transports.virtio._ext import Chain
+from transports.virtio._ext import Chain, VirtqError, drain_eventfd
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +79,42 @@ class GuestPayload:
         return data
 
 
+class Ring(Protocol):
+    """What the channel reads of the back-end's state of its ring (`backend.Vring`): both may
+    change while the channel runs (SET_VRING_ENABLE, SET_VRING_KICK)."""
+
+    enabled: bool
+    kick: int | None
+
+
+#: Requests `receive` hands out from a full ring before letting other tasks run once.
+POPS_PER_CHECKPOINT = 32
+
+
 class QueueChannel:
     """One virtqueue seen as a Channel (server side). Created by the back-end when the queue
     starts; closed when it stops (the VMM stopped the ring, reset, disconnected, or the driver
     broke the ring rules)."""
 
-    def __init__(self, peer: str, max_message_size: int, notify: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        peer: str,
+        max_message_size: int,
+        notify: Callable[[], None],
+        queue: Any,
+        ring: Ring,
+        broken: Callable[[str], object],
+    ) -> None:
         self.peer = peer
         self.max_message_size = max_message_size
         self._msize = max_message_size
         self._notify = notify
-        self._send_q, self._recv_q = trio.open_memory_channel[memoryview](math.inf)
+        self._queue = queue  # transports._ring.VirtQueue
+        self._ring = ring
+        self._broken = broken  # stops the ring and tells the VMM (err eventfd)
+        self._waiting_on: int | None = None  # the kick fd `receive` is parked on
+        self._unyielded = 0
+        self.requests = 0
         self._inflight: dict[int, deque[Chain]] = {}
         self._flushes: dict[int, int] = {}  # tag of a Tflush -> the tag it flushes
         self._payloads: dict[int, GuestPayload] = {}  # tag of a split Twrite -> its data
@@ -95,24 +123,39 @@ class QueueChannel:
         self.zero_copy_writes = 0  # Twrites handed out with their data left in guest memory
         self._nowait = True  # try preadv2(RWF_NOWAIT) on the loop before a worker thread
 
-    # -- fed by the back-end ------------------------------------------------------------------
-    def deliver(self, chain: Chain) -> None:
-        """Accepts a popped chain: checks its framing and queues it for `receive`."""
-        if self._closed:
-            self._complete(chain, 0)  # nobody serves this ring any more
-            return
+    # -- reading the ring ---------------------------------------------------------------------
+    def _accept(self, chain: Chain) -> memoryview | None:
+        """Checks a popped chain's framing; returns its message, or None when it was answered
+        (EMSGSIZE) here. A chain with no room for any 9P message breaks the queue."""
         request = chain.request
-        size, mtype, tag = HEADER.unpack_from(request)  # caller guarantees >= 7 bytes
+        if len(request) < 7 or chain.capacity < 7:
+            self._queue.mark_broken(  # raises VirtqError
+                f"chain with {len(request)} readable and {chain.capacity} writable bytes cannot carry 9P"
+            )
+        size, mtype, tag = HEADER.unpack_from(request)
         if size < 7 or size > chain.readable or size > self._msize:
             log.warning("%s: request of %d bytes declares size %d; answered EMSGSIZE", self.peer, chain.readable, size)
             self._answer_error(chain, tag, EMSGSIZE)
-            return
+            return None
         message = self._split_write(chain, request, size, tag) if chain.split else memoryview(request)[:size]
         if mtype == TFLUSH and size >= 9:
             (oldtag,) = struct.unpack_from("<H", request, 7)
             self._flushes[tag] = oldtag
         self._inflight.setdefault(tag, deque()).append(chain)
-        self._send_q.send_nowait(message)
+        return message
+
+    def _next(self) -> memoryview | None:
+        """The next request waiting in the ring, or None when it is empty (then, with EVENT_IDX,
+        the driver has been asked to kick at its next buffer). Raises VirtqError."""
+        while self._ring.enabled and not self._closed:
+            chain = self._queue.pop()
+            if chain is None:
+                return None
+            self.requests += 1
+            message = self._accept(chain)
+            if message is not None:
+                return message
+        return None
 
     def _split_write(self, chain: Chain, head: bytes, size: int, tag: int) -> memoryview:
         """The message to hand out for a Twrite whose data stayed in guest memory: its header with
@@ -151,10 +194,38 @@ class QueueChannel:
 
     # -- Channel ------------------------------------------------------------------------------
     async def receive(self) -> memoryview:
-        try:
-            return await self._recv_q.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise trio.EndOfChannel from None
+        while not self._closed:
+            try:
+                message = self._next()
+            except VirtqError as exc:
+                log.warning("%s: queue broken: %s", self.peer, exc)
+                self._broken(str(exc))  # closes this channel
+                break
+            if message is not None:
+                # A ring kept full hands out requests without waiting; let the workers they
+                # started run now and then (an empty ring makes us wait anyway).
+                self._unyielded += 1
+                if self._unyielded >= POPS_PER_CHECKPOINT:
+                    self._unyielded = 0
+                    await trio.lowlevel.checkpoint()
+                    if self._closed:
+                        break
+                return message
+            self._unyielded = 0
+            kick = self._ring.kick
+            if kick is None:
+                break
+            # Woken by a kick, or by `close` / a kick fd replaced (ClosedResourceError): either
+            # way look at the ring (and at self._ring.kick) again.
+            self._waiting_on = kick
+            try:
+                await trio.lowlevel.wait_readable(kick)
+                drain_eventfd(kick)
+            except (trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                self._waiting_on = None
+        raise trio.EndOfChannel
 
     async def send(self, parts: Sequence[Buffer]) -> None:
         if self._closed:
@@ -232,7 +303,8 @@ class QueueChannel:
         """Ends `receive`; replies sent after this are dropped (the ring stopped)."""
         if not self._closed:
             self._closed = True
-            self._send_q.close()
+            if self._waiting_on is not None:
+                trio.lowlevel.notify_closing(self._waiting_on)  # wakes `receive` (fd stays open)
             self._inflight.clear()
             self._flushes.clear()
             self._payloads.clear()
