@@ -69,7 +69,8 @@ class MemoryBudget:
         self.peak = 0
         self.waits = 0
         self._what = what
-        self._freed = trio.Event()
+        #: Made only while the reader waits for room: most releases have nobody to wake.
+        self._freed: trio.Event | None = None
 
     async def acquire(self, n: int) -> None:
         while self.used and self.used + n > self.limit:
@@ -77,14 +78,17 @@ class MemoryBudget:
                 log.warning("%s: %d bytes in flight, max-conn-memory %d reached: not reading more "
                             "until replies drain", self._what, self.used, self.limit)
             self.waits += 1
+            if self._freed is None:
+                self._freed = trio.Event()
             await self._freed.wait()
         self.used += n
         self.peak = max(self.peak, self.used)
 
     def release(self, n: int) -> None:
         self.used -= n
-        self._freed.set()
-        self._freed = trio.Event()
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
 
 
 async def refuse(channel: Channel, reason: str, encode_error: Callable[[int, int, str], Sequence[Buffer]]) -> None:

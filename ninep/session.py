@@ -107,15 +107,32 @@ class Request:
     #: Set by Tflush (or teardown); `wait_scope` is the interruptible wait in progress, if any.
     flushed: bool = False
     wait_scope: trio.CancelScope | None = None
-    #: The shielded scope the request runs in; unshielded and cancelled only as a last resort.
+    #: The shielded scope the request runs in (its worker's); unshielded and cancelled only as a
+    #: last resort.
     scope: trio.CancelScope | None = None
-    done: trio.Event = field(default_factory=trio.Event)
     started: float = 0.0
     #: Bytes charged to the connection's memory budget (ninep.limits.request_cost).
     cost: int = 0
     #: Set just before the reply goes out: from then on the client may legitimately reuse the tag
     #: (it can see the reply before this task has removed the request from `inflight`).
     answered: bool = False
+    finished: bool = False
+    #: Made only when someone waits for the request (flush, drain, a reused tag): most never do.
+    _done: trio.Event | None = None
+
+    @property
+    def done(self) -> trio.Event:
+        """Set once the request has finished (replied, or ended with no reply)."""
+        if self._done is None:
+            self._done = trio.Event()
+            if self.finished:
+                self._done.set()
+        return self._done
+
+    def finish(self) -> None:
+        self.finished = True
+        if self._done is not None:
+            self._done.set()
 
 
 class Session:
@@ -321,16 +338,23 @@ class Session:
             self._idle.remove(task)  # cancelled while parked: nothing was handed to it
             return trio.lowlevel.Abort.SUCCEEDED
 
-        while True:
-            await self._run_request(buf, req)
-            if not self._parking or len(self._idle) >= self.MAX_IDLE_WORKERS:
-                return
-            self._idle.append(task)
-            await trio.lowlevel.wait_task_rescheduled(abort)
-            work = self._handoff.pop(task, None)
-            if work is None:
-                return  # dismissed: the connection ended
-            buf, req = work
+        # One shielded scope for all the worker's requests, not one per request (entering and
+        # leaving a scope is a measurable part of a round trip): only `interruptible` waits
+        # inside may be cut short (see the module docstring). `_reap` cancelling it as a last
+        # resort ends the worker along with its request. While parked the worker is shielded
+        # too; `_dismiss_workers` wakes it when the connection ends.
+        with trio.CancelScope(shield=True) as scope:
+            while True:
+                req.scope = scope
+                await self._run_request(buf, req)
+                if not self._parking or len(self._idle) >= self.MAX_IDLE_WORKERS:
+                    return
+                self._idle.append(task)
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                work = self._handoff.pop(task, None)
+                if work is None:
+                    return  # dismissed: the connection ended
+                buf, req = work
 
     def _dismiss_workers(self) -> None:
         self._parking = False
@@ -342,51 +366,50 @@ class Session:
         reply: m.Message | Sent | None = None
         err: tuple[int, str] | None = None
         try:
-            # Shielded: only `interruptible` waits inside may be cut short (see module docstring).
-            with trio.CancelScope(shield=True) as req.scope:
-                try:
-                    msg = self.codec.decode(buf)
-                    if self.options.trace:
-                        trace_log.info("%d <- %s", self.conn_id, msg)
-                    handler = self._handlers.get(req.msgtype)
-                    if handler is None:
-                        name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
-                        raise OSError(errno.EOPNOTSUPP, f"{name} not supported in {self.dialect}")
-                    reply = await handler(self, msg)
-                except Flushed:
-                    pass
-                except Refused as e:
-                    name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
-                    e.log(f"connection {self.conn_id} from {self.identity}", name)
-                    err = (e.errno or errno.EPERM, e.reason)
-                except DecodeError as e:
-                    log.info("connection %d: malformed message (type %s tag %s): %s", self.conn_id, req.msgtype, req.tag, e)
-                    err = (e.errno, str(e))
-                except OSError as e:
-                    err = (e.errno or errno.EIO, e.strerror or os.strerror(e.errno or errno.EIO))
-                except (ValueError, OverflowError) as e:
-                    # Values a backend refused outright (a name with NUL, an out-of-range number).
-                    err = (errno.EINVAL, str(e))
-                except Exception:
-                    log.exception("connection %d: request %s failed", self.conn_id, T(req.msgtype).name)
-                    err = (errno.EIO, "internal error")
-                req.answered = reply is not None or err is not None
-                if isinstance(reply, m.Message):
-                    reply.tag = req.tag
-                    await self.send(reply)
-                elif err is not None:
-                    await self.send_error(req.tag, err[0], err[1])
+            # In the worker's shielded scope: only `interruptible` waits may be cut short.
+            try:
+                msg = self.codec.decode(buf)
                 if self.options.trace:
-                    ms = (time.perf_counter() - req.started) * 1000
-                    what = reply if reply is not None else (f"error {err[0]} {err[1]}" if err else "flushed, no reply")
-                    trace_log.info("%d -> %s (%.3f ms)", self.conn_id, what, ms)
+                    trace_log.info("%d <- %s", self.conn_id, msg)
+                handler = self._handlers.get(req.msgtype)
+                if handler is None:
+                    name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
+                    raise OSError(errno.EOPNOTSUPP, f"{name} not supported in {self.dialect}")
+                reply = await handler(self, msg)
+            except Flushed:
+                pass
+            except Refused as e:
+                name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
+                e.log(f"connection {self.conn_id} from {self.identity}", name)
+                err = (e.errno or errno.EPERM, e.reason)
+            except DecodeError as e:
+                log.info("connection %d: malformed message (type %s tag %s): %s", self.conn_id, req.msgtype, req.tag, e)
+                err = (e.errno, str(e))
+            except OSError as e:
+                err = (e.errno or errno.EIO, e.strerror or os.strerror(e.errno or errno.EIO))
+            except (ValueError, OverflowError) as e:
+                # Values a backend refused outright (a name with NUL, an out-of-range number).
+                err = (errno.EINVAL, str(e))
+            except Exception:
+                log.exception("connection %d: request %s failed", self.conn_id, T(req.msgtype).name)
+                err = (errno.EIO, "internal error")
+            req.answered = reply is not None or err is not None
+            if isinstance(reply, m.Message):
+                reply.tag = req.tag
+                await self.send(reply)
+            elif err is not None:
+                await self.send_error(req.tag, err[0], err[1])
+            if self.options.trace:
+                ms = (time.perf_counter() - req.started) * 1000
+                what = reply if reply is not None else (f"error {err[0]} {err[1]}" if err else "flushed, no reply")
+                trace_log.info("%d -> %s (%.3f ms)", self.conn_id, what, ms)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection is going away; run() cleans up
         finally:
             self.stats.done(req.msgtype, err[0] if err else 0, reply, req.started)
             if self.inflight.get(req.tag) is req:
                 del self.inflight[req.tag]
-            req.done.set()
+            req.finish()
             self._memory.release(req.cost)
             if self._slot_freed is not None:
                 self._slot_freed.set()

@@ -32,6 +32,8 @@ _SIZE = struct.Struct("<I")
 #: Linux's fd/tcp transports cap msize at 1 MiB (MAX_SOCK_BUF); we allow the server's hard cap.
 STREAM_MAX_MESSAGE = 4 * 1024 * 1024
 _RECV_CHUNK = 256 * 1024
+#: Reads in a row that found data at once before a receive yields to the scheduler anyway.
+_YIELD_EVERY = 16
 
 
 class _Framer:
@@ -115,6 +117,7 @@ class SocketChannel:
         self._framer = _Framer(max_message_size)
         self._send_lock = trio.Lock()
         self._closed = False
+        self._direct_reads = 0  # reads in a row that found data without waiting
 
     def set_msize(self, msize: int) -> None:
         self._framer.set_limit(msize)
@@ -123,10 +126,28 @@ class SocketChannel:
         return await self._framer.receive(self._recv, self._receive_large)
 
     async def _recv(self) -> bytes:
-        try:
-            return await self.sock.recv(_RECV_CHUNK)
-        except (OSError, trio.ClosedResourceError) as e:
-            raise trio.EndOfChannel(str(e)) from None
+        # Straight to the (non-blocking) socket first: when a request is already waiting, as it
+        # usually is, it costs no trip through the scheduler; wait only when there is nothing.
+        while True:
+            try:
+                data = os.read(self.sock.fileno(), _RECV_CHUNK)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise trio.EndOfChannel(str(e)) from None
+            else:
+                self._direct_reads += 1
+                if self._direct_reads >= _YIELD_EVERY:
+                    # A peer that never lets the socket run dry still lets other tasks (and
+                    # cancellation) in now and then.
+                    self._direct_reads = 0
+                    await trio.lowlevel.checkpoint()
+                return data
+            self._direct_reads = 0
+            try:
+                await trio.lowlevel.wait_readable(self.sock)
+            except (OSError, trio.ClosedResourceError) as e:
+                raise trio.EndOfChannel(str(e)) from None
 
     async def _receive_large(self, size: int) -> memoryview:
         """Reads the rest of a large message straight into its final buffer, which becomes the
@@ -151,19 +172,45 @@ class SocketChannel:
         return view
 
     async def send(self, parts: Sequence[Buffer]) -> None:
-        async with self._send_lock:
-            views = [memoryview(p).cast("B") for p in parts if len(p)]
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        lock = self._send_lock
+        if lock.locked():
+            async with lock:  # another reply is part-way out: queue behind it
+                await self._send_all(views)
+            return
+        # Nobody is sending: write at once, without a scheduler round (most replies fit in the
+        # socket buffer). Only a reply that does not fit takes the lock and waits for room.
+        if self._write(views):
+            return
+        lock.acquire_nowait()
+        try:
+            await self._send_all(views)
+        finally:
+            lock.release()
+
+    def _write(self, views: list[memoryview]) -> bool:
+        """Writes what the socket takes now, dropping what went out from `views`; True when
+        nothing is left."""
+        try:
+            n = os.writev(self.sock.fileno(), views)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            raise trio.BrokenResourceError(str(e)) from e
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+        return not views
+
+    async def _send_all(self, views: list[memoryview]) -> None:
+        while views and not self._write(views):
             try:
-                while views:
-                    n = await self.sock.sendmsg(views)
-                    while n and views:
-                        if n >= len(views[0]):
-                            n -= len(views[0])
-                            views.pop(0)
-                        else:
-                            views[0] = views[0][n:]
-                            n = 0
-            except OSError as e:
+                await trio.lowlevel.wait_writable(self.sock)
+            except (OSError, trio.ClosedResourceError) as e:
                 raise trio.BrokenResourceError(str(e)) from e
 
     async def aclose(self) -> None:
