@@ -113,7 +113,8 @@ class Helper:
     def __init__(self, backend: Any, sock: socket.socket) -> None:
         self.b = backend
         self.t = Tables()
-        self.sock = trio.socket.from_stdlib_socket(sock)
+        sock.setblocking(False)
+        self.raw = sock
         self._send_lock = trio.Lock()
         self.ops: dict[int, Callable[[W.Reader], Awaitable[Result]]] = {
             W.ATTACH: self.attach, W.WALK: self.walk, W.RELEASE: self.release,
@@ -130,18 +131,40 @@ class Helper:
     # -- the loop ---------------------------------------------------------------------------
 
     async def send(self, op: int, rid: int, body: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+        """One reply datagram. Tried at once without a trio checkpoint (the socket almost always
+        has room, and each checkpoint is a trip through the scheduler and epoll); only a full
+        socket waits, under the lock so replies never interleave with a waiting one."""
+        data = W.message(op, rid, body)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        if not self._send_lock.locked():
+            try:
+                self.raw.sendmsg([data], anc, socket.MSG_DONTWAIT)
+                return
+            except BlockingIOError:
+                pass
         async with self._send_lock:
-            await self.sock.sendmsg([W.message(op, rid, body)], anc)
+            while True:
+                await trio.lowlevel.wait_writable(self.raw)
+                try:
+                    self.raw.sendmsg([data], anc, socket.MSG_DONTWAIT)
+                    return
+                except BlockingIOError:
+                    continue
 
     async def serve(self) -> None:
+        """Reads requests as long as there are any without a checkpoint in between (one wakeup
+        takes every request queued meanwhile), each becomes a task; at most MAX_IN_FLIGHT run."""
         limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
+        raw = self.raw
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    msg, anc, flags, _ = await self.sock.recvmsg(
-                        _RECV_SIZE, socket.CMSG_SPACE(W.MAX_FDS * 4)
+                    msg, anc, flags, _ = raw.recvmsg(
+                        _RECV_SIZE, socket.CMSG_SPACE(W.MAX_FDS * 4), socket.MSG_DONTWAIT
                     )
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(raw)
+                    continue
                 except OSError as e:
                     log.info("socket closed: %s", e)
                     break
@@ -167,7 +190,10 @@ class Helper:
                     await self.send(op | W.REPLY, rid, W.Writer().u32(e.err).body())
                     continue
                 token = object()  # ids come from the server and may repeat: not a borrower key
-                await limiter.acquire_on_behalf_of(token)
+                try:
+                    limiter.acquire_on_behalf_of_nowait(token)
+                except trio.WouldBlock:
+                    await limiter.acquire_on_behalf_of(token)
                 nursery.start_soon(self._run, limiter, token, h, handler, bytes(body))
             nursery.cancel_scope.cancel()
 
@@ -507,6 +533,11 @@ def run(
     except Exception as e:
         log.error("cannot serve %s: %s", export, e)
         return 4
+    # Metadata syscalls run on the helper's loop while each stays quick (the local backend's
+    # own guard sends them to worker threads for a while after a slow one): a thread hop costs
+    # more CPU than the syscall, and a stalled loop here only delays other helper requests,
+    # never the 9P server, which waits on a socket.
+    backend.inline_metadata = True
     facts = conf.facts()
     facts.update({k: str(v) for k, v in backend.info.extra.items() if k != "root"})
     facts["readonly"] = str(int(backend.info.readonly))
