@@ -101,7 +101,7 @@ def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 _RECV = W.HEADER.size + W.MAX_REPLY + 1
-_ANC = socket.CMSG_SPACE(W.MAX_FDS * 4)
+_ANC = W.ANC_SPACE
 
 
 class Connection:
@@ -210,7 +210,7 @@ class Connection:
                 raise FsError(errno.EIO)
             with self._send_mu:
                 try:
-                    self.sock.send(data, socket.MSG_DONTWAIT)
+                    self.sock.send(data, W.MSG_DONTWAIT)
                     return
                 except BlockingIOError:
                     pass
@@ -220,7 +220,7 @@ class Connection:
         """Read every reply that is there now and hand each to its waiter."""
         while True:
             try:
-                msg, anc, flags, _ = self.sock.recvmsg(_RECV, _ANC, socket.MSG_DONTWAIT)
+                msg, anc, flags, _ = self.sock.recvmsg(_RECV, _ANC, W.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -233,7 +233,7 @@ class Connection:
                 self._die("socket closed")
                 return
             try:
-                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                if flags & (W.MSG_TRUNC | W.MSG_CTRUNC):
                     raise W.ProtocolError(errno.EMSGSIZE, "oversized reply")
                 h, body = W.parse(msg)
             except W.ProtocolError as e:
@@ -273,7 +273,7 @@ class Connection:
         data = W.message(op, rid, body)
         try:
             with self._send_mu:
-                self.sock.send(data, socket.MSG_DONTWAIT)
+                self.sock.send(data, W.MSG_DONTWAIT)
         except BlockingIOError:
             # The helper is behind: wait for room in a worker thread, never on the trio loop
             # (other waiters keep reading replies meanwhile, so the helper can move on).

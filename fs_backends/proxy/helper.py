@@ -24,6 +24,7 @@ import logging
 import os
 import resource  # noqa: F401  (imported before confinement hides sys.path; _linux needs it)
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,6 +44,15 @@ log = logging.getLogger("ninep.proxy.helper")
 MAX_HANDLES = 1 << 20
 MAX_IN_FLIGHT = 64
 _RECV_SIZE = W.HEADER.size + W.MAX_REQUEST + 1
+#: A request answered on the loop that takes longer than this (wall clock) sends requests to
+#: tasks for DIRECT_BACKOFF seconds.
+DIRECT_SLOW = 0.002
+DIRECT_BACKOFF = 10.0
+_DIRECT_OPS = frozenset({
+    W.WALK, W.RELEASE, W.GETATTR, W.SETATTR, W.OPEN, W.CREATE, W.MKDIR, W.SYMLINK, W.MKNOD,
+    W.LINK, W.READLINK, W.RENAME, W.RENAMEAT, W.UNLINKAT, W.REMOVE, W.STATFS, W.XATTR_GET,
+    W.XATTR_LIST, W.XATTR_SET, W.XATTR_REMOVE,
+})  # fmt: skip
 
 
 class Tables:
@@ -127,6 +137,11 @@ class Helper:
             W.XATTR_SET: self.xattr_set, W.XATTR_REMOVE: self.xattr_remove,
             W.LOCKFD: self.lockfd,
         }  # fmt: skip
+        #: Requests answered on the loop itself (see serve): those whose backend call runs on
+        #: the loop when the backend inlines metadata calls (ATTACH, CLOSE, READDIR and LOCKFD
+        #: always go to worker threads, so they run as tasks).
+        self._direct_ops = _DIRECT_OPS if getattr(backend, "inline_metadata", False) else frozenset()
+        self._direct_until = 0.0
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -138,7 +153,7 @@ class Helper:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         if not self._send_lock.locked():
             try:
-                self.raw.sendmsg([data], anc, socket.MSG_DONTWAIT)
+                self.raw.sendmsg([data], anc, W.MSG_DONTWAIT)
                 return
             except BlockingIOError:
                 pass
@@ -146,7 +161,7 @@ class Helper:
             while True:
                 await trio.lowlevel.wait_writable(self.raw)
                 try:
-                    self.raw.sendmsg([data], anc, socket.MSG_DONTWAIT)
+                    self.raw.sendmsg([data], anc, W.MSG_DONTWAIT)
                     return
                 except BlockingIOError:
                     continue
@@ -160,7 +175,7 @@ class Helper:
             while True:
                 try:
                     msg, anc, flags, _ = raw.recvmsg(
-                        _RECV_SIZE, socket.CMSG_SPACE(W.MAX_FDS * 4), socket.MSG_DONTWAIT
+                        _RECV_SIZE, W.ANC_SPACE, W.MSG_DONTWAIT
                     )
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(raw)
@@ -175,9 +190,9 @@ class Helper:
                     log.info("server closed the connection")
                     break
                 try:
-                    if fds or flags & socket.MSG_CTRUNC:
+                    if fds or flags & W.MSG_CTRUNC:
                         raise W.ProtocolError(errno.EBADMSG, "fds sent to the helper")
-                    if flags & socket.MSG_TRUNC or len(msg) > _RECV_SIZE - 1:
+                    if flags & W.MSG_TRUNC or len(msg) > _RECV_SIZE - 1:
                         raise W.ProtocolError(errno.EMSGSIZE, "request too long")
                     h, body = W.parse(msg)
                     handler = self.ops.get(h.op)
@@ -188,6 +203,16 @@ class Helper:
                     op = W.HEADER.unpack_from(msg)[1] & 0x7FFF if len(msg) >= W.HEADER.size else 0
                     log.warning("refused request id %d: %s", rid, e)
                     await self.send(op | W.REPLY, rid, W.Writer().u32(e.err).body())
+                    continue
+                if h.op in self._direct_ops and self._direct_until <= time.monotonic():
+                    # A metadata call the backend runs on this loop: answering it here saves
+                    # spawning a task and a trip through the scheduler. One that turns out slow
+                    # (it hopped to a thread after all, or the storage stalls) sends the next
+                    # ones to tasks again for a while, so requests keep overlapping.
+                    start = time.monotonic()
+                    await self._answer(h, handler, bytes(body))
+                    if time.monotonic() - start > DIRECT_SLOW:
+                        self._direct_until = time.monotonic() + DIRECT_BACKOFF
                     continue
                 token = object()  # ids come from the server and may repeat: not a borrower key
                 try:
@@ -205,6 +230,15 @@ class Helper:
         handler: Callable[[W.Reader], Awaitable[Result]],
         body: bytes,
     ) -> None:
+        try:
+            await self._answer(h, handler, body)
+        finally:
+            limiter.release_on_behalf_of(token)
+
+    async def _answer(
+        self, h: W.Header, handler: Callable[[W.Reader], Awaitable[Result]], body: bytes
+    ) -> None:
+        """Run one request and send its reply (an errno for any failure)."""
         close_after: list[int] = []
         try:
             r = W.Reader(body)
@@ -229,7 +263,6 @@ class Helper:
         finally:
             for fd in close_after:
                 os.close(fd)
-            limiter.release_on_behalf_of(token)
 
     # -- handlers: each parses its body completely (r.done()) before acting -----------------------
 
