@@ -216,9 +216,12 @@ class Connection:
                     pass
             poller.poll(100)
 
-    def _drain(self) -> None:
-        """Read every reply that is there now and hand each to its waiter."""
+    def _drain(self, me: _Pending | None = None) -> None:
+        """Read every reply that is there now and hand each to its waiter; stop early once
+        `me` has its reply and nobody else waits (saves a read that would find nothing)."""
         while True:
+            if me is not None and me.done and not self.pending:
+                return
             try:
                 msg, anc, flags, _ = self.sock.recvmsg(_RECV, _ANC, W.MSG_DONTWAIT)
             except BlockingIOError:
@@ -235,18 +238,18 @@ class Connection:
             try:
                 if flags & (W.MSG_TRUNC | W.MSG_CTRUNC):
                     raise W.ProtocolError(errno.EMSGSIZE, "oversized reply")
-                h, body = W.parse(msg)
+                op, rid, body = W.split(msg)
             except W.ProtocolError as e:
                 for fd in fds:
                     os.close(fd)
                 self._die(f"protocol violation: {e}")
                 return
-            if h.op == W.CHILD:
+            if op == W.CHILD:
                 with contextlib.suppress(W.ProtocolError):
                     self.child_pid = W.Reader(body).u32()
                 continue
             with self._mu:
-                p = self.pending.pop(h.rid, None) if h.op & W.REPLY else None
+                p = self.pending.pop(rid, None) if op & W.REPLY else None
             if p is None:
                 for fd in fds:
                     os.close(fd)
@@ -258,7 +261,7 @@ class Connection:
 
     async def _lead(self, me: _Pending) -> None:
         while not me.done and self.alive:
-            self._drain()
+            self._drain(me)
             if me.done:
                 return
             try:

@@ -47,7 +47,8 @@ _RECV_SIZE = W.HEADER.size + W.MAX_REQUEST + 1
 #: A request answered on the loop that takes longer than this (wall clock) sends requests to
 #: tasks for DIRECT_BACKOFF seconds.
 DIRECT_SLOW = 0.002
-DIRECT_BACKOFF = 10.0
+DIRECT_BACKOFF = 1.0
+_OK = W.Writer().u32(0).body()  # errno 0: a reply's first field on success
 _DIRECT_OPS = frozenset({
     W.WALK, W.RELEASE, W.GETATTR, W.SETATTR, W.OPEN, W.CREATE, W.MKDIR, W.SYMLINK, W.MKNOD,
     W.LINK, W.READLINK, W.RENAME, W.RENAMEAT, W.UNLINKAT, W.REMOVE, W.STATFS, W.XATTR_GET,
@@ -194,23 +195,23 @@ class Helper:
                         raise W.ProtocolError(errno.EBADMSG, "fds sent to the helper")
                     if flags & W.MSG_TRUNC or len(msg) > _RECV_SIZE - 1:
                         raise W.ProtocolError(errno.EMSGSIZE, "request too long")
-                    h, body = W.parse(msg)
-                    handler = self.ops.get(h.op)
+                    op, rid, body = W.split(msg)
+                    handler = self.ops.get(op)
                     if handler is None:
-                        raise W.ProtocolError(errno.ENOSYS, f"unknown op {h.op}")
+                        raise W.ProtocolError(errno.ENOSYS, f"unknown op {op}")
                 except W.ProtocolError as e:
                     rid = W.HEADER.unpack_from(msg)[2] if len(msg) >= W.HEADER.size else 0
                     op = W.HEADER.unpack_from(msg)[1] & 0x7FFF if len(msg) >= W.HEADER.size else 0
                     log.warning("refused request id %d: %s", rid, e)
                     await self.send(op | W.REPLY, rid, W.Writer().u32(e.err).body())
                     continue
-                if h.op in self._direct_ops and self._direct_until <= time.monotonic():
+                if op in self._direct_ops and self._direct_until <= time.monotonic():
                     # A metadata call the backend runs on this loop: answering it here saves
                     # spawning a task and a trip through the scheduler. One that turns out slow
                     # (it hopped to a thread after all, or the storage stalls) sends the next
                     # ones to tasks again for a while, so requests keep overlapping.
                     start = time.monotonic()
-                    await self._answer(h, handler, bytes(body))
+                    await self._answer(op, rid, handler, body)
                     if time.monotonic() - start > DIRECT_SLOW:
                         self._direct_until = time.monotonic() + DIRECT_BACKOFF
                     continue
@@ -219,24 +220,25 @@ class Helper:
                     limiter.acquire_on_behalf_of_nowait(token)
                 except trio.WouldBlock:
                     await limiter.acquire_on_behalf_of(token)
-                nursery.start_soon(self._run, limiter, token, h, handler, bytes(body))
+                nursery.start_soon(self._run, limiter, token, op, rid, handler, body)
             nursery.cancel_scope.cancel()
 
     async def _run(
         self,
         limiter: trio.CapacityLimiter,
         token: object,
-        h: W.Header,
+        op: int,
+        rid: int,
         handler: Callable[[W.Reader], Awaitable[Result]],
-        body: bytes,
+        body: memoryview,
     ) -> None:
         try:
-            await self._answer(h, handler, body)
+            await self._answer(op, rid, handler, body)
         finally:
             limiter.release_on_behalf_of(token)
 
     async def _answer(
-        self, h: W.Header, handler: Callable[[W.Reader], Awaitable[Result]], body: bytes
+        self, op: int, rid: int, handler: Callable[[W.Reader], Awaitable[Result]], body: memoryview
     ) -> None:
         """Run one request and send its reply (an errno for any failure)."""
         close_after: list[int] = []
@@ -244,22 +246,20 @@ class Helper:
             r = W.Reader(body)
             try:
                 w, fds = await handler(r)
-                out = W.Writer().u32(0)
-                out.parts.extend(w.parts)
-                reply = out.body()
+                reply = _OK + w.body()
                 close_after = fds
             except W.ProtocolError as e:
-                log.warning("refused %s id %d: %s", W.OP_NAMES.get(h.op), h.rid, e)
+                log.warning("refused %s id %d: %s", W.OP_NAMES.get(op), rid, e)
                 reply, fds = W.Writer().u32(e.err).body(), []
             except OSError as e:
                 reply, fds = W.Writer().u32(e.errno or errno.EIO).body(), []
             except Exception:
-                log.exception("%s failed", W.OP_NAMES.get(h.op))
+                log.exception("%s failed", W.OP_NAMES.get(op))
                 reply, fds = W.Writer().u32(errno.EIO).body(), []
             try:
-                await self.send(h.op | W.REPLY, h.rid, reply, fds)
+                await self.send(op | W.REPLY, rid, reply, fds)
             except OSError as e:
-                log.info("reply to id %d lost: %s", h.rid, e)
+                log.info("reply to id %d lost: %s", rid, e)
         finally:
             for fd in close_after:
                 os.close(fd)

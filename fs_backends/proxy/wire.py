@@ -241,6 +241,19 @@ def parse(msg: bytes | memoryview) -> tuple[Header, memoryview]:
     return h, mv[HEADER.size :]
 
 
+def split(msg: bytes | memoryview) -> tuple[int, int, memoryview]:
+    """`parse` for the per-message paths: (op, request id, body) without building a Header."""
+    mv = memoryview(msg)
+    if len(mv) < HEADER.size:
+        raise ProtocolError(errno.EBADMSG, "short header")
+    version, op, rid, length = HEADER.unpack_from(mv)
+    if version != VERSION:
+        raise ProtocolError(errno.EPROTO, f"version {version}")
+    if length != len(mv) - HEADER.size:
+        raise ProtocolError(errno.EBADMSG, "length does not match")
+    return op, rid, mv[HEADER.size :]
+
+
 # -- composite values ---------------------------------------------------------------------------
 
 _ATTR = struct.Struct("<Q" + "BIQ" + "IIIQQQQQ" + "qQ" * 4 + "QQ")
