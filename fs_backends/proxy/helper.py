@@ -46,7 +46,7 @@ MAX_IN_FLIGHT = 64
 _RECV_SIZE = W.HEADER.size + W.MAX_REQUEST + 1
 #: A request answered on the loop that takes longer than this (wall clock) sends requests to
 #: tasks for DIRECT_BACKOFF seconds.
-DIRECT_SLOW = 0.002
+DIRECT_SLOW = 0.010
 DIRECT_BACKOFF = 1.0
 _OK = W.Writer().u32(0).body()  # errno 0: a reply's first field on success
 _DIRECT_OPS = frozenset({
@@ -569,8 +569,10 @@ def run(
     # Metadata syscalls run on the helper's loop while each stays quick (the local backend's
     # own guard sends them to worker threads for a while after a slow one): a thread hop costs
     # more CPU than the syscall, and a stalled loop here only delays other helper requests,
-    # never the 9P server, which waits on a socket.
+    # never the 9P server, which waits on a socket. Hence a looser "slow" than the server's
+    # 2 ms, which a mere preemption on a loaded machine exceeds.
     backend.inline_metadata = True
+    backend.INLINE_SLOW = DIRECT_SLOW
     facts = conf.facts()
     facts.update({k: str(v) for k, v in backend.info.extra.items() if k != "root"})
     facts["readonly"] = str(int(backend.info.readonly))
