@@ -101,7 +101,7 @@ def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 _RECV = W.HEADER.size + W.MAX_REPLY + 1
-_ANC = socket.CMSG_SPACE(W.MAX_FDS * 4)
+_ANC = W.ANC_SPACE
 
 
 class Connection:
@@ -210,17 +210,20 @@ class Connection:
                 raise FsError(errno.EIO)
             with self._send_mu:
                 try:
-                    self.sock.send(data, socket.MSG_DONTWAIT)
+                    self.sock.send(data, W.MSG_DONTWAIT)
                     return
                 except BlockingIOError:
                     pass
             poller.poll(100)
 
-    def _drain(self) -> None:
-        """Read every reply that is there now and hand each to its waiter."""
+    def _drain(self, me: _Pending | None = None) -> None:
+        """Read every reply that is there now and hand each to its waiter; stop early once
+        `me` has its reply and nobody else waits (saves a read that would find nothing)."""
         while True:
+            if me is not None and me.done and not self.pending:
+                return
             try:
-                msg, anc, flags, _ = self.sock.recvmsg(_RECV, _ANC, socket.MSG_DONTWAIT)
+                msg, anc, flags, _ = self.sock.recvmsg(_RECV, _ANC, W.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -233,20 +236,20 @@ class Connection:
                 self._die("socket closed")
                 return
             try:
-                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                if flags & (W.MSG_TRUNC | W.MSG_CTRUNC):
                     raise W.ProtocolError(errno.EMSGSIZE, "oversized reply")
-                h, body = W.parse(msg)
+                op, rid, body = W.split(msg)
             except W.ProtocolError as e:
                 for fd in fds:
                     os.close(fd)
                 self._die(f"protocol violation: {e}")
                 return
-            if h.op == W.CHILD:
+            if op == W.CHILD:
                 with contextlib.suppress(W.ProtocolError):
                     self.child_pid = W.Reader(body).u32()
                 continue
             with self._mu:
-                p = self.pending.pop(h.rid, None) if h.op & W.REPLY else None
+                p = self.pending.pop(rid, None) if op & W.REPLY else None
             if p is None:
                 for fd in fds:
                     os.close(fd)
@@ -258,7 +261,7 @@ class Connection:
 
     async def _lead(self, me: _Pending) -> None:
         while not me.done and self.alive:
-            self._drain()
+            self._drain(me)
             if me.done:
                 return
             try:
@@ -273,7 +276,7 @@ class Connection:
         data = W.message(op, rid, body)
         try:
             with self._send_mu:
-                self.sock.send(data, socket.MSG_DONTWAIT)
+                self.sock.send(data, W.MSG_DONTWAIT)
         except BlockingIOError:
             # The helper is behind: wait for room in a worker thread, never on the trio loop
             # (other waiters keep reading replies meanwhile, so the helper can move on).

@@ -24,6 +24,7 @@ import logging
 import os
 import resource  # noqa: F401  (imported before confinement hides sys.path; _linux needs it)
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,6 +44,16 @@ log = logging.getLogger("ninep.proxy.helper")
 MAX_HANDLES = 1 << 20
 MAX_IN_FLIGHT = 64
 _RECV_SIZE = W.HEADER.size + W.MAX_REQUEST + 1
+#: A request answered on the loop that takes longer than this (wall clock) sends requests to
+#: tasks for DIRECT_BACKOFF seconds.
+DIRECT_SLOW = 0.010
+DIRECT_BACKOFF = 1.0
+_OK = W.Writer().u32(0).body()  # errno 0: a reply's first field on success
+_DIRECT_OPS = frozenset({
+    W.WALK, W.RELEASE, W.GETATTR, W.SETATTR, W.OPEN, W.CREATE, W.MKDIR, W.SYMLINK, W.MKNOD,
+    W.LINK, W.READLINK, W.RENAME, W.RENAMEAT, W.UNLINKAT, W.REMOVE, W.STATFS, W.XATTR_GET,
+    W.XATTR_LIST, W.XATTR_SET, W.XATTR_REMOVE,
+})  # fmt: skip
 
 
 class Tables:
@@ -113,7 +124,8 @@ class Helper:
     def __init__(self, backend: Any, sock: socket.socket) -> None:
         self.b = backend
         self.t = Tables()
-        self.sock = trio.socket.from_stdlib_socket(sock)
+        sock.setblocking(False)
+        self.raw = sock
         self._send_lock = trio.Lock()
         self.ops: dict[int, Callable[[W.Reader], Awaitable[Result]]] = {
             W.ATTACH: self.attach, W.WALK: self.walk, W.RELEASE: self.release,
@@ -126,22 +138,49 @@ class Helper:
             W.XATTR_SET: self.xattr_set, W.XATTR_REMOVE: self.xattr_remove,
             W.LOCKFD: self.lockfd,
         }  # fmt: skip
+        #: Requests answered on the loop itself (see serve): those whose backend call runs on
+        #: the loop when the backend inlines metadata calls (ATTACH, CLOSE, READDIR and LOCKFD
+        #: always go to worker threads, so they run as tasks).
+        self._direct_ops = _DIRECT_OPS if getattr(backend, "inline_metadata", False) else frozenset()
+        self._direct_until = 0.0
 
     # -- the loop ---------------------------------------------------------------------------
 
     async def send(self, op: int, rid: int, body: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+        """One reply datagram. Tried at once without a trio checkpoint (the socket almost always
+        has room, and each checkpoint is a trip through the scheduler and epoll); only a full
+        socket waits, under the lock so replies never interleave with a waiting one."""
+        data = W.message(op, rid, body)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        if not self._send_lock.locked():
+            try:
+                self.raw.sendmsg([data], anc, W.MSG_DONTWAIT)
+                return
+            except BlockingIOError:
+                pass
         async with self._send_lock:
-            await self.sock.sendmsg([W.message(op, rid, body)], anc)
+            while True:
+                await trio.lowlevel.wait_writable(self.raw)
+                try:
+                    self.raw.sendmsg([data], anc, W.MSG_DONTWAIT)
+                    return
+                except BlockingIOError:
+                    continue
 
     async def serve(self) -> None:
+        """Reads requests as long as there are any without a checkpoint in between (one wakeup
+        takes every request queued meanwhile), each becomes a task; at most MAX_IN_FLIGHT run."""
         limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
+        raw = self.raw
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    msg, anc, flags, _ = await self.sock.recvmsg(
-                        _RECV_SIZE, socket.CMSG_SPACE(W.MAX_FDS * 4)
+                    msg, anc, flags, _ = raw.recvmsg(
+                        _RECV_SIZE, W.ANC_SPACE, W.MSG_DONTWAIT
                     )
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(raw)
+                    continue
                 except OSError as e:
                     log.info("socket closed: %s", e)
                     break
@@ -152,58 +191,78 @@ class Helper:
                     log.info("server closed the connection")
                     break
                 try:
-                    if fds or flags & socket.MSG_CTRUNC:
+                    if fds or flags & W.MSG_CTRUNC:
                         raise W.ProtocolError(errno.EBADMSG, "fds sent to the helper")
-                    if flags & socket.MSG_TRUNC or len(msg) > _RECV_SIZE - 1:
+                    if flags & W.MSG_TRUNC or len(msg) > _RECV_SIZE - 1:
                         raise W.ProtocolError(errno.EMSGSIZE, "request too long")
-                    h, body = W.parse(msg)
-                    handler = self.ops.get(h.op)
+                    op, rid, body = W.split(msg)
+                    handler = self.ops.get(op)
                     if handler is None:
-                        raise W.ProtocolError(errno.ENOSYS, f"unknown op {h.op}")
+                        raise W.ProtocolError(errno.ENOSYS, f"unknown op {op}")
                 except W.ProtocolError as e:
                     rid = W.HEADER.unpack_from(msg)[2] if len(msg) >= W.HEADER.size else 0
                     op = W.HEADER.unpack_from(msg)[1] & 0x7FFF if len(msg) >= W.HEADER.size else 0
                     log.warning("refused request id %d: %s", rid, e)
                     await self.send(op | W.REPLY, rid, W.Writer().u32(e.err).body())
                     continue
+                if op in self._direct_ops and self._direct_until <= time.monotonic():
+                    # A metadata call the backend runs on this loop: answering it here saves
+                    # spawning a task and a trip through the scheduler. One that turns out slow
+                    # (it hopped to a thread after all, or the storage stalls) sends the next
+                    # ones to tasks again for a while, so requests keep overlapping.
+                    start = time.monotonic()
+                    await self._answer(op, rid, handler, body)
+                    if time.monotonic() - start > DIRECT_SLOW:
+                        self._direct_until = time.monotonic() + DIRECT_BACKOFF
+                    continue
                 token = object()  # ids come from the server and may repeat: not a borrower key
-                await limiter.acquire_on_behalf_of(token)
-                nursery.start_soon(self._run, limiter, token, h, handler, bytes(body))
+                try:
+                    limiter.acquire_on_behalf_of_nowait(token)
+                except trio.WouldBlock:
+                    await limiter.acquire_on_behalf_of(token)
+                nursery.start_soon(self._run, limiter, token, op, rid, handler, body)
             nursery.cancel_scope.cancel()
 
     async def _run(
         self,
         limiter: trio.CapacityLimiter,
         token: object,
-        h: W.Header,
+        op: int,
+        rid: int,
         handler: Callable[[W.Reader], Awaitable[Result]],
-        body: bytes,
+        body: memoryview,
     ) -> None:
+        try:
+            await self._answer(op, rid, handler, body)
+        finally:
+            limiter.release_on_behalf_of(token)
+
+    async def _answer(
+        self, op: int, rid: int, handler: Callable[[W.Reader], Awaitable[Result]], body: memoryview
+    ) -> None:
+        """Run one request and send its reply (an errno for any failure)."""
         close_after: list[int] = []
         try:
             r = W.Reader(body)
             try:
                 w, fds = await handler(r)
-                out = W.Writer().u32(0)
-                out.parts.extend(w.parts)
-                reply = out.body()
+                reply = _OK + w.body()
                 close_after = fds
             except W.ProtocolError as e:
-                log.warning("refused %s id %d: %s", W.OP_NAMES.get(h.op), h.rid, e)
+                log.warning("refused %s id %d: %s", W.OP_NAMES.get(op), rid, e)
                 reply, fds = W.Writer().u32(e.err).body(), []
             except OSError as e:
                 reply, fds = W.Writer().u32(e.errno or errno.EIO).body(), []
             except Exception:
-                log.exception("%s failed", W.OP_NAMES.get(h.op))
+                log.exception("%s failed", W.OP_NAMES.get(op))
                 reply, fds = W.Writer().u32(errno.EIO).body(), []
             try:
-                await self.send(h.op | W.REPLY, h.rid, reply, fds)
+                await self.send(op | W.REPLY, rid, reply, fds)
             except OSError as e:
-                log.info("reply to id %d lost: %s", h.rid, e)
+                log.info("reply to id %d lost: %s", rid, e)
         finally:
             for fd in close_after:
                 os.close(fd)
-            limiter.release_on_behalf_of(token)
 
     # -- handlers: each parses its body completely (r.done()) before acting -----------------------
 
@@ -507,6 +566,13 @@ def run(
     except Exception as e:
         log.error("cannot serve %s: %s", export, e)
         return 4
+    # Metadata syscalls run on the helper's loop while each stays quick (the local backend's
+    # own guard sends them to worker threads for a while after a slow one): a thread hop costs
+    # more CPU than the syscall, and a stalled loop here only delays other helper requests,
+    # never the 9P server, which waits on a socket. Hence a looser "slow" than the server's
+    # 2 ms, which a mere preemption on a loaded machine exceeds.
+    backend.inline_metadata = True
+    backend.INLINE_SLOW = DIRECT_SLOW
     facts = conf.facts()
     facts.update({k: str(v) for k, v in backend.info.extra.items() if k != "root"})
     facts["readonly"] = str(int(backend.info.readonly))

@@ -17,6 +17,7 @@ past the body or accept trailing bytes (`Reader.done`).
 from __future__ import annotations
 
 import errno
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -34,6 +35,14 @@ MAX_REQUEST = 68 * 1024
 #: the default unix-socket send buffer, so one SEQPACKET message always fits.
 MAX_REPLY = 136 * 1024
 MAX_FDS = 4
+#: Ancillary buffer for up to MAX_FDS fds.
+ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+
+# socket.MSG_* are IntFlag members: `flags & socket.MSG_TRUNC` builds enum objects on every
+# message, several times the cost of the int operation. Plain ints for the per-message paths.
+MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+MSG_TRUNC = int(socket.MSG_TRUNC)
+MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -232,6 +241,19 @@ def parse(msg: bytes | memoryview) -> tuple[Header, memoryview]:
     return h, mv[HEADER.size :]
 
 
+def split(msg: bytes | memoryview) -> tuple[int, int, memoryview]:
+    """`parse` for the per-message paths: (op, request id, body) without building a Header."""
+    mv = memoryview(msg)
+    if len(mv) < HEADER.size:
+        raise ProtocolError(errno.EBADMSG, "short header")
+    version, op, rid, length = HEADER.unpack_from(mv)
+    if version != VERSION:
+        raise ProtocolError(errno.EPROTO, f"version {version}")
+    if length != len(mv) - HEADER.size:
+        raise ProtocolError(errno.EBADMSG, "length does not match")
+    return op, rid, mv[HEADER.size :]
+
+
 # -- composite values ---------------------------------------------------------------------------
 
 _ATTR = struct.Struct("<Q" + "BIQ" + "IIIQQQQQ" + "qQ" * 4 + "QQ")
@@ -284,15 +306,25 @@ def get_statfs(r: Reader) -> StatFs:
     return StatFs(*_STATFS.unpack(r._take(_STATFS.size)))
 
 
+# qid, offset, type, name length: one pack/unpack per entry (readdir batches are the largest
+# replies by count of fields); the bytes are the same as qid().u64().u8().str().
+_DIRENT = struct.Struct("<BIQQBH")
+
+
 def put_dirent(w: Writer, e: DirEntry) -> None:
-    w.qid(e.qid).u64(e.offset).u8(e.type).str(e.name)
+    b = e.name.encode("utf-8", "surrogateescape")
+    if len(b) > 0xFFFF:
+        raise FsError(errno.ENAMETOOLONG)
+    q = e.qid
+    w.parts.append(_DIRENT.pack(q.type, q.version, q.path, e.offset, e.type, len(b)))
+    w.parts.append(b)
 
 
 def get_dirent(r: Reader) -> DirEntry:
-    q = r.qid()
-    off = r.u64()
-    t = r.u8()
-    return DirEntry(q, off, t, r.str(NAME_MAX))
+    qt, qv, qp, off, t, n = _DIRENT.unpack(r._take(_DIRENT.size))
+    if n > NAME_MAX:
+        raise ProtocolError(errno.ENAMETOOLONG, "string too long")
+    return DirEntry(Qid(qt, qv, qp), off, t, bytes(r._take(n)).decode("utf-8", "surrogateescape"))
 
 
 def put_kv(w: Writer, kv: dict[str, str]) -> None:
