@@ -64,7 +64,7 @@ def check_decode(dialect: str, buf: bytes) -> m.Message | None:
 _case = hs.sampled_from(DIALECTS).flatmap(lambda d: hs.tuples(hs.just(d), _any_message(d)))
 
 
-@fuzz_settings(1500)
+@fuzz_settings(1000)
 @given(_case, hs.lists(mutations, min_size=1, max_size=6), hs.booleans() | hs.just(True))
 def test_mutated_messages_decode_canonically_or_raise_decode_error(
     case: tuple[str, m.Message], muts: list[tuple[object, ...]], fix_size: bool

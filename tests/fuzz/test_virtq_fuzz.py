@@ -191,7 +191,7 @@ def fresh_queue_works() -> None:
         ring.close()
 
 
-@fuzz_settings(250)
+@fuzz_settings(150)
 @given(drivers())
 def test_virtqueue_survives_any_driver(d: dict[str, object]) -> None:
     drive(d)
