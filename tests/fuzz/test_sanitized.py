@@ -56,10 +56,12 @@ def sanitized_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _run(code: str, build: Path, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def _run(code: str, build: Path, cwd: Path, timeout: float = 900, scale: float = 1.0) -> subprocess.CompletedProcess[str]:
     # Started outside the repository, and importing the extension before pytest puts the
     # repository on sys.path: `transports` must come from the sanitized build.
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=sanitized_env(build),
+    env = sanitized_env(build)
+    env["NINEP_FUZZ_SCALE"] = str(scale)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -82,16 +84,8 @@ def test_ring_fuzzers_under_asan_and_ubsan(sanitized_build: Path, tmp_path: Path
         "import pytest\n"
         f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--capture=sys', '--rootdir', {str(ROOT)!r}, *{tests!r}]))\n"
     )
-    env_scale = os.environ.get("NINEP_FUZZ_SCALE")
     # ASan makes everything slower: the CI budget of this job is a quarter of the plain run's.
-    os.environ["NINEP_FUZZ_SCALE"] = str(scale() / 4)
-    try:
-        p = _run(code, sanitized_build, tmp_path)
-    finally:
-        if env_scale is None:
-            del os.environ["NINEP_FUZZ_SCALE"]
-        else:
-            os.environ["NINEP_FUZZ_SCALE"] = env_scale
+    p = _run(code, sanitized_build, tmp_path, scale=scale() / 4)
     out = p.stdout + p.stderr
     assert not _reports(out), "sanitizer report:\n" + out[-8000:]
     assert p.returncode == 0, out[-8000:]
