@@ -238,7 +238,10 @@ class Session:
             if not old.answered:
                 raise FramingError(f"tag {tag} reused while still in flight")
             await old.done.wait()
-        await self._slots.acquire()
+        # Tflush never waits for a slot: it is what frees the slots of requests that wait (a
+        # connection whose every slot holds a blocking lock must still read the flushes).
+        if msgtype != T.Tflush:
+            await self._slots.acquire()
         req = Request(tag, msgtype, started=time.perf_counter())
         self.inflight[tag] = req
         nursery.start_soon(self._run_request, buf, req)
@@ -287,7 +290,8 @@ class Session:
             if self.inflight.get(req.tag) is req:
                 del self.inflight[req.tag]
             req.done.set()
-            self._slots.release()
+            if req.msgtype != T.Tflush:
+                self._slots.release()
 
     # --- replies ------------------------------------------------------------------------------
 

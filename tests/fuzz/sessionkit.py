@@ -283,7 +283,8 @@ class _ErrorRecords(logging.Handler):
             self.framing.append(msg)
 
 
-def run_script(make_backend: Callable[[], Backend], batches: list[Batch], *, settle: float = 2.0) -> list[str]:
+def run_script(make_backend: Callable[[], Backend], batches: list[Batch], *, settle: float = 2.0,
+               max_inflight: int = 32) -> list[str]:
     """Plays `batches` against a fresh server; returns notes on what happened (for debugging)."""
     records = _ErrorRecords()
     ninep_log = logging.getLogger("ninep")
@@ -292,17 +293,17 @@ def run_script(make_backend: Callable[[], Backend], batches: list[Batch], *, set
     if ninep_log.getEffectiveLevel() > logging.INFO:
         ninep_log.setLevel(logging.INFO)
     try:
-        return trio.run(_run, make_backend, batches, settle, records)
+        return trio.run(_run, make_backend, batches, settle, records, max_inflight)
     finally:
         ninep_log.removeHandler(records)
         ninep_log.setLevel(old_level)
 
 
 async def _run(make_backend: Callable[[], Backend], batches: list[Batch], settle: float,
-               records: _ErrorRecords) -> list[str]:
+               records: _ErrorRecords, max_inflight: int) -> list[str]:
     fds_before = _open_fds()
     backend = make_backend()
-    server = Server(backend, SessionOptions(max_msize=MAX_MSIZE, drain_seconds=1.0, max_inflight=32))
+    server = Server(backend, SessionOptions(max_msize=MAX_MSIZE, drain_seconds=1.0, max_inflight=max_inflight))
     notes: list[str] = []
     async with trio.open_nursery() as nursery:
         a, b = socket.socketpair()

@@ -13,9 +13,22 @@ import trio
 from fs_backends.base import Backend
 from fs_backends.local import LocalBackend
 from fs_backends.memory import MemoryBackend
-from ninep.protocol import L_O_CREAT, L_O_RDWR, LOCK_SUCCESS, LOCK_TYPE_WRLCK, SETATTR_SIZE
+from ninep import messages as m
+from ninep.codec import codec_for
+from ninep.protocol import (
+    L_O_CREAT,
+    L_O_RDWR,
+    LOCK_FLAGS_BLOCK,
+    LOCK_SUCCESS,
+    LOCK_TYPE_WRLCK,
+    NOFID,
+    NOTAG,
+    SETATTR_SIZE,
+    V9P2000_L,
+)
 from tests.e2e.harness import client_for, served
 from tests.e2e.util import fails
+from tests.fuzz.sessionkit import Frame, run_script
 
 
 def test_memory_backend_refuses_huge_sizes_and_offsets_with_efbig(tmp_path: Path) -> None:
@@ -67,3 +80,29 @@ def test_lock_ranges_past_the_largest_offset_answer_einval(tmp_path: Path, kind:
             await c.clunk(root)
 
     trio.run(main)
+
+
+def test_flush_is_read_when_every_request_slot_waits_on_a_lock() -> None:
+    """Session fuzzer: with every request slot (max_inflight) held by a blocking Tlock, the
+    session waited for a free slot before reading the next message, so the Tflush that would
+    free one was never read: the connection hung. Tflush no longer needs a slot."""
+    L = codec_for(V9P2000_L)
+
+    def batch(*msgs: m.Message) -> list[Frame]:
+        return [Frame(L.encode_bytes(x)) for x in msgs]
+
+    script = [
+        batch(m.Tversion(8192, V9P2000_L, tag=NOTAG), m.Tattach(0, NOFID, "root", "", 0, tag=1)),
+        batch(m.Twalk(0, 1, [], tag=2)),
+        batch(m.Tlcreate(1, "x", L_O_RDWR | L_O_CREAT, 0o644, 0, tag=3)),
+        batch(m.Twalk(0, 2, ["x"], tag=4), m.Twalk(0, 3, ["x"], tag=5)),
+        batch(m.Tlopen(2, L_O_RDWR, tag=6), m.Tlopen(3, L_O_RDWR, tag=7)),
+        batch(m.Tlock(1, LOCK_TYPE_WRLCK, 0, 0, 0, 1, "a", tag=8)),
+        # Two other owners block on the held lock and fill both slots; then flush one.
+        batch(m.Tlock(2, LOCK_TYPE_WRLCK, LOCK_FLAGS_BLOCK, 0, 0, 2, "b", tag=9),
+              m.Tlock(3, LOCK_TYPE_WRLCK, LOCK_FLAGS_BLOCK, 0, 0, 3, "c", tag=10),
+              m.Tflush(9, tag=11)),
+    ]
+    # The peer then flushes tag 10 too (still blocked); run_script raises TooSlowError if any
+    # flush goes unanswered.
+    run_script(MemoryBackend, script, settle=1.0, max_inflight=2)
