@@ -212,7 +212,12 @@ class Backend(Protocol, Generic[NodeT, FileT]):
         """Up to `count` bytes at `offset` (fewer only at end of file)."""
         ...
 
-    async def write(self, f: FileT, offset: int, data: bytes | memoryview) -> int: ...
+    async def write(self, f: FileT, offset: int, data: bytes | memoryview) -> int:
+        """Optional companion (duck-typed, like `OpenFile.fd`):
+        `async write_from(f, offset, pwrite: Callable[[int, int], int]) -> int` does the same write
+        by calling `pwrite(fd, offset)` in a worker thread on f's host fd, for data that is still
+        in a VM's memory (zero-copy Twrite). Backends without host fds leave it out."""
+        ...
 
     async def readdir(self, f: FileT, offset: int, max_entries: int) -> list[DirEntry]:
         """Entries after cookie `offset` (0 = from the start, including '.' and '..'), at most

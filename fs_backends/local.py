@@ -11,15 +11,22 @@ Nodes remember the directory (as an fd) and name they were reached by, kept curr
 done through this backend; Tremove/Trename check the entry still names the node's (dev, ino)
 before acting and fail rather than touch another file.
 
-Idle node fds are reclaimed under pressure (more than `max_path_fds`, by default half the
-RLIMIT_NOFILE soft limit): the least recently used ones are closed after taking their file
-handle and reopened by handle when next needed, checked by (dev, ino); this never happens while a
-worker-thread call runs. How client credentials meet the host (create, chown/chmod, what getattr
+Idle fds are reclaimed under pressure (more than `max_path_fds` O_PATH and open-file fds
+together, by default half the RLIMIT_NOFILE soft limit), as QEMU does, rather than failing
+requests with EMFILE: the least recently used open files are "parked" (their fd closed, reopened
+with the same flags less O_CREAT/O_EXCL/O_TRUNC on next use), then the least recently used node
+fds are closed and reopened when next needed, checked by (dev, ino), either by file handle (needs
+CAP_DAC_READ_SEARCH for open_by_handle_at: root) or, without it, by looking the name up again
+below the parent directory's fd (itself reopened the same way). This never happens while a
+worker-thread call runs. Files unlinked through this backend are reopened first and never parked
+again (an unlinked file cannot be found by name, nor by handle once no fd holds it). How client credentials meet the host (create, chown/chmod, what getattr
 shows, which xattr and file names a client may touch) is the credential model's job
 (`fs_backends.security`), so QEMU's passthrough, none, mapped-xattr and mapped-file all fit.
 
 This module must never join path strings, follow a symlink, or block the trio loop: each backend
-call makes one hop to a worker thread (`fs_backends.offload`) and does all its syscalls there.
+call makes one hop to a worker thread (`fs_backends.offload`) and does all its syscalls there —
+except, when `inline_metadata` is on, metadata calls, which run on the loop while every one of
+them stays under 2 ms (one slower call sends them back to the workers for a while).
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Hashable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import trio
 
@@ -141,6 +149,14 @@ class _RWLock:
                 self._c.wait()
             self._readers += 1
 
+    def try_acquire_shared(self) -> bool:
+        """acquire_shared if that needs no waiting (no reclaim running or due), else False."""
+        with self._c:
+            if self._writer or self._waiting:
+                return False
+            self._readers += 1
+            return True
+
     def release_shared(self) -> None:
         with self._c:
             self._readers -= 1
@@ -167,7 +183,7 @@ class _Fd:
     Under fd pressure the pool may close an idle one (no call running, no open file on it)
     after taking its file handle; `fd` then reopens it by handle, checked by (dev, ino)."""
 
-    __slots__ = ("_fd", "dev", "ino", "refs", "pins", "handle", "mount_id", "last", "pool")
+    __slots__ = ("_fd", "dev", "ino", "refs", "pins", "handle", "mount_id", "last", "pool", "loc")
 
     def __init__(self, pool: _FdPool, fd: int, dev: int, ino: int) -> None:
         self._fd = fd
@@ -179,6 +195,9 @@ class _Fd:
         self.mount_id = -1
         self.last = 0
         self.pool = pool
+        #: Where to look it up again when reopening by name (path mode): the parent directory,
+        #: which this holds a reference on, and the name in it.
+        self.loc: tuple[_Fd, bytes] | None = None
 
     @property
     def fd(self) -> int:
@@ -219,6 +238,9 @@ class LocalOpenFile:
     closed: bool = False
     busy: int = 0  # calls using fd right now (in worker threads)
     close_pending: bool = False
+    parked: bool = False  # fd closed under fd pressure; reopened on next use
+    sticky: bool = False  # never parked (unlinked, or cannot be reopened)
+    last: int = 0  # pool clock at the last use (least recently used are parked first)
 
 
 @dataclass
@@ -245,6 +267,9 @@ class _FdPool:
         self.clock = 0
         self.mount_fds: dict[int, int] = {}
         self.reclaims = 0
+        self.nopen = 0  # open-file fds (LocalOpenFile.fd), counted against the budget too
+        #: Reopen by name below the parent (no open_by_handle_at without CAP_DAC_READ_SEARCH).
+        self.by_path = False
 
     def new(self, fd: int, dev: int, ino: int) -> _Fd:
         h = _Fd(self, fd, dev, ino)
@@ -260,43 +285,86 @@ class _FdPool:
             os.close(h._fd)
             h._fd = -1
             self.npath -= 1
+        self.set_loc_locked(h, None)
+
+    def set_loc_locked(self, h: _Fd, loc: tuple[_Fd, bytes] | None) -> None:
+        """Record where h can be looked up again (path mode only; caller holds mu)."""
+        old = h.loc
+        if old == loc or (loc is not None and not self.by_path):
+            return
+        if loc is not None:
+            loc[0].refs += 1
+        h.loc = loc
+        if old is not None:
+            old[0].refs -= 1
+            if old[0].refs == 0:
+                self.drop_locked(old[0])
 
     def reopen(self, h: _Fd) -> int:
         with self.mu:
             if h._fd >= 0:
                 return h._fd
-            if h.refs <= 0 or not h.handle or h.mount_id not in self.mount_fds:
+            if h.refs <= 0:
                 raise FsError(errno.EBADF)
+            handle = bool(h.handle) and h.mount_id in self.mount_fds
+            loc = h.loc
+        if handle:
             fd = _linux.open_handle(
-                self.mount_fds[h.mount_id], h.handle, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+                self.mount_fds[h.mount_id], h.handle or b"", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
             )
+        elif loc is not None:
+            # The parent is reopened the same way if it was reclaimed too; the lookup never
+            # leaves it nor follows a symlink, and the (dev, ino) check below catches a file
+            # renamed or replaced behind our back.
+            fd = _linux.lookup(loc[0].fd, loc[1], os.O_PATH)
+        else:
+            raise FsError(errno.EBADF)
+        try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (h.dev, h.ino):
-                os.close(fd)
                 raise FsError(errno.ESTALE)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self.mu:
+            if h._fd >= 0:  # another worker thread reopened it meanwhile
+                os.close(fd)
+                return h._fd
             h._fd = fd
             self.npath += 1
             return fd
 
     def over_budget(self) -> bool:
-        return self.npath > self.budget
+        return self.npath + self.nopen > self.budget
 
-    def reclaim(self) -> int:
-        """Close idle fds down to 3/4 of the budget. Caller holds rw exclusively."""
-        target = self.budget * 3 // 4
+    def reopenable(self, h: _Fd) -> bool:
+        """Whether h, if closed now, could be reopened later."""
+        if self.by_path:
+            return h.loc is not None
+        fd = h._fd
+        if fd < 0:
+            return bool(h.handle) and h.mount_id in self.mount_fds
+        try:
+            return self._handle(h, fd) and self._mount_fd_for(h)
+        except OSError:
+            return False
+
+    def target(self, force: bool) -> int:
+        """How many fds a reclaim leaves: half the budget (a reclaim costs a scan of every fd,
+        so it should free many at once), a quarter after an EMFILE."""
+        return self.budget // 4 if force else self.budget // 2
+
+    def reclaim(self, force: bool = False) -> int:
+        """Close idle fds down to `target`. Caller holds rw exclusively."""
+        target = self.target(force)
         with self.mu:
             cands = sorted((h for h in self.all if h._fd >= 0 and not h.pins), key=lambda h: h.last)
         closed = 0
         for h in cands:
-            if self.npath <= target:
+            if self.npath + self.nopen <= target:
                 break
             fd = h._fd
-            if fd < 0:
-                continue
-            try:
-                if not self._handle(h, fd) or not self._mount_fd_for(h):
-                    continue
-            except OSError:
+            if fd < 0 or not self.reopenable(h):
                 continue
             with self.mu:
                 if h._fd >= 0 and h.refs > 0 and not h.pins:
@@ -373,9 +441,11 @@ class LocalBackend:
         credentials: Credentials | None = None,
         multidevs: Literal["remap", "forbid", "warn"] = "remap",
         max_path_fds: int | None = None,
+        inline_metadata: bool = False,
     ) -> None:
         """`max_path_fds`: how many O_PATH fds (one per live node) to keep before reclaiming
-        idle ones; default half the RLIMIT_NOFILE soft limit."""
+        idle ones; default half the RLIMIT_NOFILE soft limit. `inline_metadata`: run metadata
+        calls on the trio thread while they are quick (see `_inline`) instead of a worker."""
         if multidevs not in ("remap", "forbid", "warn"):
             raise ValueError(f"multidevs must be remap, forbid or warn, not {multidevs!r}")
         if not os.path.isdir("/proc/self/fd"):
@@ -385,16 +455,22 @@ class LocalBackend:
         soft = _linux.raise_nofile_limit()  # one O_PATH fd per fid: the default limit is low
         self.multidevs = multidevs
         self._mu = threading.Lock()  # refcounts, the location registry, live sets
-        self._pool = _FdPool(self._mu, max_path_fds if max_path_fds is not None else soft // 2)
+        # Half the limit, and under a low one room for what is not counted: the server's own
+        # fds (sockets, epoll, stdio, ~15) and those worker-thread calls open before they are.
+        budget = max(8, min(soft // 2, soft - 40))
+        self._pool = _FdPool(self._mu, max_path_fds if max_path_fds is not None else budget)
         self._reclaiming = False
+        #: Metadata calls (`_held`) run on the trio thread while they stay quick (`_inline`).
+        self.inline_metadata = inline_metadata
+        self._inline_until = 0.0
         fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         self._root = self._pool.new(fd, st.st_dev, st.st_ino)
         self._root.pins += 1  # never reclaimed
         if not self._pool.handles_work(self._root):
-            # open_by_handle_at needs CAP_DAC_READ_SEARCH (or the fs has no handles): fds
-            # cannot be reopened, so none are reclaimed; the fd limit bounds live nodes.
-            self._pool.budget = 1 << 62
+            # open_by_handle_at needs CAP_DAC_READ_SEARCH (or the fs has no handles): reclaimed
+            # fds are reopened by name below their parent instead.
+            self._pool.by_path = True
         self.info = BackendInfo(
             name="local",
             readonly=readonly,
@@ -422,34 +498,132 @@ class LocalBackend:
     # -- plumbing ------------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """One hop to a worker thread; the call runs inside the fd pool's shared section."""
-        if self._pool.over_budget() and not self._reclaiming:
-            await self._reclaim()
+        """One hop to a worker thread; the call runs inside the fd pool's shared section.
+
+        A call that fails with EMFILE/ENFILE (fds were taken faster than reclaim gave them
+        back: many requests at once under a low limit) is tried once more after a reclaim. It
+        failed opening an fd, before any change, except for a create whose file was made before
+        its O_PATH fd failed: the retry then opens the existing file (or answers EEXIST for
+        O_EXCL)."""
+        try:
+            return await offload.run_sync(partial(self._shared, fn, *args))
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            log.info("out of fds (%s): reclaiming idle ones and retrying", e)
+        await self._reclaim(force=True)
         return await offload.run_sync(partial(self._shared, fn, *args))
 
     def _shared(self, fn: Callable[..., T], *args: Any) -> T:
         rw = self._pool.rw
+        if self._pool.over_budget():
+            # Checked here, in the worker thread right before the call, not when it was queued:
+            # calls queued together would otherwise all run before any reclaim.
+            self._reclaim_sync()
         rw.acquire_shared()
         try:
             return fn(*args)
         finally:
             rw.release_shared()
 
-    async def _reclaim(self) -> None:
+    async def _reclaim(self, force: bool = False) -> None:
+        if self._reclaiming and not force:
+            return
         self._reclaiming = True
         try:
             with trio.CancelScope(shield=True):
-                await offload.run_sync(self._reclaim_sync)
+                await offload.run_sync(partial(self._reclaim_sync, force))
         finally:
             self._reclaiming = False
 
-    def _reclaim_sync(self) -> int:
+    def _reclaim_sync(self, force: bool = False) -> int:
         rw = self._pool.rw
         rw.acquire_exclusive()
         try:
-            return self._pool.reclaim()
+            self._park_idle(force)
+            return self._pool.reclaim(force)
         finally:
             rw.release_exclusive()
+
+    def _park_idle(self, force: bool) -> int:
+        """Close the fds of the least recently used idle open files (they are reopened on next
+        use) until what remains, once their node fds are reclaimed too, fits the pool's target.
+        Caller holds the pool's rw exclusively, so no call is using any of them."""
+        pool = self._pool
+        with self._mu:
+            excess = pool.npath + pool.nopen - pool.target(force)
+            if excess <= 0:
+                return 0
+            cands = sorted(
+                (f for f in self._open if f.fd is not None and not f.busy and not f.sticky and not f.closed),
+                key=lambda f: f.last,
+            )
+        parked = 0
+        for f in cands:
+            if parked * 2 >= excess:  # each frees its fd and, once unpinned, its node's
+                break
+            fd = f.fd
+            if fd is None or not self._parkable(f, fd):
+                continue
+            with self._mu:
+                if f.fd != fd or f.busy or f.closed:
+                    continue
+                f.fd = None
+                f.parked = True
+                f.h.pins -= 1
+                pool.nopen -= 1
+            os.close(fd)
+            parked += 1
+        return parked
+
+    def _parkable(self, f: LocalOpenFile, fd: int) -> bool:
+        """Whether f could be reopened as it is: still linked, its node reopenable, and the
+        access it was opened with still granted (the mode may have changed since)."""
+        try:
+            st = os.fstat(fd)
+            if st.st_nlink == 0 and not stat.S_ISDIR(st.st_mode):
+                f.sticky = True
+                return False
+            if not self._pool.reopenable(f.h):
+                return False
+            acc = f.flags & P.L_O_ACCMODE
+            want = os.R_OK if acc == P.L_O_RDONLY else os.W_OK if acc == P.L_O_WRONLY else os.R_OK | os.W_OK
+            if not os.access(_proc(fd), want, effective_ids=True):
+                f.sticky = True
+                return False
+        except OSError:
+            return False
+        return True
+
+    def _unpark(self, f: LocalOpenFile) -> int:
+        """Reopen a parked file (worker thread); the caller holds f busy."""
+        fmt = stat.S_IFDIR if f.is_dir else stat.S_IFREG
+        fd = self._reopen(f.h, fmt, fmt, f.flags & ~(P.L_O_CREAT | P.L_O_EXCL | P.L_O_TRUNC))
+        with self._mu:
+            if f.fd is None and f.parked:
+                f.fd = fd
+                f.parked = False
+                f.h.pins += 1
+                self._pool.nopen += 1
+                return fd
+            cur = f.fd
+        os.close(fd)
+        if cur is None:
+            raise FsError(errno.EBADF)
+        return cur
+
+    def _keep_open(self, ident: tuple[int, int]) -> None:
+        """The file `ident` is about to lose a name: its open files are reopened now if parked
+        and never parked again (an unlinked file can be found neither by name nor by handle).
+        Worker thread, under self._ns."""
+        with self._mu:
+            files = list(self._open_by_ident.get(ident, ()))
+            for f in files:
+                f.sticky = True
+        for f in files:
+            if f.parked:
+                with contextlib.suppress(OSError):
+                    self._unpark(f)
 
     async def _held(self, nodes: Sequence[LocalNode], fn: Callable[..., T], *args: Any) -> T:
         """Run fn in a worker thread while holding references on the nodes' fds, so a
@@ -465,22 +639,58 @@ class LocalBackend:
                 n.h.refs += 1
                 held.append(n.h)
         try:
+            if self.inline_metadata and self._inline_until <= time.monotonic():
+                ran, result = self._inline(fn, *args)
+                if ran:
+                    return cast(T, result)
             return await self._run(fn, *args)
         finally:
             with self._mu:
                 for h in held:
                     self._decref_locked(h)
 
+    #: An inline call slower than this turns inline calls off for INLINE_BACKOFF seconds.
+    INLINE_SLOW = 0.002
+    INLINE_BACKOFF = 10.0
+
+    def _inline(self, fn: Callable[..., T], *args: Any) -> tuple[bool, T | None]:
+        """Runs a metadata call on the trio thread itself, saving the two thread handoffs (and
+        context switches) of a worker-thread hop; (False, None) when it must hop instead: an fd
+        reclaim due or running. A slow call (cold cache on slow storage) sends the next calls to
+        the workers for a while, so a stall of the loop does not repeat."""
+        if self._reclaiming or self._pool.over_budget() or not self._pool.rw.try_acquire_shared():
+            return False, None
+        start = time.monotonic()
+        try:
+            return True, fn(*args)
+        finally:
+            self._pool.rw.release_shared()
+            if time.monotonic() - start > self.INLINE_SLOW:
+                self._inline_until = time.monotonic() + self.INLINE_BACKOFF
+                log.info("a metadata call took %.1f ms on the event loop; worker threads for %.0f s",
+                         (time.monotonic() - start) * 1000, self.INLINE_BACKOFF)
+
     async def _infile(self, f: LocalOpenFile, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(fd, *args) in a worker thread with f's fd kept open meanwhile; a close
         arriving in between is carried out when the last such call finishes."""
+        async with self.hold_fd(f) as fd:
+            return await self._run(fn, fd, *args)
+
+    @contextlib.asynccontextmanager
+    async def hold_fd(self, f: LocalOpenFile) -> AsyncIterator[int]:
+        """f's host fd, reopened if it was parked, kept open (never parked, never closed) until
+        the block ends: for calls, and for transports that read straight from it."""
         with self._mu:
-            if f.closed or f.fd is None:
+            if f.closed or (f.fd is None and not f.parked):
                 raise FsError(errno.EBADF)
             f.busy += 1
+            self._pool.clock += 1
+            f.last = self._pool.clock
             fd = f.fd
         try:
-            return await self._run(fn, fd, *args)
+            if fd is None:
+                fd = await self._run(self._unpark, f)
+            yield fd
         finally:
             with self._mu:
                 f.busy -= 1
@@ -568,6 +778,7 @@ class LocalBackend:
         self._live.add(n)
         if n.parent is not None:
             self._at.setdefault((n.parent.dev, n.parent.ino, n.name), set()).add(n)
+            self._pool.set_loc_locked(n.h, (n.parent, n.name))
 
     def _unregister(self, n: LocalNode) -> None:
         # Caller holds self._mu.
@@ -725,8 +936,10 @@ class LocalBackend:
                         bname = self._bname(comp)
                         h, st = self._lookup(cur, bname)
                         parent = cur
-                except OSError:
-                    if not out:
+                except OSError as e:
+                    # A partial walk says "this name does not exist"; running out of fds
+                    # says nothing about the name, so it is an error (retried by _run).
+                    if not out or e.errno in (errno.EMFILE, errno.ENFILE):
                         raise
                     break
                 n = self._make_node(h, st, parent, bname)
@@ -936,7 +1149,8 @@ class LocalBackend:
 
     def _add_open(self, f: LocalOpenFile) -> None:
         with self._mu:
-            f.h.pins += 1  # an open file's O_PATH fd stays (an unlinked file has no handle)
+            f.h.pins += 1  # an open file's O_PATH fd stays while its fd is open (not parked)
+            self._pool.nopen += 1
             self._open.add(f)
             self._open_by_ident.setdefault(f.h.ident, set()).add(f)
 
@@ -1010,18 +1224,22 @@ class LocalBackend:
                 same.discard(f)
                 if not same:
                     del self._open_by_ident[f.h.ident]
+            if f.parked:  # its fd was closed already, and its pin dropped
+                f.parked = False
+                self._decref_locked(f.h)
+                return None
             if f.fd is None:
                 return None
             fd, f.fd = f.fd, None
             f.h.pins -= 1
+            self._pool.nopen -= 1
             self._decref_locked(f.h)
             return fd
 
     @staticmethod
-    def _fd(f: LocalOpenFile) -> int:
-        if f.closed or f.fd is None:
+    def _fd(f: LocalOpenFile) -> None:
+        if f.closed or (f.fd is None and not f.parked):
             raise FsError(errno.EBADF)
-        return f.fd
 
     async def read(self, f: LocalOpenFile, offset: int, count: int) -> bytes:
         self._fd(f)
@@ -1034,6 +1252,13 @@ class LocalBackend:
         if offset < 0:
             raise FsError(errno.EINVAL)
         return await self._infile(f, os.pwrite, data, offset)
+
+    async def write_from(self, f: LocalOpenFile, offset: int, pwrite: Callable[[int, int], int]) -> int:
+        """`write` whose data `pwrite(fd, offset)` writes itself (zero-copy from guest memory)."""
+        self._fd(f)
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        return await self._infile(f, pwrite, offset)
 
     async def fsync(self, f: LocalOpenFile, datasync: bool) -> None:
         await self._infile(f, os.fdatasync if datasync else os.fsync)
@@ -1304,6 +1529,7 @@ class LocalBackend:
                 ph, oname = self._locate(node)
                 try:
                     nh = nh0 if nh0 is not None else ph
+                    self._keep_open_at(nh.fd, nname)  # the file it replaces, if any
                     os.rename(oname, nname, src_dir_fd=ph.fd, dst_dir_fd=nh.fd)
                     self.creds.after_rename(ph.fd, oname, nh.fd, nname)
                     self._moved(ph.ident, oname, nh, nname, node.h.ident)
@@ -1325,6 +1551,7 @@ class LocalBackend:
         def run() -> None:
             with self._ns:
                 st = os.stat(oname, dir_fd=oh.fd, follow_symlinks=False)
+                self._keep_open_at(nh.fd, nname)  # the file it replaces, if any
                 os.rename(oname, nname, src_dir_fd=oh.fd, dst_dir_fd=nh.fd)
                 self.creds.after_rename(oh.fd, oname, nh.fd, nname)
                 self._moved(oh.ident, oname, nh, nname, (st.st_dev, st.st_ino))
@@ -1345,7 +1572,16 @@ class LocalBackend:
 
         await self._held((dir,), run)
 
+    def _keep_open_at(self, dirfd: int, name: bytes) -> None:
+        """Before the entry (dirfd, name) goes away: see _keep_open."""
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except OSError:
+            return
+        self._keep_open((st.st_dev, st.st_ino))
+
     def _unlink_entry(self, dirfd: int, name: bytes, is_dir: bool) -> None:
+        self._keep_open_at(dirfd, name)
         self.creds.before_unlink(dirfd, name, is_dir)
         if is_dir:
             os.rmdir(name, dir_fd=dirfd)
@@ -1573,7 +1809,8 @@ def backend_for_model(
         fmode=getattr(options, "fmode", None),
         dmode=getattr(options, "dmode", None),
     )
-    return LocalBackend(export, readonly=readonly, credentials=creds, multidevs=multidevs)
+    return LocalBackend(export, readonly=readonly, credentials=creds, multidevs=multidevs,
+                        inline_metadata=bool(getattr(options, "inline_metadata", False)))
 
 
 __all__ = [

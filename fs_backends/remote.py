@@ -39,6 +39,7 @@ from ninep import protocol as P
 from ninep.client import Client, ClientError
 from ninep.codec import unpack_dirents
 from transports.address import ConnectOptions
+from transports.tls import ClientTLS
 
 
 async def _gather(fns: Sequence[Callable[[], Awaitable[None]]]) -> None:
@@ -115,10 +116,12 @@ class RemoteBackend:
         msize: int = 1024 * 1024,
         uname: str = "root",
         n_uname: int | None = None,
+        tls: ClientTLS | None = None,
     ) -> AsyncIterator[RemoteBackend]:
-        """Connect to `address` (tcp:H:P, unix:PATH, ...) and negotiate 9P2000.L."""
+        """Connect to `address` (tcp:H:P, unix:PATH, ...; `tls` for TLS on tcp) and negotiate
+        9P2000.L."""
         async with Client.connect(
-            address, dialect=P.V9P2000_L, msize=msize, options=ConnectOptions(max_msize=msize)
+            address, dialect=P.V9P2000_L, msize=msize, options=ConnectOptions(max_msize=msize, tls=tls)
         ) as client:
             if client.dialect != P.V9P2000_L:
                 raise FsError(

@@ -239,6 +239,16 @@ _ACL_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 _PATH_MAX = 4096
 
 
+def _host_modes(fmode: int, dmode: int) -> tuple[int, int]:
+    """--fmode/--dmode of the mapped models: the host file must never carry setuid/setgid bits
+    (the server owns it: a client could then make the host run its program as the server)."""
+    if fmode & ~0o777:
+        raise ValueError(f"fmode {fmode:o}: only permission bits (0..777) are allowed for host files")
+    if dmode & ~0o1777:
+        raise ValueError(f"dmode {dmode:o}: only permission and sticky bits are allowed for host directories")
+    return fmode, dmode
+
+
 def _get_u(path: str | bytes, name: str, size: int, follow: bool = True) -> int | None:
     try:
         v = os.getxattr(path, name, follow_symlinks=follow)
@@ -263,8 +273,7 @@ class MappedXattrCredentials(Credentials):
     maps_modes = True  # readdir stats and maps every entry, so its d_type is the client's
 
     def __init__(self, fmode: int = 0o600, dmode: int = 0o700) -> None:
-        self.fmode = fmode & 0o7777
-        self.dmode = dmode & 0o7777
+        self.fmode, self.dmode = _host_modes(fmode, dmode)
 
     # -- recording -------------------------------------------------------------------------
 
@@ -481,13 +490,23 @@ class MappedFileCredentials(Credentials):
     needs_location = True
 
     def __init__(self, fmode: int = 0o600, dmode: int = 0o700) -> None:
-        self.fmode = fmode & 0o7777
-        self.dmode = dmode & 0o7777
+        self.fmode, self.dmode = _host_modes(fmode, dmode)
         root = os.geteuid() == 0
         self.privileged_xattrs = root
 
     def reserved_name(self, name: bytes) -> bool:
         return name in (_META_DIR, _META_ROOT)
+
+    # user.virtfs.* means nothing to this model, but it is mapped-xattr's metadata: a client
+    # that planted it here would own its files (or make them setuid root, in the guest's eyes)
+    # the day the export is served under mapped-xattr. Hidden and refused as mapped-xattr does.
+    def check_xattr(self, name: str, write: bool) -> None:
+        if name.startswith(_VIRTFS_PREFIX):
+            raise FsError(errno.EACCES if write else errno.ENODATA)
+        super().check_xattr(name, write)
+
+    def filter_xattrs(self, names: list[str]) -> list[str]:
+        return [n for n in super().filter_xattrs(names) if not n.startswith(_VIRTFS_PREFIX)]
 
     # -- the metadata files --------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """The `ninep` command: serve an export, mount one with FUSE, run the proxy helper and friends.
 
     ninep serve EXPORT --listen tcp:127.0.0.1:5640 [--listen unix:/run/9p.sock] [--readonly] ...
+    ninep serve --config exports.toml          (several exports; SIGHUP reloads; see ninep.config)
+    ninep check-config exports.toml
     ninep mount SOURCE MOUNTPOINT ...          (FUSE; see ninep.fuse_cli)
 
 This module parses arguments and wires parts together; it must never contain protocol or
@@ -15,14 +17,18 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from fs_backends.base import Backend
+from ninep import stats_cli
+from ninep.identity import IdentityRule, parse_map
+from ninep.policy import add_policy_arguments, policy_from_args
 from ninep.server import Server
 from ninep.session import SessionOptions
 from transports.address import AddressError, ListenOptions, listener_from_address
+from transports.base import Listener
 
 log = logging.getLogger("ninep")
 
@@ -44,10 +50,42 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                    help="how client credentials meet the host (default: passthrough as root, none otherwise)")
     p.add_argument("--multidevs", choices=("remap", "forbid", "warn"), default="remap",
                    help="what to do when the export spans several host filesystems")
+    p.add_argument("--inline-metadata", action="store_true",
+                   help="run metadata syscalls on the event loop while they stay under 2 ms (saves a thread "
+                        "handoff per request; meant for exports on local disks)")
     p.add_argument("--fmode", type=_octal, default=None,
                    help="host mode of new files in the mapped models (octal, default 0600)")
     p.add_argument("--dmode", type=_octal, default=None,
                    help="host mode of new directories in the mapped models (octal, default 0700)")
+    add_policy_arguments(p)
+
+
+#: SessionOptions fields set by `--max-…` options, with their help text.
+LIMITS = {
+    "max_connections": "connections served at once; more are refused with EUSERS and a log line",
+    "max_fids": "fids one connection may hold; past it requests answer EMFILE",
+    "max_inflight": "requests in flight per connection; past it the connection is not read until replies drain",
+    "max_conn_memory": "bytes of request/reply buffers per connection (K/M suffixes); past it the "
+                       "connection is not read until replies drain",
+}
+
+
+def _positive_size(text: str) -> int:
+    try:
+        value = _size(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = SessionOptions()
+    for name, text in LIMITS.items():
+        default = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=_positive_size, default=default,
+                       help=f"{text} (default {default})")
 
 
 def _octal(text: str) -> int:
@@ -96,32 +134,42 @@ def _setup_logging(verbose: int, trace: bool) -> None:
         logging.getLogger("ninep.trace").setLevel(logging.INFO)
 
 
-async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Namespace) -> None:
-    options = SessionOptions(readonly=args.readonly, max_msize=args.msize, trace=args.trace)
-    lopts = ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure)
-    listeners = [listener_from_address(a, lopts) for a in addresses]
-    server = Server(backend, options)
-    only_fd = all(a.startswith("fd:") for a in addresses)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def _serve(server: Server, addresses: Sequence[str], args: argparse.Namespace, *,
+                 names: Sequence[str] | None = None, lopts: ListenOptions | None = None,
+                 reload: Callable[[], Awaitable[None]] | None = None, inherited: Sequence[Listener] = ()) -> None:
+    """`inherited`: listeners on sockets from systemd (transports.activation), served first and
+    named by their address (systemd:NAME) for the exports' listener rules."""
+    lopts = lopts or ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure)
+    listeners = [*inherited, *(listener_from_address(a, lopts) for a in addresses)]
+    if names is not None:
+        names = [*(x.address for x in inherited), *names]
+    only_fd = not inherited and all(a.startswith("fd:") for a in addresses)
+    sigs = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if reload is not None else ()))
+    with trio.open_signal_receiver(*sigs) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signal() -> None:
                 async for sig in signals:
                     log.info("received %s", signal.Signals(sig).name)
+                    if sig == signal.SIGHUP and reload is not None:
+                        await reload()
+                        continue
                     server.shutdown()
                     return
 
             nursery.start_soon(on_signal)
 
             async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-                await server.serve(listeners, task_status=task_status)
+                await server.serve(listeners, names=names, task_status=task_status)
                 nursery.cancel_scope.cancel()
 
             await nursery.start(run)
-            listening = getattr(backend, "listening", None)
-            if listening is not None:
-                # Listeners are bound: a backend may now shed privileges (the proxy does).
-                listening()
+            await stats_cli.start_endpoints(nursery, server.metrics, args)
+            for export in server.exports:
+                listening = getattr(export.backend, "listening", None)
+                if listening is not None:
+                    # Listeners are bound: a backend may now shed privileges (the proxy does).
+                    listening()
             if only_fd:
                 # An fd pair is a single connection: when it ends, the server is done.
                 await trio.sleep(0.05)
@@ -130,20 +178,76 @@ async def _serve(backend: Backend, addresses: Sequence[str], args: argparse.Name
                 server.shutdown()
 
 
+def _listen_options(args: argparse.Namespace) -> ListenOptions:
+    if args.tls_map and not args.tls_client_ca:
+        raise AddressError("--tls-map needs --tls-client-ca: identities come from client certificates")
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            raise AddressError("TLS needs both --tls-cert and --tls-key")
+        from transports.tls import ServerTLS
+
+        tls = ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    return ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure, tls=tls)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose, args.trace)
-    args.msize = min(_size(str(args.msize)), MAX_MSIZE)
+    if args.config is not None:
+        from ninep.config_serve import serve_config
+
+        return serve_config(args)
+    if args.export is None:
+        print("ninep serve: give an EXPORT directory or --config FILE", file=sys.stderr)
+        return 2
+    args.msize = min(_size(str(args.msize or DEFAULT_MSIZE)), MAX_MSIZE)
     try:
+        # Before the backend: a proxy helper forked by make_backend must not inherit the sockets.
+        from transports.activation import listeners_from_sockets, take_inherited_sockets
+
+        inherited = listeners_from_sockets(take_inherited_sockets(), _listen_options(args))
         backend = make_backend(args.export, args)
-        addresses = args.listen or ["tcp:127.0.0.1:5640"]
+        addresses = args.listen or ([] if inherited else ["tcp:127.0.0.1:5640"])
         for a in addresses:
-            listener_from_address(a, ListenOptions(insecure=args.insecure))  # validate early
+            listener_from_address(a, _listen_options(args))  # validate early (and load certificates)
+        stats_cli.check_serve_arguments(args)
     except AddressError as e:
         print(f"ninep: {e}", file=sys.stderr)
         return 2
-    log.info("serving %s (%s) on %s", args.export, backend.info.name, ", ".join(addresses))
-    trio.run(_serve, backend, addresses, args)
+    except OSError as e:  # an unreadable or mismatched certificate or key (ssl.SSLError too)
+        print(f"ninep: TLS: {e}", file=sys.stderr)
+        return 2
+    log.info("serving %s (%s) on %s", args.export, backend.info.name,
+             ", ".join([*(x.address for x in inherited), *addresses]))
+    options = SessionOptions(policy=policy_from_args(args), max_msize=args.msize, trace=args.trace,
+                             tls_identities=dict(args.tls_map),
+                             **{name: getattr(args, name) for name in LIMITS})
+    trio.run(lambda: _serve(Server(backend, options), addresses, args, lopts=_listen_options(args),
+                            inherited=inherited))
     return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from ninep.config import ConfigError, load
+
+    try:
+        cfg = load(args.file)
+    except ConfigError as e:
+        print(f"ninep: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(cfg.exports)} export{'s' if len(cfg.exports) != 1 else ''}")
+    for ec in cfg.exports:
+        reach = ", ".join(sorted(ec.listeners)) if ec.listeners is not None else "every listener"
+        print(f"  {ec.name}: aname {ec.aname!r} -> {ec.path} ({ec.security_model or 'default model'}"
+              f"{', read-only' if ec.readonly else ''}; {reach})")
+    return 0
+
+
+def _tls_map(text: str) -> tuple[str, IdentityRule]:
+    try:
+        return parse_map(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,17 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="export a directory over 9P")
-    s.add_argument("export", help="host directory to export (or memory: for an in-memory tree)")
+    s.add_argument("export", nargs="?", help="host directory to export (or memory: for an in-memory tree)")
+    s.add_argument("--config", metavar="FILE",
+                   help="serve the exports an exports file describes instead of EXPORT (SIGHUP reloads it)")
     s.add_argument("--listen", "-l", action="append", metavar="ADDR",
                    help="tcp:HOST:PORT, unix:PATH, fd:RFD,WFD, vhost-user:SOCK or xen:DOMID/DEVID "
                         "(repeatable; default tcp:127.0.0.1:5640)")
-    s.add_argument("--msize", default=DEFAULT_MSIZE, help="largest message size to agree to (default 512K, max 4M)")
+    s.add_argument("--msize", "--max-msize", default=None,
+                   help="largest message size to agree to (default 512K, max 4M)")
+    add_limit_arguments(s)
     s.add_argument("--tag", default="ninep", help="mount tag for virtio/Xen transports")
-    s.add_argument("--insecure", action="store_true", help="allow unencrypted TCP on non-loopback addresses")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow TCP on non-loopback addresses without TLS client authentication")
+    s.add_argument("--tls-cert", metavar="PEM", help="serve TCP with TLS: the server certificate (chain)")
+    s.add_argument("--tls-key", metavar="PEM", help="the server certificate's private key (may be the same file)")
+    s.add_argument("--tls-client-ca", metavar="PEM",
+                   help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--tls-map", metavar="SUBJECT=UID", type=_tls_map, action="append", default=[],
+                   help="force the uid of clients whose certificate subject is SUBJECT, as logged "
+                        "(e.g. 'CN=alice,O=ninep=1000'; repeatable)")
     s.add_argument("--trace", action="store_true", help="log every request and reply with its latency")
     s.add_argument("-v", "--verbose", action="count", default=0)
     add_backend_arguments(s)
+    stats_cli.add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
+    stats_cli.add_parser(sub)
+
+    c = sub.add_parser("check-config", help="validate an exports file without serving it")
+    c.add_argument("file", help="the exports file (TOML)")
+    c.set_defaults(func=cmd_check_config)
 
     for module in ("ninep.fuse_cli", "ninep.proxy_cli", "transports.xen.cli"):
         # Optional parts register their own subcommands; a part that is not built is absent.

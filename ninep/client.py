@@ -90,12 +90,21 @@ class Client:
         dialect and msize, and keeps a reader task running while the block runs."""
         channel = address if not isinstance(address, str) else await connect_address(address, options)
         client = cls(channel, dialect)
+        refused: ClientError | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._reader)
-                await client.version(msize, dialect)
-                yield client
+                try:
+                    await client.version(msize, dialect)
+                except ClientError as e:
+                    # Raised below, outside the nursery, so the caller sees the error itself
+                    # (a server that closes at once: a TLS refusal, a full server) and not a group.
+                    refused = e
+                else:
+                    yield client
                 nursery.cancel_scope.cancel()
+            if refused is not None:
+                raise refused
         finally:
             with trio.CancelScope(shield=True):
                 await channel.aclose()

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fs_backends.base import Cred, LockOwner, Node, OpenFile
+
+if TYPE_CHECKING:
+    from ninep.exports import Export
 
 
 class FidKind(enum.Enum):
@@ -40,3 +44,6 @@ class Fid:
     dir_pending: bytes = b""
     #: Lock owners that took locks through this fid (released on clunk).
     lock_owners: list[LockOwner] = field(default_factory=list)
+    #: The export the attach chose; every request on this fid (and fids walked from it) uses its
+    #: backend and policy, whatever reloads happen meanwhile.
+    export: Export = field(kw_only=True)

@@ -44,6 +44,7 @@ import trio
 
 from fs_backends.base import Attr, Backend, Cred, DirEntry, Node, OpenFile, Qid, SetAttr
 from ninep import protocol as P
+from ninep.policy import DEFAULT_POLICY, Gate, OperationPolicy, Refused
 
 log = logging.getLogger("ninep.fuse")
 
@@ -387,6 +388,9 @@ def _handler(fn: F) -> F:
                     raise
                 await trio.sleep(0.2)
                 result = await fn(self, *args)
+        except Refused as e:
+            e.log("fuse", name)
+            raise pyfuse3.FUSEError(e.errno or errno.EPERM) from None
         except pyfuse3.FUSEError as e:
             if self.debug:
                 log.debug("%s%s -> %s", name, _short(args), errno.errorcode.get(e.errno, e.errno))
@@ -450,8 +454,12 @@ class FuseOperations(pyfuse3.Operations):
         entry_timeout: float = 1.0,
         debug: bool = False,
         max_inodes: int | None = None,
+        policy: OperationPolicy = DEFAULT_POLICY,
     ) -> None:
         super().__init__()
+        #: The export's operation policy (devices, setid bits, privileged xattrs), checked with
+        #: the same `Gate` the 9P session uses.
+        self.policy = policy
         #: Above this many inodes the oldest unused ones are handed back (see _shed): every
         #: inode holds a backend handle (an fd for a local export, a fid for a 9P server).
         self.max_inodes = max_inodes
@@ -515,6 +523,9 @@ class FuseOperations(pyfuse3.Operations):
     def stats(self) -> dict[str, int]:
         """Table sizes (logged on SIGUSR1 by the CLI, read by tests)."""
         return {"inodes": len(self.inodes), "files": len(self.files), "dirs": len(self.dirs)}
+
+    def _gate(self, cred: Cred) -> Gate:
+        return Gate(self.policy, self.backend.info, cred)
 
     def _cred(self, ctx: pyfuse3.RequestContext) -> Cred:
         return Cred(uid=ctx.uid, gid=ctx.gid)
@@ -745,6 +756,8 @@ class FuseOperations(pyfuse3.Operations):
         if fields.update_ctime:
             sa.valid |= P.SETATTR_CTIME
         cred = self._cred(ctx)
+        if fields.update_mode:
+            self._gate(cred).mode(ent.names[0][1] if ent.names else str(inode), sa.mode, stat.S_ISDIR(attr.st_mode))
 
         async def op(n: Node) -> Attr:
             if sa.valid:
@@ -764,6 +777,7 @@ class FuseOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.get(parent_inode)
         s, cred = _fsname(name), self._cred(ctx)
+        self._gate(cred).mknod(s, mode)
         await self._on(
             parent,
             lambda d: self.backend.mknod(d, s, mode, os.major(rdev), os.minor(rdev), cred),
@@ -882,6 +896,7 @@ class FuseOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.inodes.get(parent_inode)
         s, cred = _fsname(name), self._cred(ctx)
+        self._gate(cred).mode(s, mode, False)
         lflags = open_flags_to_dotl(flags, create=True) | P.L_O_CREAT
         node, f = await self._on(
             parent, lambda d: self.backend.create(d, s, lflags, mode & 0o7777, cred), names=True
@@ -1113,6 +1128,7 @@ class FuseOperations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         ent = self.inodes.get(inode)
         s = os.fsdecode(name)
+        self._gate(self._cred(ctx)).xattr(s, False)
         return bytes(await self._on(ent, lambda n: self.backend.xattr_get(n, s)))
 
     @_handler
@@ -1122,17 +1138,20 @@ class FuseOperations(pyfuse3.Operations):
         # pyfuse3 checks XATTR_CREATE/XATTR_REPLACE itself (with getxattr) before calling us.
         ent = self.inodes.get(inode)
         s, v = os.fsdecode(name), bytes(value)
+        self._gate(self._cred(ctx)).xattr(s, True)
         await self._on(ent, lambda n: self.backend.xattr_set(n, s, v, 0))
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         ent = self.inodes.get(inode)
-        return [os.fsencode(n) for n in await self._on(ent, self.backend.xattr_list)]
+        names = self._gate(self._cred(ctx)).xattr_names(await self._on(ent, self.backend.xattr_list))
+        return [os.fsencode(n) for n in names]
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         ent = self.inodes.get(inode)
         s = os.fsdecode(name)
+        self._gate(self._cred(ctx)).xattr(s, True)
         await self._on(ent, lambda n: self.backend.xattr_remove(n, s))
 
 

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import trio
 
 from fs_backends.base import Backend, Cred, Node
+from transports.tls import ClientTLS
 
 log = logging.getLogger("ninep.mount")
 
@@ -78,6 +79,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="inodes to keep before asking the kernel to forget old ones (default: from the "
         "fd limit for a host directory, 40000 for a 9P server)",
     )
+    p.add_argument("--tls-ca", metavar="PEM", help="TLS to a tcp: server: the CA its certificate must chain to")
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS client certificate (for servers that ask for one)")
+    p.add_argument("--tls-key", metavar="PEM", help="its private key (default: in the --tls-cert file)")
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="name the server certificate must carry (default: the host of SOURCE)")
     p.add_argument("--debug", action="store_true", help="log every FUSE call")
     p.add_argument("--daemon", action="store_true", help="detach once the mount is up")
     p.add_argument("--log-file", default=None, help="log here (with --daemon: instead of nowhere)")
@@ -107,6 +113,16 @@ def parse_source(source: str, aname: str | None = None) -> Source:
     if source == "memory:":
         return Source("memory")
     return Source("local", path=source)
+
+
+def client_tls(args: argparse.Namespace) -> ClientTLS | None:
+    """TLS settings from --tls-*, or None when none was given (plain 9P)."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return None
+    if args.tls_key and not args.tls_cert:
+        raise ValueError("--tls-key needs --tls-cert")
+    return ClientTLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key or args.tls_cert,
+                     server_name=args.tls_server_name)
 
 
 def raise_fd_limit() -> None:
@@ -164,7 +180,7 @@ async def open_backend(
         from fs_backends.remote import RemoteBackend
 
         backend = await stack.enter_async_context(
-            RemoteBackend.connect(src.address, msize=args.msize, uname=uname)
+            RemoteBackend.connect(src.address, msize=args.msize, uname=uname, tls=client_tls(args))
         )
         aname = src.aname
     try:
@@ -217,6 +233,7 @@ async def _mount(
     import pyfuse3
 
     from ninep.fuse import FuseOperations, mount_options
+    from ninep.policy import policy_from_args
 
     backend, root = await open_backend(args, stack, local)
     ops = FuseOperations(
@@ -226,6 +243,7 @@ async def _mount(
         entry_timeout=args.timeout,
         debug=args.debug,
         max_inodes=args.max_inodes or default_max_inodes(args.source),
+        policy=policy_from_args(args),
     )
     extra = [o for opt in args.options for o in opt.split(",")]
     opts = mount_options(f"ninep:{args.source}", readonly=args.readonly, extra=extra)
@@ -287,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         src = parse_source(args.source, args.aname)
+        if client_tls(args) is not None and not (src.kind == "remote" and src.address.startswith("tcp:")):
+            raise ValueError("--tls-* apply to a 9P server over TCP (9p://HOST… or tcp:HOST:PORT)")
     except ValueError as e:
         print(f"ninep mount: {e}", file=sys.stderr)
         return 2

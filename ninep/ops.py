@@ -19,6 +19,8 @@ from fs_backends.base import Attr, Cred, Lock, LockOwner, SetAttr
 from ninep import messages as m
 from ninep.codec import pack_dirent
 from ninep.fids import Fid, FidKind
+from ninep.identity import rule_for
+from ninep.policy import gate, policy_of
 from ninep.protocol import (
     AT_REMOVEDIR,
     GETATTR_ALL,
@@ -36,13 +38,14 @@ from ninep.protocol import (
     NONUNAME,
     QTDIR,
     READ_HEADER,
+    SETATTR_MODE,
     V9P2000_L,
     XATTR_CREATE,
     XATTR_REPLACE,
     XATTR_SIZE_MAX,
     T,
 )
-from ninep.session import SENT, Handler, Sent, Session
+from ninep.session import Handler, Sent, Session
 
 log = logging.getLogger("ninep.ops")
 
@@ -62,6 +65,12 @@ def check_name(name: str, *, creating: bool = True) -> None:
         raise OSError(errno.EEXIST if creating else errno.EINVAL, f"{name!r} cannot be used here")
 
 
+def same_export(a: Fid, b: Fid) -> None:
+    """Two fids of one request must reach the same backend (link, rename across exports)."""
+    if a.export is not b.export:
+        raise OSError(errno.EXDEV, "the fids belong to different exports")
+
+
 def check_walk_name(name: str) -> None:
     if not name or "/" in name or "\0" in name:
         raise OSError(errno.EINVAL, f"illegal file name {name!r}")
@@ -73,7 +82,7 @@ def check_walk_name(name: str) -> None:
 async def release_fid(s: Session, fid: Fid) -> int:
     """Everything clunk does, never raising; returns an errno to report (0 if none)."""
     err = 0
-    backend = s.backend
+    backend = fid.export.backend
     try:
         if fid.kind is FidKind.XATTR_WRITE:
             err = await _commit_xattr(s, fid)
@@ -105,9 +114,9 @@ async def _commit_xattr(s: Session, fid: Fid) -> int:
     try:
         if fid.xattr_size == 0 and fid.xattr_flags & XATTR_REPLACE:
             # Linux removexattr: a zero-length create with XATTR_REPLACE.
-            await s.backend.xattr_remove(fid.node, fid.xattr_name)
+            await fid.export.backend.xattr_remove(fid.node, fid.xattr_name)
         else:
-            await s.backend.xattr_set(fid.node, fid.xattr_name, bytes(fid.xattr_buf), fid.xattr_flags)
+            await fid.export.backend.xattr_set(fid.node, fid.xattr_name, bytes(fid.xattr_buf), fid.xattr_flags)
     except OSError as e:
         return e.errno or errno.EIO
     return 0
@@ -141,14 +150,36 @@ async def attach(s: Session, msg: m.Tattach) -> m.Message:
         raise OSError(errno.EINVAL, "no authentication fid is needed")
     if msg.fid in s.fids:
         raise OSError(errno.EBADF, f"fid {msg.fid} already in use")
-    cred = _cred(msg.uname, msg.n_uname)
-    node = await s.backend.attach(msg.aname, cred)
+    uname, n_uname = msg.uname, msg.n_uname
+    identity = getattr(s.channel, "identity", None)
+    rule = rule_for(s.options.tls_identities, identity)
+    if rule is not None:
+        uname, n_uname = rule.credentials(uname, n_uname)
+    cred = _cred(uname, n_uname)
     try:
-        s.new_fid(msg.fid, Fid(node, cred))
+        export, inside = s.exports.resolve(msg.aname)
     except OSError:
-        await s.backend.release(node)
+        log.warning("connection %d from %s: attach %r as %s refused: no such export",
+                    s.conn_id, s.identity, msg.aname, msg.uname)
         raise
-    log.info("connection %d: attach %r as %s (uid %d)", s.conn_id, msg.aname, msg.uname, cred.uid)
+    if not export.allows(s.listener):
+        log.warning("connection %d from %s: attach %r as %s refused: export %s is not offered on %s",
+                    s.conn_id, s.identity, msg.aname, msg.uname, export.name, s.listener or "this channel")
+        raise OSError(errno.EACCES, f"export {export.name} is not offered here")
+    if rule is not None and not rule.allows(export.name):
+        log.warning("connection %d from %s: attach %r as %s refused: this client may attach only export %s",
+                    s.conn_id, s.identity, msg.aname, msg.uname, rule.export)
+        raise OSError(errno.EACCES, f"export {export.name} is not for {identity}")
+    backend = export.backend
+    node = await backend.attach(inside, cred)
+    try:
+        s.new_fid(msg.fid, Fid(node, cred, export=export))
+    except OSError:
+        await backend.release(node)
+        raise
+    s.stats.attached(export.name)
+    log.info("connection %d from %s: attach %r (export %s) as %s (uid %d)", s.conn_id, s.identity, msg.aname,
+             export.name, msg.uname, cred.uid)
     return m.Rattach(node.qid)
 
 
@@ -174,8 +205,9 @@ async def walk(s: Session, msg: m.Twalk) -> m.Message:
         check_walk_name(name)
     # "." stays where the walk is (QEMU and diod allow it; diodls walks it). Backends never see it.
     real = [n for n in msg.wname if n != "."]
+    backend = fid.export.backend
     try:
-        nodes = await s.backend.walk(fid.node, real)
+        nodes = await backend.walk(fid.node, real)
     except OSError:
         if msg.wname[0] != ".":
             raise
@@ -190,24 +222,24 @@ async def walk(s: Session, msg: m.Twalk) -> m.Message:
     if len(qids) < len(msg.wname):
         # A partial walk: report how far it got; newfid is left untouched.
         for n in nodes:
-            await s.backend.release(n)
+            await backend.release(n)
         return m.Rwalk(qids)
     target = nodes[-1]
     for n in nodes[:-1]:
-        await s.backend.release(n)
-    new = Fid(target, fid.cred, real[-1] if real else fid.name)
+        await backend.release(n)
+    new = Fid(target, fid.cred, real[-1] if real else fid.name, export=fid.export)
     if msg.newfid == msg.fid:
         if fid.open is not None:
-            await s.backend.release(target)
+            await backend.release(target)
             raise OSError(errno.EBUSY, "cannot walk an open fid onto itself")
         old = fid.node
         fid.node, fid.name = target, new.name
-        await s.backend.release(old)
+        await backend.release(old)
     else:
         try:
             s.new_fid(msg.newfid, new)
         except OSError:
-            await s.backend.release(target)
+            await backend.release(target)
             raise
     # One qid per name walked: a clone (no names) answers none.
     return m.Rwalk(qids)
@@ -227,8 +259,8 @@ async def remove(s: Session, msg: m.Tremove) -> m.Message:
     del s.fids[msg.fid]
     fid.remove_on_clunk = False
     try:
-        s.check_writable()
-        await s.backend.remove(fid.node)
+        gate(s, fid).writable(fid.name)
+        await fid.export.backend.remove(fid.node)
     finally:
         await release_fid(s, fid)
     return m.Rremove()
@@ -249,10 +281,10 @@ async def lopen(s: Session, msg: m.Tlopen) -> m.Message:
     if fid.open is not None:
         raise OSError(errno.EBUSY, "fid already open")
     if (msg.flags & L_O_ACCMODE) != L_O_RDONLY or msg.flags & (L_O_TRUNC | L_O_APPEND):
-        s.check_writable()
-    fid.open = await s.backend.open(fid.node, msg.flags & ~(L_O_CREAT | L_O_EXCL), fid.cred)
+        gate(s, fid).writable(fid.name)
+    fid.open = await fid.export.backend.open(fid.node, msg.flags & ~(L_O_CREAT | L_O_EXCL), fid.cred)
     fid.open_flags = msg.flags
-    return m.Rlopen(fid.node.qid, s.iounit)
+    return m.Rlopen(fid.node.qid, s.iounit(fid))
 
 
 async def lcreate(s: Session, msg: m.Tlcreate) -> m.Message:
@@ -260,12 +292,15 @@ async def lcreate(s: Session, msg: m.Tlcreate) -> m.Message:
     check_name(msg.name)
     if fid.open is not None:
         raise OSError(errno.EBUSY, "fid already open")
-    s.check_writable()
-    node, f = await s.backend.create(fid.node, msg.name, msg.flags, msg.mode, s.cred_for(fid, msg.gid))
+    g = gate(s, fid)
+    g.writable(msg.name)
+    g.mode(msg.name, msg.mode, False)
+    backend = fid.export.backend
+    node, f = await backend.create(fid.node, msg.name, msg.flags, msg.mode, s.cred_for(fid, msg.gid))
     old = fid.node
     fid.node, fid.open, fid.open_flags, fid.name = node, f, msg.flags, msg.name
-    await s.backend.release(old)
-    return m.Rlcreate(node.qid, s.iounit)
+    await backend.release(old)
+    return m.Rlcreate(node.qid, s.iounit(fid))
 
 
 def _read_count(s: Session, count: int) -> int:
@@ -288,23 +323,36 @@ async def read(s: Session, msg: m.Tread) -> m.Message | Sent:
     zc = getattr(s.channel, "send_rread", None)
     if zc is not None and fid.open.fd is not None:
         s.mark_answered(msg.tag)  # the channel replies itself; the tag is free once it has
-        await zc(msg.tag, fid.open.fd, msg.offset, count)
-        return SENT
-    return m.Rread(await s.backend.read(fid.open, msg.offset, count))
+        hold = getattr(fid.export.backend, "hold_fd", None)
+        if hold is None:
+            return Sent(await zc(msg.tag, fid.open.fd, msg.offset, count))
+        # The backend may close idle fds under pressure: keep this one open meanwhile.
+        async with hold(fid.open) as fd:
+            return Sent(await zc(msg.tag, fd, msg.offset, count))
+    return m.Rread(await fid.export.backend.read(fid.open, msg.offset, count))
 
 
 async def write(s: Session, msg: m.Twrite) -> m.Message:
+    payload = s.write_payload(msg)  # data the transport left in guest memory, if any
     fid = s.fid(msg.fid)
     if fid.kind is FidKind.XATTR_WRITE:
-        end = msg.offset + len(msg.data)
+        data = msg.data if payload is None else payload.copy()
+        end = msg.offset + len(data)
         if msg.offset != len(fid.xattr_buf) or end > fid.xattr_size:
             raise OSError(errno.EINVAL, "xattr writes must be sequential and within the announced size")
-        fid.xattr_buf += msg.data
-        return m.Rwrite(len(msg.data))
+        fid.xattr_buf += data
+        return m.Rwrite(len(data))
     if fid.open is None:
         raise OSError(errno.EBADF, "fid not open")
-    s.check_writable()
-    n = await s.backend.write(fid.open, msg.offset, msg.data)
+    backend = fid.export.backend
+    if policy_of(s, fid).readonly or backend.info.readonly:  # the hot path builds no Gate
+        gate(s, fid).writable(fid.name)
+    if payload is None:
+        n = await backend.write(fid.open, msg.offset, msg.data)
+    elif (write_from := getattr(backend, "write_from", None)) is not None:
+        n = await write_from(fid.open, msg.offset, payload.pwrite)  # pwritev from guest memory
+    else:
+        n = await backend.write(fid.open, msg.offset, payload.copy())
     return m.Rwrite(n)
 
 
@@ -316,7 +364,7 @@ async def readdir(s: Session, msg: m.Treaddir) -> m.Message:
         raise OSError(errno.ENOTDIR, "not a directory")
     count = _read_count(s, msg.count)
     # Each entry is 24 bytes + its name; ask for what could fit, the rest comes next call.
-    entries = await s.backend.readdir(fid.open, msg.offset, max(1, count // 32))
+    entries = await fid.export.backend.readdir(fid.open, msg.offset, max(1, count // 32))
     out = bytearray()
     for e in entries:
         d = pack_dirent(e.qid, e.offset, e.type, e.name.encode("utf-8", "surrogateescape"))
@@ -332,7 +380,7 @@ async def fsync(s: Session, msg: m.Tfsync) -> m.Message:
     fid = _file_fid(s, msg.fid)
     if fid.open is None:
         raise OSError(errno.EBADF, "fid not open")
-    await s.backend.fsync(fid.open, bool(msg.datasync))
+    await fid.export.backend.fsync(fid.open, bool(msg.datasync))
     return m.Rfsync()
 
 
@@ -347,26 +395,31 @@ def rgetattr(a: Attr) -> m.Rgetattr:
 
 async def getattr_(s: Session, msg: m.Tgetattr) -> m.Message:
     fid = _file_fid(s, msg.fid)
-    attr = await s.backend.getattr(fid.node, msg.request_mask & GETATTR_ALL or GETATTR_ALL)
+    attr = await fid.export.backend.getattr(fid.node, msg.request_mask & GETATTR_ALL or GETATTR_ALL)
     return rgetattr(attr)
 
 
 async def setattr_(s: Session, msg: m.Tsetattr) -> m.Message:
     fid = _file_fid(s, msg.fid)
-    s.check_writable()
+    g = gate(s, fid)
+    g.writable(fid.name)
+    if msg.valid & SETATTR_MODE:
+        g.mode(fid.name, msg.mode, bool(fid.node.qid.type & QTDIR))
     attr = SetAttr(msg.valid, msg.mode, msg.uid, msg.gid, msg.size, msg.atime_sec, msg.atime_nsec,
                    msg.mtime_sec, msg.mtime_nsec)
-    await s.backend.setattr(fid.node, attr, fid.cred)
+    await fid.export.backend.setattr(fid.node, attr, fid.cred)
     return m.Rsetattr()
 
 
 async def statfs(s: Session, msg: m.Tstatfs) -> m.Message:
-    st = await s.backend.statfs(s.fid(msg.fid).node)
+    fid = s.fid(msg.fid)
+    st = await fid.export.backend.statfs(fid.node)
     return m.Rstatfs(st.type, st.bsize, st.blocks, st.bfree, st.bavail, st.files, st.ffree, st.fsid, st.namelen)
 
 
 async def readlink(s: Session, msg: m.Treadlink) -> m.Message:
-    return m.Rreadlink(await s.backend.readlink(_file_fid(s, msg.fid).node))
+    fid = _file_fid(s, msg.fid)
+    return m.Rreadlink(await fid.export.backend.readlink(fid.node))
 
 
 # --- namespace changes --------------------------------------------------------------------------------
@@ -375,8 +428,8 @@ async def readlink(s: Session, msg: m.Treadlink) -> m.Message:
 async def mkdir(s: Session, msg: m.Tmkdir) -> m.Message:
     fid = _file_fid(s, msg.dfid)
     check_name(msg.name)
-    s.check_writable()
-    return m.Rmkdir(await s.backend.mkdir(fid.node, msg.name, msg.mode, s.cred_for(fid, msg.gid)))
+    gate(s, fid).writable(msg.name)  # setgid on a directory is no privilege: no mode check
+    return m.Rmkdir(await fid.export.backend.mkdir(fid.node, msg.name, msg.mode, s.cred_for(fid, msg.gid)))
 
 
 async def symlink(s: Session, msg: m.Tsymlink) -> m.Message:
@@ -384,15 +437,17 @@ async def symlink(s: Session, msg: m.Tsymlink) -> m.Message:
     check_name(msg.name)
     if not msg.symtgt or "\0" in msg.symtgt:
         raise OSError(errno.EINVAL, "empty or NUL-containing symlink target")
-    s.check_writable()
-    return m.Rsymlink(await s.backend.symlink(fid.node, msg.name, msg.symtgt, s.cred_for(fid, msg.gid)))
+    gate(s, fid).writable(msg.name)
+    return m.Rsymlink(await fid.export.backend.symlink(fid.node, msg.name, msg.symtgt, s.cred_for(fid, msg.gid)))
 
 
 async def mknod(s: Session, msg: m.Tmknod) -> m.Message:
     fid = _file_fid(s, msg.dfid)
     check_name(msg.name)
-    s.check_writable()
-    qid = await s.backend.mknod(fid.node, msg.name, msg.mode, msg.major, msg.minor, s.cred_for(fid, msg.gid))
+    g = gate(s, fid)
+    g.writable(msg.name)
+    g.mknod(msg.name, msg.mode)
+    qid = await fid.export.backend.mknod(fid.node, msg.name, msg.mode, msg.major, msg.minor, s.cred_for(fid, msg.gid))
     return m.Rmknod(qid)
 
 
@@ -400,8 +455,9 @@ async def link(s: Session, msg: m.Tlink) -> m.Message:
     d = _file_fid(s, msg.dfid)
     target = _file_fid(s, msg.fid)
     check_name(msg.name)
-    s.check_writable()
-    await s.backend.link(d.node, msg.name, target.node)
+    same_export(d, target)
+    gate(s, d).writable(msg.name)
+    await d.export.backend.link(d.node, msg.name, target.node)
     return m.Rlink()
 
 
@@ -409,8 +465,9 @@ async def rename(s: Session, msg: m.Trename) -> m.Message:
     fid = _file_fid(s, msg.fid)
     d = _file_fid(s, msg.dfid)
     check_name(msg.name)
-    s.check_writable()
-    await s.backend.rename(fid.node, d.node, msg.name)
+    same_export(fid, d)
+    gate(s, fid).writable(msg.name)
+    await fid.export.backend.rename(fid.node, d.node, msg.name)
     fid.name = msg.name
     return m.Rrename()
 
@@ -420,8 +477,9 @@ async def renameat(s: Session, msg: m.Trenameat) -> m.Message:
     new = _file_fid(s, msg.newdirfid)
     check_name(msg.oldname, creating=False)
     check_name(msg.newname, creating=False)
-    s.check_writable()
-    await s.backend.renameat(old.node, msg.oldname, new.node, msg.newname)
+    same_export(old, new)
+    gate(s, new).writable(msg.newname)
+    await old.export.backend.renameat(old.node, msg.oldname, new.node, msg.newname)
     return m.Rrenameat()
 
 
@@ -432,8 +490,8 @@ async def unlinkat(s: Session, msg: m.Tunlinkat) -> m.Message:
     check_name(msg.name, creating=False)
     if msg.flags & ~AT_REMOVEDIR:
         raise OSError(errno.EINVAL, "unknown unlinkat flags")
-    s.check_writable()
-    await s.backend.unlinkat(d.node, msg.name, msg.flags)
+    gate(s, d).writable(msg.name)
+    await d.export.backend.unlinkat(d.node, msg.name, msg.flags)
     return m.Runlinkat()
 
 
@@ -444,14 +502,19 @@ async def xattrwalk(s: Session, msg: m.Txattrwalk) -> m.Message:
     fid = _file_fid(s, msg.fid)
     if msg.newfid != msg.fid and msg.newfid in s.fids:
         raise OSError(errno.EBADF, f"fid {msg.newfid} already in use")
+    g = gate(s, fid)
+    backend = fid.export.backend
     if msg.name:
-        value = await s.backend.xattr_get(fid.node, msg.name)
+        g.xattr(msg.name, False)
+        value = await backend.xattr_get(fid.node, msg.name)
     else:
-        value = b"".join(n.encode("utf-8", "surrogateescape") + b"\0" for n in await s.backend.xattr_list(fid.node))
+        names = g.xattr_names(await backend.xattr_list(fid.node))
+        value = b"".join(n.encode("utf-8", "surrogateescape") + b"\0" for n in names)
     if len(value) > XATTR_SIZE_MAX:
         raise OSError(errno.E2BIG, "xattr too large")
-    nodes = await s.backend.walk(fid.node, [])
-    new = Fid(nodes[0], fid.cred, fid.name, FidKind.XATTR_READ, xattr_name=msg.name, xattr_buf=bytearray(value))
+    nodes = await backend.walk(fid.node, [])
+    new = Fid(nodes[0], fid.cred, fid.name, FidKind.XATTR_READ, xattr_name=msg.name, xattr_buf=bytearray(value),
+              export=fid.export)
     if msg.newfid == msg.fid:
         old = s.fids.pop(msg.fid)
         await release_fid(s, old)
@@ -469,7 +532,7 @@ async def xattrcreate(s: Session, msg: m.Txattrcreate) -> m.Message:
         raise OSError(errno.EINVAL, "unknown xattr flags")
     if fid.open is not None:
         raise OSError(errno.EBUSY, "fid is open")
-    s.check_writable()
+    gate(s, fid).xattr(msg.name, True)
     fid.kind = FidKind.XATTR_WRITE
     fid.xattr_name, fid.xattr_size, fid.xattr_flags = msg.name, msg.attr_size, msg.flags
     fid.xattr_buf = bytearray()
@@ -493,7 +556,7 @@ async def lock(s: Session, msg: m.Tlock) -> m.Message:
         fid.lock_owners.append(owner)
     delay = 0.002
     while True:
-        status = await s.backend.lock(fid.open, lk, owner)
+        status = await fid.export.backend.lock(fid.open, lk, owner)
         if status != LOCK_BLOCKED or not msg.flags & LOCK_FLAGS_BLOCK:
             return m.Rlock(status)
         # A blocking request waits here, interruptible by Tflush, instead of making the client
@@ -507,7 +570,7 @@ async def getlock(s: Session, msg: m.Tgetlock) -> m.Message:
     if fid.open is None:
         raise OSError(errno.EBADF, "fid not open")
     owner = _owner(s, msg.client_id, msg.proc_id)
-    got = await s.backend.getlock(fid.open, Lock(msg.type, msg.start, msg.length, msg.proc_id, msg.client_id), owner)
+    got = await fid.export.backend.getlock(fid.open, Lock(msg.type, msg.start, msg.length, msg.proc_id, msg.client_id), owner)
     return m.Rgetlock(got.type, got.start, got.length, got.proc_id, got.client_id)
 
 

@@ -15,7 +15,8 @@ import stat as st
 from fs_backends.base import Attr, SetAttr
 from ninep import messages as m
 from ninep.fids import Fid, FidKind
-from ninep.ops import _file_fid, check_name
+from ninep.ops import _file_fid, check_name, same_export
+from ninep.policy import gate
 from ninep.protocol import (
     DMAPPEND,
     DMDEVICE,
@@ -77,7 +78,7 @@ def _name_of(uid: int, lookup: str) -> str:
         return str(uid)
 
 
-async def _dir_of(s: Session, fid_node: object, name: str, attr: Attr) -> m.Stat:
+async def _dir_of(s: Session, fid: Fid, fid_node: object, name: str, attr: Attr) -> m.Stat:
     mode = attr.mode & 0o777
     fmt = st.S_IFMT(attr.mode)
     ext = ""
@@ -86,7 +87,7 @@ async def _dir_of(s: Session, fid_node: object, name: str, attr: Attr) -> m.Stat
     if s.dialect == V9P2000_U:
         if fmt == st.S_IFLNK:
             mode |= DMSYMLINK
-            ext = await s.backend.readlink(fid_node)
+            ext = await fid.export.backend.readlink(fid_node)
         elif fmt in (st.S_IFCHR, st.S_IFBLK):
             mode |= DMDEVICE
             ext = f"{'c' if fmt == st.S_IFCHR else 'b'} {attr.rdev >> 8 & 0xFFF} {attr.rdev & 0xFF | (attr.rdev >> 12) & 0xFFF00}"
@@ -113,14 +114,14 @@ async def open_(s: Session, msg: m.Topen) -> m.Message:
         raise OSError(errno.EBUSY, "fid already open")
     flags = open_flags(msg.mode)
     if flags & (L_O_WRONLY | L_O_RDWR | L_O_TRUNC) or msg.mode & ORCLOSE:
-        s.check_writable()
+        gate(s, fid).writable(fid.name)
     if fid.node.qid.type & QTDIR:
         flags = L_O_RDONLY | L_O_DIRECTORY
-    fid.open = await s.backend.open(fid.node, flags, fid.cred)
+    fid.open = await fid.export.backend.open(fid.node, flags, fid.cred)
     fid.open_flags = flags
     fid.remove_on_clunk = bool(msg.mode & ORCLOSE)
     fid.dir_offset = fid.dir_cookie = 0
-    return m.Ropen(fid.node.qid, s.iounit)
+    return m.Ropen(fid.node.qid, s.iounit(fid))
 
 
 async def create(s: Session, msg: m.Tcreate) -> m.Message:
@@ -128,7 +129,9 @@ async def create(s: Session, msg: m.Tcreate) -> m.Message:
     check_name(msg.name)
     if fid.open is not None:
         raise OSError(errno.EBUSY, "fid already open")
-    s.check_writable()
+    g = gate(s, fid)
+    g.writable(msg.name)
+    backend = fid.export.backend
     cred = fid.cred
     perm = msg.perm & 0o777
     if msg.perm & DMSETUID:
@@ -136,56 +139,63 @@ async def create(s: Session, msg: m.Tcreate) -> m.Message:
     if msg.perm & DMSETGID:
         perm |= st.S_ISGID
     special = msg.perm & (DMDIR | DMSYMLINK | DMLINK | DMDEVICE | DMNAMEDPIPE | DMSOCKET)
+    if not msg.perm & DMDIR:  # devices are checked below, once their kind is known
+        g.mode(msg.name, perm, False)
     if special:
         if msg.perm & DMDIR:
-            await s.backend.mkdir(fid.node, msg.name, perm, cred)
+            await backend.mkdir(fid.node, msg.name, perm, cred)
         elif msg.perm & DMSYMLINK:
-            await s.backend.symlink(fid.node, msg.name, msg.extension, cred)
+            await backend.symlink(fid.node, msg.name, msg.extension, cred)
         elif msg.perm & DMLINK:
             target = s.fid(int(msg.extension))
-            await s.backend.link(fid.node, msg.name, target.node)
+            same_export(fid, target)
+            await backend.link(fid.node, msg.name, target.node)
         elif msg.perm & DMNAMEDPIPE:
-            await s.backend.mknod(fid.node, msg.name, st.S_IFIFO | perm, 0, 0, cred)
+            await backend.mknod(fid.node, msg.name, st.S_IFIFO | perm, 0, 0, cred)
         elif msg.perm & DMSOCKET:
-            await s.backend.mknod(fid.node, msg.name, st.S_IFSOCK | perm, 0, 0, cred)
+            await backend.mknod(fid.node, msg.name, st.S_IFSOCK | perm, 0, 0, cred)
         else:
             kind, major, minor = msg.extension.split()
             fmt = st.S_IFCHR if kind == "c" else st.S_IFBLK
-            await s.backend.mknod(fid.node, msg.name, fmt | perm, int(major), int(minor), cred)
-        nodes = await s.backend.walk(fid.node, [msg.name])
+            g.mknod(msg.name, fmt | perm)
+            await backend.mknod(fid.node, msg.name, fmt | perm, int(major), int(minor), cred)
+        nodes = await backend.walk(fid.node, [msg.name])
         node = nodes[0]
         f = None
         if msg.perm & DMDIR:
-            f = await s.backend.open(node, L_O_RDONLY | L_O_DIRECTORY, cred)
+            f = await backend.open(node, L_O_RDONLY | L_O_DIRECTORY, cred)
         elif not msg.perm & (DMSYMLINK | DMLINK | DMDEVICE | DMNAMEDPIPE | DMSOCKET):
-            f = await s.backend.open(node, open_flags(msg.mode), cred)
+            f = await backend.open(node, open_flags(msg.mode), cred)
     else:
         flags = open_flags(msg.mode) | L_O_CREAT | L_O_EXCL
-        node, f = await s.backend.create(fid.node, msg.name, flags, perm, cred)
+        node, f = await backend.create(fid.node, msg.name, flags, perm, cred)
     old = fid.node
     fid.node, fid.open, fid.name = node, f, msg.name
     fid.remove_on_clunk = bool(msg.mode & ORCLOSE)
-    await s.backend.release(old)
-    return m.Rcreate(node.qid, s.iounit)
+    await backend.release(old)
+    return m.Rcreate(node.qid, s.iounit(fid))
 
 
 async def stat_(s: Session, msg: m.Tstat) -> m.Message:
     fid = _file_fid(s, msg.fid)
-    attr = await s.backend.getattr(fid.node, GETATTR_ALL)
-    return m.Rstat(await _dir_of(s, fid.node, fid.name, attr))
+    attr = await fid.export.backend.getattr(fid.node, GETATTR_ALL)
+    return m.Rstat(await _dir_of(s, fid, fid.node, fid.name, attr))
 
 
 async def wstat(s: Session, msg: m.Twstat) -> m.Message:
     fid = _file_fid(s, msg.fid)
     d = msg.stat
-    s.check_writable()
+    g = gate(s, fid)
+    g.writable(fid.name)
+    backend = fid.export.backend
     valid = 0
     sa = SetAttr(0)
     if d.mode != _U32:
-        if (d.mode & DMDIR) != (st.S_ISDIR((await s.backend.getattr(fid.node, GETATTR_ALL)).mode) and DMDIR or 0):
+        if (d.mode & DMDIR) != (st.S_ISDIR((await backend.getattr(fid.node, GETATTR_ALL)).mode) and DMDIR or 0):
             raise OSError(errno.EINVAL, "cannot change a file's directory bit")
         valid |= SETATTR_MODE
         sa.mode = d.mode & 0o777 | (st.S_ISUID if d.mode & DMSETUID else 0) | (st.S_ISGID if d.mode & DMSETGID else 0)
+        g.mode(fid.name, sa.mode, bool(d.mode & DMDIR))
     if d.length != _U64:
         valid |= SETATTR_SIZE
         sa.size = d.length
@@ -206,11 +216,11 @@ async def wstat(s: Session, msg: m.Twstat) -> m.Message:
         sa.gid = gid
     if valid:
         sa.valid = valid
-        await s.backend.setattr(fid.node, sa, fid.cred)
+        await backend.setattr(fid.node, sa, fid.cred)
     if d.name and d.name != fid.name:
         check_name(d.name)
         # 9P2000 renames only within the file's own directory.
-        await s.backend.rename(fid.node, None, d.name)
+        await backend.rename(fid.node, None, d.name)
         fid.name = d.name
     return m.Rwstat()
 
@@ -222,26 +232,27 @@ async def read_dir(s: Session, fid: Fid, offset: int, count: int) -> bytes:
     elif offset != fid.dir_offset:
         raise OSError(errno.EINVAL, "directory reads must continue at the previous offset")
     assert fid.open is not None
+    backend = fid.export.backend
     out = bytearray(fid.dir_pending)
     fid.dir_pending = b""
     while len(out) < count:
-        entries = await s.backend.readdir(fid.open, fid.dir_cookie, 64)
+        entries = await backend.readdir(fid.open, fid.dir_cookie, 64)
         if not entries:
             break
         for e in entries:
             fid.dir_cookie = e.offset
             if e.name in (".", ".."):
                 continue
-            nodes = await s.backend.walk(fid.node, [e.name])
+            nodes = await backend.walk(fid.node, [e.name])
             if not nodes:
                 continue
             try:
-                attr = await s.backend.getattr(nodes[0], GETATTR_ALL)
-                entry = s.codec.encode_stat(await _dir_of(s, nodes[0], e.name, attr))
+                attr = await backend.getattr(nodes[0], GETATTR_ALL)
+                entry = s.codec.encode_stat(await _dir_of(s, fid, nodes[0], e.name, attr))
             except OSError:
                 continue
             finally:
-                await s.backend.release(nodes[0])
+                await backend.release(nodes[0])
             if len(out) + len(entry) > count:
                 fid.dir_pending = entry
                 break

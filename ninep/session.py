@@ -1,13 +1,18 @@
 """One 9P connection: dialect and msize negotiation, the fid table, requests in flight, flush.
 
-The session reads whole messages from a Channel, runs each request as its own trio task (many in
-flight, answered as they finish), and hands decoded T-messages to the handlers in `ninep.ops`.
+The session reads whole messages from a Channel, runs each request on one of the connection's
+worker tasks (many in flight, answered as they finish; a worker that finishes waits for the next
+request instead of exiting, so a request costs no task spawn), and hands decoded T-messages to the
+handlers in `ninep.ops`.
 Tflush interrupts the request where it waits (a blocking lock: `Session.interruptible`) and is
 answered after it; a request interrupted that way gets no reply. Backend calls are never abandoned
 half-way — their results (fds, new fids) would leak — so a request flushed while in one completes
 and replies, which the protocol allows (a client must honour a reply that arrives before Rflush).
 When the connection ends every waiting request is interrupted, the rest finish, and every fid is
 clunked, so a client dying mid-request leaks nothing.
+
+Files are reached through the exports table the server shares with every session: an attach
+picks an Export by aname and the fid carries it (see ninep.exports).
 
 This module must never touch the host filesystem or a socket directly: files go through the
 Backend, bytes through the Channel.
@@ -26,10 +31,15 @@ from typing import Any
 
 import trio
 
-from fs_backends.base import Backend, Cred, Node
+from fs_backends.base import Backend, Cred
 from ninep import messages as m
 from ninep.codec import HEADER, Codec, DecodeError, codec_for
+from ninep.exports import ExportTable
 from ninep.fids import Fid
+from ninep.identity import IdentityRule
+from ninep.limits import MemoryBudget, request_cost
+from ninep.metrics import ConnStats
+from ninep.policy import DEFAULT_POLICY, OperationPolicy, Refused
 from ninep.protocol import (
     IOHDRSZ,
     MIN_MSIZE,
@@ -39,7 +49,7 @@ from ninep.protocol import (
     VERSION_UNKNOWN,
     T,
 )
-from transports.base import Channel, FramingError
+from transports.base import Buffer, Channel, FramingError, Payload
 
 log = logging.getLogger("ninep.session")
 trace_log = logging.getLogger("ninep.trace")
@@ -48,7 +58,13 @@ _connection_ids = itertools.count(1)
 
 
 class Sent:
-    """Returned by a handler that already sent its reply itself (zero-copy reads)."""
+    """Returned by a handler that already sent its reply itself (zero-copy reads), with the
+    payload bytes it sent (for the metrics)."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int = 0) -> None:
+        self.nbytes = nbytes
 
 
 SENT = Sent()
@@ -58,13 +74,26 @@ Handler = Callable[["Session", Any], Awaitable[m.Message | Sent]]
 
 @dataclass(slots=True)
 class SessionOptions:
-    readonly: bool = False
+    """Per-connection behaviour and the server's limits (field names are what an exports file
+    or the command line set: `--max-fids` is `max_fids`)."""
+
+    #: What clients may do (read-only, devices, setid bits, privileged xattrs): `policy_of`.
+    policy: OperationPolicy = DEFAULT_POLICY
     max_msize: int = 512 * 1024
+    #: Fids one connection may hold; past it Tattach/Twalk/... answer EMFILE (and a log line).
     max_fids: int = 65536
+    #: Requests one connection may have in flight; past it the session stops reading (backpressure).
     max_inflight: int = 256
+    #: Bytes of request and reply buffers one connection may hold in flight (see ninep.limits);
+    #: past it the session stops reading until replies drain.
+    max_conn_memory: int = 64 * 1024 * 1024
+    #: Connections the server serves at once; more are refused (EUSERS to their Tversion).
+    max_connections: int = 1024
     trace: bool = False
     #: Grace period for in-flight requests at shutdown.
     drain_seconds: float = 3.0
+    #: TLS client subject (RFC 4514) → the export and uid it is held to (ninep.identity).
+    tls_identities: dict[str, IdentityRule] = field(default_factory=dict)
 
 
 class Flushed(Exception):
@@ -78,18 +107,41 @@ class Request:
     #: Set by Tflush (or teardown); `wait_scope` is the interruptible wait in progress, if any.
     flushed: bool = False
     wait_scope: trio.CancelScope | None = None
-    #: The shielded scope the request runs in; unshielded and cancelled only as a last resort.
+    #: The shielded scope the request runs in (its worker's); unshielded and cancelled only as a
+    #: last resort.
     scope: trio.CancelScope | None = None
-    done: trio.Event = field(default_factory=trio.Event)
     started: float = 0.0
+    #: Bytes charged to the connection's memory budget (ninep.limits.request_cost).
+    cost: int = 0
     #: Set just before the reply goes out: from then on the client may legitimately reuse the tag
     #: (it can see the reply before this task has removed the request from `inflight`).
     answered: bool = False
+    finished: bool = False
+    #: Made only when someone waits for the request (flush, drain, a reused tag): most never do.
+    _done: trio.Event | None = None
+
+    @property
+    def done(self) -> trio.Event:
+        """Set once the request has finished (replied, or ended with no reply)."""
+        if self._done is None:
+            self._done = trio.Event()
+            if self.finished:
+                self._done.set()
+        return self._done
+
+    def finish(self) -> None:
+        self.finished = True
+        if self._done is not None:
+            self._done.set()
 
 
 class Session:
-    def __init__(self, backend: Backend, channel: Channel, options: SessionOptions | None = None) -> None:
-        self.backend = backend
+    def __init__(self, exports: ExportTable | Backend, channel: Channel, options: SessionOptions | None = None,
+                 listener: str = "") -> None:
+        #: Shared with the server (and replaced in place on reload); a bare Backend is one export.
+        self.exports = exports if isinstance(exports, ExportTable) else ExportTable.single(exports)
+        #: The name of the listener this connection came in on (export access rules use it).
+        self.listener = listener
         self.channel = channel
         self.options = options or SessionOptions()
         self.conn_id = next(_connection_ids)
@@ -98,23 +150,38 @@ class Session:
         self.msize = 0
         self.fids: dict[int, Fid] = {}
         self.inflight: dict[int, Request] = {}
-        self._slots = trio.Semaphore(self.options.max_inflight)
+        #: Workers parked between requests (`_worker`), and the request handed to each on waking.
+        self._idle: list[trio.lowlevel.Task] = []
+        self._handoff: dict[trio.lowlevel.Task, tuple[memoryview, Request]] = {}
+        #: Set when a request finishes while `_dispatch` waits for `max_inflight` to allow another.
+        self._slot_freed: trio.Event | None = None
+        self._parking = True  # False once the connection ends: workers exit after their request
+        self._memory = MemoryBudget(self.options.max_conn_memory, f"connection {self.conn_id}")
+        self._slots_warned = False
         self._handlers: dict[int, Handler] = {}
         self._closing = False
+        #: `ZeroCopyWrites` channels: large Twrite data stays in the peer's memory.
+        self._take_payload: Callable[[int], Payload | None] | None = getattr(channel, "take_payload", None)
+        self.stats = ConnStats(self.conn_id, channel.peer)
 
     # --- public --------------------------------------------------------------------------------
 
     @property
-    def iounit(self) -> int:
-        bs = max(self.backend.info.block_size, 512)
+    def identity(self) -> str:
+        """Who the client is, for logs: its peer address and TLS subject if it has one."""
+        tls = getattr(self.channel, "identity", None)
+        return f"{self.channel.peer} ({tls})" if tls else self.channel.peer
+
+    def iounit(self, fid: Fid) -> int:
+        bs = max(fid.export.backend.info.block_size, 512)
         unit = self.msize - IOHDRSZ
         return unit - unit % bs if unit >= bs else unit
 
     async def run(self) -> None:
         """Serve the channel until the peer goes away; then cancel what is in flight and clunk
         every fid."""
-        peer = self.channel.peer
-        log.info("connection %d from %s", self.conn_id, peer)
+        peer = self.identity
+        log.info("connection %d from %s%s", self.conn_id, peer, f" on {self.listener}" if self.listener else "")
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -132,6 +199,7 @@ class Session:
                     # within a grace period: a backend that never answers (a wedged remote or
                     # proxy helper) must not keep a dead connection, or the server, alive.
                     self.interrupt_all()
+                    self._dismiss_workers()
                     await self._reap(self.options.drain_seconds)
         finally:
             with trio.CancelScope(shield=True):
@@ -213,12 +281,13 @@ class Session:
         if req is not None:
             req.answered = True
 
-    def check_writable(self) -> None:
-        if self.options.readonly or self.backend.info.readonly:
-            raise OSError(errno.EROFS, "read-only export")
+    def write_payload(self, msg: m.Twrite) -> Payload | None:
+        """The data of a Twrite that the channel left in the peer's memory (it arrived with count
+        0; see `transports.base.ZeroCopyWrites`), once; None for an ordinary Twrite."""
+        if self._take_payload is None or len(msg.data):
+            return None
+        return self._take_payload(msg.tag)
 
-    async def release_node(self, node: Node) -> None:
-        await self.backend.release(node)
 
     # --- dispatch -----------------------------------------------------------------------------
 
@@ -238,60 +307,118 @@ class Session:
             if not old.answered:
                 raise FramingError(f"tag {tag} reused while still in flight")
             await old.done.wait()
-        # Tflush never waits for a slot: it is what frees the slots of requests that wait (a
-        # connection whose every slot holds a blocking lock must still read the flushes).
-        if msgtype != T.Tflush:
-            await self._slots.acquire()
-        req = Request(tag, msgtype, started=time.perf_counter())
+        if len(self.inflight) >= self.options.max_inflight and not self._slots_warned:
+            self._slots_warned = True
+            log.info("connection %d: max-inflight %d reached: not reading more until replies drain",
+                     self.conn_id, self.options.max_inflight)
+        # Tflush waits neither for a slot nor for memory: it is what frees the slots of requests
+        # that wait (a connection whose every slot holds a blocking lock must still read the
+        # flushes). Flushes in flight are bounded by the tag space.
+        flush = msgtype == T.Tflush
+        while not flush and len(self.inflight) >= self.options.max_inflight:
+            self._slot_freed = trio.Event()
+            await self._slot_freed.wait()
+        cost = 0 if flush else request_cost(buf, msgtype, self.msize)
+        if not flush:
+            await self._memory.acquire(cost)
+        req = Request(tag, msgtype, started=time.perf_counter(), cost=cost)
         self.inflight[tag] = req
-        nursery.start_soon(self._run_request, buf, req)
+        if self._idle:
+            worker = self._idle.pop()
+            self._handoff[worker] = (buf, req)
+            trio.lowlevel.reschedule(worker)
+        else:
+            nursery.start_soon(self._worker, buf, req)
+
+    #: Parked workers kept per connection; more finish instead of parking.
+    MAX_IDLE_WORKERS = 16
+
+    async def _worker(self, buf: memoryview, req: Request) -> None:
+        """Runs requests one after another: the first it was started with, then each one
+        `_dispatch` hands it while it is parked. Exits when enough others are parked already, or
+        when the connection's nursery is cancelled while it is parked."""
+        task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._idle.remove(task)  # cancelled while parked: nothing was handed to it
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        # One shielded scope for all the worker's requests, not one per request (entering and
+        # leaving a scope is a measurable part of a round trip): only `interruptible` waits
+        # inside may be cut short (see the module docstring). `_reap` cancelling it as a last
+        # resort ends the worker along with its request. While parked the worker is shielded
+        # too; `_dismiss_workers` wakes it when the connection ends.
+        with trio.CancelScope(shield=True) as scope:
+            while True:
+                req.scope = scope
+                await self._run_request(buf, req)
+                if not self._parking or len(self._idle) >= self.MAX_IDLE_WORKERS:
+                    return
+                self._idle.append(task)
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                work = self._handoff.pop(task, None)
+                if work is None:
+                    return  # dismissed: the connection ended
+                buf, req = work
+
+    def _dismiss_workers(self) -> None:
+        self._parking = False
+        idle, self._idle = self._idle, []
+        for task in idle:
+            trio.lowlevel.reschedule(task)
 
     async def _run_request(self, buf: memoryview, req: Request) -> None:
         reply: m.Message | Sent | None = None
         err: tuple[int, str] | None = None
         try:
-            # Shielded: only `interruptible` waits inside may be cut short (see module docstring).
-            with trio.CancelScope(shield=True) as req.scope:
-                try:
-                    msg = self.codec.decode(buf)
-                    if self.options.trace:
-                        trace_log.info("%d <- %s", self.conn_id, msg)
-                    handler = self._handlers.get(req.msgtype)
-                    if handler is None:
-                        name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
-                        raise OSError(errno.EOPNOTSUPP, f"{name} not supported in {self.dialect}")
-                    reply = await handler(self, msg)
-                except Flushed:
-                    pass
-                except DecodeError as e:
-                    log.info("connection %d: malformed message (type %s tag %s): %s", self.conn_id, req.msgtype, req.tag, e)
-                    err = (e.errno, str(e))
-                except OSError as e:
-                    err = (e.errno or errno.EIO, e.strerror or os.strerror(e.errno or errno.EIO))
-                except (ValueError, OverflowError) as e:
-                    # Values a backend refused outright (a name with NUL, an out-of-range number).
-                    err = (errno.EINVAL, str(e))
-                except Exception:
-                    log.exception("connection %d: request %s failed", self.conn_id, T(req.msgtype).name)
-                    err = (errno.EIO, "internal error")
-                req.answered = reply is not None or err is not None
-                if isinstance(reply, m.Message):
-                    reply.tag = req.tag
-                    await self.send(reply)
-                elif err is not None:
-                    await self.send_error(req.tag, err[0], err[1])
+            # In the worker's shielded scope: only `interruptible` waits may be cut short.
+            try:
+                msg = self.codec.decode(buf)
                 if self.options.trace:
-                    ms = (time.perf_counter() - req.started) * 1000
-                    what = reply if reply is not None else (f"error {err[0]} {err[1]}" if err else "flushed, no reply")
-                    trace_log.info("%d -> %s (%.3f ms)", self.conn_id, what, ms)
+                    trace_log.info("%d <- %s", self.conn_id, msg)
+                handler = self._handlers.get(req.msgtype)
+                if handler is None:
+                    name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
+                    raise OSError(errno.EOPNOTSUPP, f"{name} not supported in {self.dialect}")
+                reply = await handler(self, msg)
+            except Flushed:
+                pass
+            except Refused as e:
+                name = T(req.msgtype).name if req.msgtype in T._value2member_map_ else str(req.msgtype)
+                e.log(f"connection {self.conn_id} from {self.identity}", name)
+                err = (e.errno or errno.EPERM, e.reason)
+            except DecodeError as e:
+                log.info("connection %d: malformed message (type %s tag %s): %s", self.conn_id, req.msgtype, req.tag, e)
+                err = (e.errno, str(e))
+            except OSError as e:
+                err = (e.errno or errno.EIO, e.strerror or os.strerror(e.errno or errno.EIO))
+            except (ValueError, OverflowError) as e:
+                # Values a backend refused outright (a name with NUL, an out-of-range number).
+                err = (errno.EINVAL, str(e))
+            except Exception:
+                log.exception("connection %d: request %s failed", self.conn_id, T(req.msgtype).name)
+                err = (errno.EIO, "internal error")
+            req.answered = reply is not None or err is not None
+            if isinstance(reply, m.Message):
+                reply.tag = req.tag
+                await self.send(reply)
+            elif err is not None:
+                await self.send_error(req.tag, err[0], err[1])
+            if self.options.trace:
+                ms = (time.perf_counter() - req.started) * 1000
+                what = reply if reply is not None else (f"error {err[0]} {err[1]}" if err else "flushed, no reply")
+                trace_log.info("%d -> %s (%.3f ms)", self.conn_id, what, ms)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection is going away; run() cleans up
         finally:
+            self.stats.done(req.msgtype, err[0] if err else 0, reply, req.started)
             if self.inflight.get(req.tag) is req:
                 del self.inflight[req.tag]
-            req.done.set()
-            if req.msgtype != T.Tflush:
-                self._slots.release()
+            req.finish()
+            self._memory.release(req.cost)
+            if self._slot_freed is not None:
+                self._slot_freed.set()
+                self._slot_freed = None
 
     # --- replies ------------------------------------------------------------------------------
 
@@ -302,13 +429,7 @@ class Session:
         await self._send_error_raw(tag, err, text or os.strerror(err), self.dialect or V9P2000)
 
     async def _send_error_raw(self, tag: int, err: int, text: str, dialect: str) -> None:
-        if dialect == V9P2000_L:
-            msg: m.Message = m.Rlerror(err, tag=tag)
-        else:
-            # Always the standard strerror text: 9P2000 clients (Linux, plan9port) map the string
-            # back to an errno with a table of exactly these strings; `text` stays in the logs.
-            msg = m.Rerror(os.strerror(err), err, tag=tag)
-        await self.channel.send(codec_for(dialect).encode(msg))
+        await self.channel.send(encode_error(tag, err, dialect))
 
     # --- version ------------------------------------------------------------------------------
 
@@ -354,3 +475,12 @@ class Session:
         log.info("connection %d: %s, msize %d", self.conn_id, version, msize)
 
 
+def encode_error(tag: int, err: int, dialect: str) -> list[Buffer]:
+    """The error reply for `tag` in `dialect`: Rlerror for 9P2000.L, else Rerror."""
+    if dialect == V9P2000_L:
+        msg: m.Message = m.Rlerror(err, tag=tag)
+    else:
+        # Always the standard strerror text: 9P2000 clients (Linux, plan9port) map the string
+        # back to an errno with a table of exactly these strings; the detail stays in the logs.
+        msg = m.Rerror(os.strerror(err), err, tag=tag)
+    return codec_for(dialect).encode(msg)

@@ -9,6 +9,7 @@ APT_PACKAGES=(
   gcc libc6-dev pkg-config          # the ring extension; static guest helpers
   libfuse3-dev fuse3                # pyfuse3 (FUSE mount)
   attr                              # setfattr/getfattr in tests
+  tmux                              # drives `ninep top` in a terminal in tests
   diod                              # interop peer and benchmark anchor
   qemu-system-x86 busybox-static cpio xz-utils kmod   # the Linux guest that judges us
 )

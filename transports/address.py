@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from transports.base import Channel, Listener
+
+if TYPE_CHECKING:
+    from transports.tls import ClientTLS, ServerTLS
 
 SCHEMES = {
     "tcp": "transports.stream",
@@ -35,14 +39,18 @@ class ListenOptions:
     max_msize: int = 4 * 1024 * 1024
     #: Mount tag presented by device transports (virtio config, Xen `tag` node).
     tag: str = "ninep"
-    #: Allow non-loopback TCP binds.
+    #: Allow non-loopback TCP binds without TLS client authentication.
     insecure: bool = False
+    #: TLS on every TCP listener (transports.tls); None: plain TCP.
+    tls: ServerTLS | None = None
 
 
 @dataclass(slots=True)
 class ConnectOptions:
     max_msize: int = 4 * 1024 * 1024
     tag: str = "ninep"
+    #: TLS for `tcp:` addresses (transports.tls); None: plain TCP.
+    tls: ClientTLS | None = None
 
 
 class AddressError(ValueError):

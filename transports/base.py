@@ -7,7 +7,8 @@ a client end (for tests, FUSE and benchmarks) and a server end.
 
 Rules every Channel keeps:
 - `receive` returns one whole message as a private buffer (never a view into shared memory the
-  peer can still write). It raises `trio.EndOfChannel` on a clean close and `FramingError` when the
+  peer can still write). The one exception is opt-in (`ZeroCopyWrites`): a large Twrite may come
+  with count 0 and its data left in the peer's memory, to be written to a file from there. It raises `trio.EndOfChannel` on a clean close and `FramingError` when the
   byte stream can no longer be trusted (size < 7 or > the negotiated msize); the server then logs
   and drops the connection.
 - `send` writes one whole message given as parts (header and payload may be separate buffers, so
@@ -67,6 +68,14 @@ class Listener(Protocol):
         ...
 
 
+class Authenticated(Protocol):
+    """Optional Channel attribute (TLS, `transports.tls`): the peer's verified identity, the
+    client certificate subject as an RFC 4514 string, or None when the peer showed none. Read it
+    with `getattr(channel, "identity", None)`; other transports do not authenticate."""
+
+    identity: str | None
+
+
 class ZeroCopyReads(Protocol):
     """Optional Channel capability (ring transports): answer a Tread by reading the file straight
     into the reply buffer the peer provided, with no intermediate copy.
@@ -77,3 +86,29 @@ class ZeroCopyReads(Protocol):
     OSError before anything was sent, so the session can answer Rlerror."""
 
     async def send_rread(self, tag: int, fd: int, offset: int, count: int) -> int: ...
+
+
+class Payload(Protocol):
+    """Message data a transport left in the peer's memory: its length and address were read and
+    checked once; the bytes are read only by `pwrite` or `copy`."""
+
+    def __len__(self) -> int: ...
+
+    def pwrite(self, fd: int, offset: int) -> int:
+        """Blocking (GIL released, run it in a worker thread): write the data to `fd` at `offset`
+        straight from the peer's memory; bytes written, OSError if none."""
+        ...
+
+    def copy(self) -> bytes:
+        """A private copy of the data."""
+        ...
+
+
+class ZeroCopyWrites(Protocol):
+    """Optional Channel capability (ring transports): a Twrite whose data is large arrives from
+    `receive` as its header with count 0 and size 23; `take_payload(tag)` then returns its real
+    data (once; None for any other message). Only a Twrite whose count matches its size is handed
+    out this way, so the header is otherwise a valid Twrite. Data never taken is dropped when the
+    reply for the tag is sent."""
+
+    def take_payload(self, tag: int) -> Payload | None: ...

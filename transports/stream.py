@@ -32,6 +32,8 @@ _SIZE = struct.Struct("<I")
 #: Linux's fd/tcp transports cap msize at 1 MiB (MAX_SOCK_BUF); we allow the server's hard cap.
 STREAM_MAX_MESSAGE = 4 * 1024 * 1024
 _RECV_CHUNK = 256 * 1024
+#: Reads in a row that found data at once before a receive yields to the scheduler anyway.
+_YIELD_EVERY = 16
 
 
 class _Framer:
@@ -115,6 +117,7 @@ class SocketChannel:
         self._framer = _Framer(max_message_size)
         self._send_lock = trio.Lock()
         self._closed = False
+        self._direct_reads = 0  # reads in a row that found data without waiting
 
     def set_msize(self, msize: int) -> None:
         self._framer.set_limit(msize)
@@ -123,10 +126,28 @@ class SocketChannel:
         return await self._framer.receive(self._recv, self._receive_large)
 
     async def _recv(self) -> bytes:
-        try:
-            return await self.sock.recv(_RECV_CHUNK)
-        except (OSError, trio.ClosedResourceError) as e:
-            raise trio.EndOfChannel(str(e)) from None
+        # Straight to the (non-blocking) socket first: when a request is already waiting, as it
+        # usually is, it costs no trip through the scheduler; wait only when there is nothing.
+        while True:
+            try:
+                data = os.read(self.sock.fileno(), _RECV_CHUNK)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise trio.EndOfChannel(str(e)) from None
+            else:
+                self._direct_reads += 1
+                if self._direct_reads >= _YIELD_EVERY:
+                    # A peer that never lets the socket run dry still lets other tasks (and
+                    # cancellation) in now and then.
+                    self._direct_reads = 0
+                    await trio.lowlevel.checkpoint()
+                return data
+            self._direct_reads = 0
+            try:
+                await trio.lowlevel.wait_readable(self.sock)
+            except (OSError, trio.ClosedResourceError) as e:
+                raise trio.EndOfChannel(str(e)) from None
 
     async def _receive_large(self, size: int) -> memoryview:
         """Reads the rest of a large message straight into its final buffer, which becomes the
@@ -151,19 +172,45 @@ class SocketChannel:
         return view
 
     async def send(self, parts: Sequence[Buffer]) -> None:
-        async with self._send_lock:
-            views = [memoryview(p).cast("B") for p in parts if len(p)]
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        lock = self._send_lock
+        if lock.locked():
+            async with lock:  # another reply is part-way out: queue behind it
+                await self._send_all(views)
+            return
+        # Nobody is sending: write at once, without a scheduler round (most replies fit in the
+        # socket buffer). Only a reply that does not fit takes the lock and waits for room.
+        if self._write(views):
+            return
+        lock.acquire_nowait()
+        try:
+            await self._send_all(views)
+        finally:
+            lock.release()
+
+    def _write(self, views: list[memoryview]) -> bool:
+        """Writes what the socket takes now, dropping what went out from `views`; True when
+        nothing is left."""
+        try:
+            n = os.writev(self.sock.fileno(), views)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            raise trio.BrokenResourceError(str(e)) from e
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+        return not views
+
+    async def _send_all(self, views: list[memoryview]) -> None:
+        while views and not self._write(views):
             try:
-                while views:
-                    n = await self.sock.sendmsg(views)
-                    while n and views:
-                        if n >= len(views[0]):
-                            n -= len(views[0])
-                            views.pop(0)
-                        else:
-                            views[0] = views[0][n:]
-                            n = 0
-            except OSError as e:
+                await trio.lowlevel.wait_writable(self.sock)
+            except (OSError, trio.ClosedResourceError) as e:
                 raise trio.BrokenResourceError(str(e)) from e
 
     async def aclose(self) -> None:
@@ -175,14 +222,16 @@ class SocketChannel:
             await trio.lowlevel.checkpoint()
 
 
-class FdPairChannel:
-    """A Channel over a read fd and a write fd (pipes, a socketpair end twice, a character device)."""
+class StreamChannel:
+    """A Channel over trio byte streams (a receive side and a send side, maybe the same object):
+    fd pairs, and TLS (`transports.tls`) on top of a socket."""
 
-    def __init__(self, rfd: int, wfd: int, max_message_size: int = STREAM_MAX_MESSAGE) -> None:
-        self.peer = f"fd:{rfd},{wfd}"
+    def __init__(self, r: trio.abc.ReceiveStream, w: trio.abc.SendStream, peer: str,
+                 max_message_size: int = STREAM_MAX_MESSAGE) -> None:
+        self.peer = peer
         self.max_message_size = max_message_size
-        self._r = trio.lowlevel.FdStream(os.dup(rfd))
-        self._w = self._r if rfd == wfd else trio.lowlevel.FdStream(os.dup(wfd))
+        self._r = r
+        self._w = w
         self._framer = _Framer(max_message_size)
         self._send_lock = trio.Lock()
 
@@ -208,6 +257,15 @@ class FdPairChannel:
             await self._w.aclose()
 
 
+class FdPairChannel(StreamChannel):
+    """A Channel over a read fd and a write fd (pipes, a socketpair end twice, a character device)."""
+
+    def __init__(self, rfd: int, wfd: int, max_message_size: int = STREAM_MAX_MESSAGE) -> None:
+        r = trio.lowlevel.FdStream(os.dup(rfd))
+        w = r if rfd == wfd else trio.lowlevel.FdStream(os.dup(wfd))
+        super().__init__(r, w, f"fd:{rfd},{wfd}", max_message_size)
+
+
 # --- listeners ---------------------------------------------------------------------------------
 
 
@@ -219,25 +277,33 @@ async def _serve_channel(handler: ChannelHandler, channel: Channel) -> None:
             await channel.aclose()
 
 
+#: Turns an accepted connection into a Channel (TLS: after a handshake); None when refused, in
+#: which case it has closed the socket and logged why.
+Upgrade = Callable[[trio.socket.SocketType, str], Awaitable[Channel | None]]
+
+
 class SocketListener:
-    def __init__(self, address: str, family: int, sockaddr: object, max_message_size: int) -> None:
+    """Accepts TCP or unix connections on a socket it binds, or on an inherited listening socket
+    (`inherited`: systemd socket activation), which it then neither binds nor unlinks."""
+
+    def __init__(self, address: str, family: int, sockaddr: object, max_message_size: int, *,
+                 inherited: socket.socket | None = None, upgrade: Upgrade | None = None) -> None:
         self.address = address
         self.family = family
         self.sockaddr = sockaddr
         self.max_message_size = max_message_size
+        self.inherited = inherited
+        self.upgrade = upgrade
         self.bound: Any = None
 
-    async def serve(self, handler: ChannelHandler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _bind(self) -> trio.socket.SocketType:
         sock = trio.socket.socket(self.family, socket.SOCK_STREAM)
-        with sock:
+        try:
             if self.family == socket.AF_UNIX:
                 path = str(self.sockaddr)
                 with contextlib.suppress(FileNotFoundError):
                     if stat.S_ISSOCK(os.lstat(path).st_mode):
                         os.unlink(path)
-            else:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.family == socket.AF_UNIX:
                 # Bind under a temporary name and rename once listening, so the path appears only
                 # when connections are accepted (scripts and QEMU may wait for it to exist).
                 tmp = f"{self.sockaddr}.{os.getpid()}.tmp"
@@ -247,10 +313,21 @@ class SocketListener:
                 sock.listen(128)
                 os.rename(tmp, str(self.sockaddr))
             else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 await sock.bind(self.sockaddr)
                 sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def serve(self, handler: ChannelHandler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.from_stdlib_socket(self.inherited) if self.inherited is not None else await self._bind()
+        with sock:
             self.bound = sock.getsockname()
-            log.info("listening on %s", self.address if self.family == socket.AF_UNIX else f"tcp:{self.bound[0]}:{self.bound[1]}")
+            where = f"tcp:{self.bound[0]}:{self.bound[1]}" if self.family != socket.AF_UNIX else f"unix:{self.sockaddr}"
+            log.info("listening on %s%s%s", self.address if self.inherited is not None else where,
+                     f" ({where})" if self.inherited is not None else "", " with TLS" if self.upgrade else "")
             task_status.started()
             try:
                 async with trio.open_nursery() as nursery:
@@ -268,11 +345,20 @@ class SocketListener:
                             peer = f"tcp:{addr[0]}:{addr[1]}"
                         else:
                             peer = f"unix:{self.sockaddr}"
-                        nursery.start_soon(_serve_channel, handler, SocketChannel(conn, peer, self.max_message_size))
+                        nursery.start_soon(self._connection, handler, conn, peer)
             finally:
-                if self.family == socket.AF_UNIX:
+                if self.family == socket.AF_UNIX and self.inherited is None:
                     with contextlib.suppress(OSError):
                         os.unlink(str(self.sockaddr))
+
+    async def _connection(self, handler: ChannelHandler, conn: trio.socket.SocketType, peer: str) -> None:
+        if self.upgrade is None:
+            await _serve_channel(handler, SocketChannel(conn, peer, self.max_message_size))
+            return
+        # In the connection's own task: a slow or failing handshake never holds up accept.
+        channel = await self.upgrade(conn, peer)
+        if channel is not None:
+            await _serve_channel(handler, channel)
 
 
 class FdListener:
@@ -305,6 +391,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_exposure(host: str, options: ListenOptions) -> None:
+    """Plain 9P carries no authentication: only loopback, unless TLS with client certificates
+    guards the port or the user said --insecure."""
+    authenticated = options.tls is not None and options.tls.client_ca is not None
+    if not _is_loopback(host) and not options.insecure and not authenticated:
+        raise AddressError(f"refusing to serve 9P without TLS client authentication on non-loopback {host}; "
+                           "give --tls-cert/--tls-key/--tls-client-ca, or pass --insecure to do it anyway")
+
+
+def tcp_upgrade(options: ListenOptions, max_message_size: int) -> Upgrade | None:
+    """The TLS handshake for TCP connections when TLS is configured (loads the certificates now,
+    so a bad file fails at start-up)."""
+    if options.tls is None:
+        return None
+    from transports.tls import server_upgrade
+
+    return server_upgrade(options.tls, max_message_size)
+
+
 def _parse_fds(rest: str) -> tuple[int, int]:
     r, sep, w = rest.partition(",")
     if not sep or not r.isdigit() or not w.isdigit():
@@ -317,10 +422,9 @@ def listener_from_address(address: str, options: ListenOptions) -> SocketListene
     limit = min(options.max_msize, STREAM_MAX_MESSAGE)
     if scheme == "tcp":
         host, port = _parse_tcp(rest)
-        if not _is_loopback(host) and not options.insecure:
-            raise AddressError(f"refusing to serve unencrypted 9P on non-loopback {host}; pass --insecure to do it anyway")
+        check_exposure(host, options)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return SocketListener(address, family, (host, port), limit)
+        return SocketListener(address, family, (host, port), limit, upgrade=tcp_upgrade(options, limit))
     if scheme == "unix":
         if not rest:
             raise AddressError("unix address must be unix:PATH")
@@ -345,6 +449,10 @@ async def connect_address(address: str, options: ConnectOptions) -> Channel:
             sock.close()
             raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if options.tls is not None:
+            from transports.tls import client_channel
+
+            return await client_channel(sock, host, address, options.tls, limit)
         return SocketChannel(sock, address, limit)
     if scheme == "unix":
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -595,6 +595,13 @@ class ProxyBackend:
             raise FsError(errno.EINVAL)
         return await trio.to_thread.run_sync(os.pwrite, fd, data, offset)
 
+    async def write_from(self, f: ProxyOpenFile, offset: int, pwrite: Callable[[int, int], int]) -> int:
+        """`write` whose data `pwrite(fd, offset)` writes itself (zero-copy from guest memory)."""
+        fd = self._fd(f)
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        return await trio.to_thread.run_sync(pwrite, fd, offset)
+
     async def fsync(self, f: ProxyOpenFile, datasync: bool) -> None:
         fd = self._fd(f)
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)

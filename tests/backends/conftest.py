@@ -58,6 +58,8 @@ def make_backend(kind: str, root: Path, **kw: Any) -> Any:
     elif kind == "local-reclaim":
         # A tiny fd budget: idle node fds are closed and reopened by file handle all the time.
         kw.setdefault("max_path_fds", 4)
+    elif kind == "local-inline":
+        kw.setdefault("inline_metadata", True)  # metadata syscalls on the trio thread
     return LocalBackend(str(root), **kw)
 
 
@@ -67,6 +69,7 @@ BACKENDS = [
     "local-mapped",
     "local-mapped-file",
     "local-reclaim",
+    "local-inline",
     "proxy",
     "proxy-mapped",
 ]
@@ -91,9 +94,9 @@ def fs(kind: str, export: Path) -> Iterator[Sync]:
     b.aclose()
 
 
-# Things the proxy backend deliberately cannot do: its passthrough helper keeps only
-# CAP_CHOWN/DAC_OVERRIDE/FOWNER/FSETID/MKNOD, and trusted.* xattrs need CAP_SYS_ADMIN.
-PROXY_UNSUPPORTED = {"test_xattr_on_symlink": "trusted.* xattrs need CAP_SYS_ADMIN, which the proxy helper drops"}
+# Things the proxy backend deliberately cannot do, as strict xfails (none at present: what its
+# helpers refuse, such as trusted.* xattrs without CAP_SYS_ADMIN, is asserted as a clean errno).
+PROXY_UNSUPPORTED: dict[str, str] = {}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

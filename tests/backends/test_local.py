@@ -714,3 +714,39 @@ def test_fd_reclaim_bounds_fds_and_keeps_nodes_working(layout: tuple[Path, Path]
     fs.release(root)
     fs.aclose()
     assert count_fds() == before
+
+
+def test_inline_metadata_skips_the_worker_hop_until_a_call_is_slow(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from fs_backends import offload
+
+    hops: list[object] = []
+    real = offload.run_sync
+
+    async def counting(fn):  # noqa: ANN001, ANN202
+        hops.append(fn)
+        return await real(fn)
+
+    monkeypatch.setattr(offload, "run_sync", counting)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x" * 10)
+    b = Sync(LocalBackend(str(tmp_path), inline_metadata=True))
+    root = b.attach("", ROOT)
+    hops.clear()
+    d, f = b.walk(root, ["d", "f"])
+    assert b.getattr(f, P.GETATTR_ALL).size == 10
+    assert hops == []  # walk and getattr ran on the trio thread
+    with pytest.raises(OSError) as e:
+        b.walk(d, ["missing"])
+    assert e.value.errno == errno.ENOENT  # errors come through the same as from a worker
+    assert hops == []
+    # One slow call sends the following ones back to the worker threads.
+    monkeypatch.setattr(LocalBackend, "INLINE_SLOW", -1.0)
+    b.getattr(f, P.GETATTR_ALL)
+    assert hops == []
+    assert b.getattr(f, P.GETATTR_ALL).size == 10
+    assert len(hops) == 1
+    # Without the option every call hops.
+    hops.clear()
+    plain = Sync(LocalBackend(str(tmp_path)))
+    plain.getattr(plain.attach("", ROOT), P.GETATTR_ALL)
+    assert len(hops) == 2

@@ -238,6 +238,45 @@ def test_blocking_lock_is_granted_when_released_and_replies_come_out_of_order(se
     serve(scenario)
 
 
+def test_requests_beyond_the_inflight_limit_wait_for_a_free_slot(serve) -> None:  # type: ignore[no-untyped-def]
+    from ninep.session import SessionOptions
+
+    async def scenario(server: Any, connect: Any) -> None:
+        async with client_for(connect) as a, client_for(connect) as b:
+            ra, rb = await a.attach(), await b.attach()
+            await make_file(a, ra, "f", b"data")
+            fa = await open_rw(a, ra, ["f"])
+            fb = await open_rw(b, rb, ["f"])
+            assert await a.lock(fa, LOCK_TYPE_WRLCK, proc_id=1, client_id="A") == LOCK_SUCCESS
+            granted: list[int] = []
+
+            async def lock_b(proc: int, start: int) -> None:
+                await b.lock(fb, LOCK_TYPE_WRLCK, start, 1, flags=LOCK_FLAGS_BLOCK, proc_id=proc, client_id="B")
+                granted.append(proc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lock_b, 2, 0)
+                nursery.start_soon(lock_b, 3, 1)
+                await trio.sleep(0.3)
+                answered = trio.Event()
+
+                async def third() -> None:
+                    assert (await b.getattr(fb)).size == 4
+                    answered.set()
+
+                nursery.start_soon(third)
+                # Both of B's slots wait on the lock: B's third request is not even started...
+                await trio.sleep(0.5)
+                assert not answered.is_set(), "a third request ran with max_inflight=2"
+                # ...while another connection is served, and the lock's release frees B.
+                assert await a.lock(fa, LOCK_TYPE_UNLCK, proc_id=1, client_id="A") == LOCK_SUCCESS
+                with trio.fail_after(10):
+                    await answered.wait()
+            assert sorted(granted) == [2, 3]
+
+    serve(scenario, options=SessionOptions(max_msize=1 << 20, max_inflight=2))
+
+
 def test_many_requests_in_flight_on_one_connection(serve) -> None:  # type: ignore[no-untyped-def]
     async def scenario(server: Any, connect: Any) -> None:
         async with client_for(connect, msize=65536) as c:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from ninep import messages as m
+from ninep.policy import OperationPolicy
 from ninep.protocol import (
     AT_REMOVEDIR,
     GETATTR_ALL,
@@ -378,7 +379,8 @@ def test_symlink_readlink_mknod_link_mkdir(serve) -> None:  # type: ignore[no-un
             await fails(errno.EEXIST, c.mkdir(root, "made"))
             await fails(errno.ENOTDIR, c.mkdir(pf, "x"))
 
-    serve(scenario)
+    # Device nodes on a host export need the policy's allow_devices (default-deny).
+    serve(scenario, options=SessionOptions(policy=OperationPolicy(allow_devices=True)))
 
 
 def test_rename_renameat_unlinkat(serve) -> None:  # type: ignore[no-untyped-def]
@@ -494,7 +496,8 @@ def test_setattr_mode_owner_size_times(serve) -> None:  # type: ignore[no-untype
             d, _ = await c.walk(root, [])
             await fails(errno.EISDIR, c.setattr(d, SETATTR_SIZE, size=0))
 
-    serve(scenario)
+    # A setuid mode on a host export needs the policy's allow_setid (default-deny).
+    serve(scenario, options=SessionOptions(policy=OperationPolicy(allow_setid=True)))
 
 
 # --- xattrs ----------------------------------------------------------------------------------------

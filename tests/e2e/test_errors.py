@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from ninep import messages as m
+from ninep.policy import OperationPolicy
 from ninep.protocol import (
     AT_REMOVEDIR,
     L_O_APPEND,
@@ -198,7 +199,7 @@ def test_readonly_export_refuses_every_change_with_erofs(serve, how: str) -> Non
                 assert (serve.export / "f").read_bytes() == b"keep"
 
     if how == "session":
-        serve(scenario, options=SessionOptions(readonly=True, max_msize=1 << 20))
+        serve(scenario, options=SessionOptions(policy=OperationPolicy(readonly=True), max_msize=1 << 20))
     else:
         serve(scenario, readonly=True)
 

@@ -13,6 +13,7 @@ import pytest
 
 from ninep import messages as m
 from ninep.client import Client
+from ninep.policy import OperationPolicy
 from ninep.protocol import (
     DMDEVICE,
     DMDIR,
@@ -28,6 +29,7 @@ from ninep.protocol import (
     V9P2000,
     V9P2000_U,
 )
+from ninep.session import SessionOptions
 from tests.e2e.harness import client_for
 from tests.e2e.util import fails
 
@@ -186,7 +188,8 @@ def test_dotu_symlinks_devices_pipes(serve) -> None:  # type: ignore[no-untyped-
                 assert stat.S_ISCHR(ds.st_mode) and (os.major(ds.st_rdev), os.minor(ds.st_rdev)) == (1, 3)
                 assert stat.S_ISFIFO(os.lstat(serve.export / "pipe").st_mode)
 
-    serve(scenario)
+    # Device nodes on a host export need the policy's allow_devices (default-deny).
+    serve(scenario, options=SessionOptions(policy=OperationPolicy(allow_devices=True)))
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)

@@ -209,7 +209,7 @@ def close_mount(m: Mount) -> None:
 
 def start_ninep_server(export: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [PY, "-m", "ninep", "serve", str(export), "--listen", f"tcp:127.0.0.1:{port}"]
+    cmd = [PY, "-m", "ninep", "serve", str(export), "--listen", f"tcp:127.0.0.1:{port}", "--allow-setid"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     wait_port(port, proc)
@@ -238,7 +238,8 @@ def open_kind(kind: str, base: Path, export: Path | None = None) -> Mount:
     mnt = base / "mnt"
     log = base / "mount.log"
     if kind == "local":
-        return start_mount(str(export), mnt, log, kind=kind, host=export)
+        # The POSIX suite chmods setuid bits (ninep's policy refuses them by default).
+        return start_mount(str(export), mnt, log, "--allow-setid", kind=kind, host=export)
     if kind == "memory":
         return start_mount("memory:", mnt, log, kind=kind, host=None)
     port = free_port()
@@ -255,6 +256,7 @@ def open_kind(kind: str, base: Path, export: Path | None = None) -> Mount:
             log,
             "--uname",
             "root",
+            "--allow-setid",
             kind=kind,
             host=export,
         )

@@ -106,7 +106,10 @@ def _ninep_run(guest_image: guestvm.GuestImage, accel: guestvm.Accel, tmp_path: 
                export: str, model: str | None, env: dict[str, str]) -> tuple[guestvm.GuestRun, Path]:
     sock = tmp_path / "ninep.sock"
     log = tmp_path / "server.log"
-    with guestvm.ninep_server(ROOT, export, sock, model, MSIZE, log=log, python=sys.executable):
+    # The job checks POSIX behaviour, a setuid chmod included (QEMU allows it): ninep's policy
+    # refuses that under passthrough/none unless asked.
+    with guestvm.ninep_server(ROOT, export, sock, model, MSIZE, log=log, python=sys.executable,
+                              extra=("--allow-setid",)):
         run = guestvm.run_job(guest_image, guestvm.virtio_serial_fd("ninep", [sock, sock], MSIZE),
                               JOB.read_text(), {"MSIZE": str(MSIZE), **env}, timeout=RUN_TIMEOUT,
                               accel=accel, log=tmp_path / "console.log")

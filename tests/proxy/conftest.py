@@ -23,14 +23,15 @@ OWNER = 4242  # a non-root owner for exports served by the unprivileged models
 
 
 def tree_digest(root: Path) -> str:
-    """Names, types, modes, owners, sizes, link targets and contents of everything under root."""
+    """Names, types, modes, owners, sizes, nlinks, mtimes, xattrs, link targets and contents of
+    everything under root (and the root's own)."""
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(dirnames + filenames):
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
-            h.update(f"{os.path.relpath(p, root)}|{st.st_mode:o}|{st.st_uid}|{st.st_gid}|{st.st_size}|{st.st_nlink}\n".encode())
+            h.update(f"{os.path.relpath(p, root)}|{st.st_mode:o}|{st.st_uid}|{st.st_gid}|{st.st_size}|{st.st_nlink}|{st.st_mtime_ns}\n".encode())
             if stat.S_ISLNK(st.st_mode):
                 h.update(os.readlink(p).encode())
             elif stat.S_ISREG(st.st_mode):
@@ -38,7 +39,7 @@ def tree_digest(root: Path) -> str:
             for x in sorted(os.listxattr(p, follow_symlinks=False)):
                 h.update(x.encode() + os.getxattr(p, x, follow_symlinks=False))
     st = os.lstat(root)
-    h.update(f"root|{st.st_mode:o}|{st.st_uid}|{st.st_nlink}".encode())
+    h.update(f"root|{st.st_mode:o}|{st.st_uid}|{st.st_nlink}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 

@@ -62,3 +62,34 @@ def test_local_backend_reads_go_straight_into_guest_buffers(tmp_path) -> None:  
                 assert queue_channel is not None and queue_channel.zero_copy_reads >= 2
 
     trio.run(main)
+
+
+def test_local_backend_writes_come_straight_from_guest_buffers(tmp_path) -> None:  # noqa: ANN001
+    from fs_backends.local import LocalBackend
+
+    data = os.urandom(1_300_000)
+    value = os.urandom(3000)
+
+    async def main() -> None:
+        server = Server(LocalBackend(str(tmp_path)))
+        async with serving(server.handle, max_msize=512 * 1024) as (path, listener):
+            channel = await connect_address("vhost-user:" + path, ConnectOptions(max_msize=512 * 1024))
+            async with Client.connect(channel, msize=512 * 1024) as c:
+                root = await c.attach()
+                await c.write_file(root, "f", data)
+                queue_channel = listener.devices[0].vrings[0].channel
+                assert queue_channel is not None and queue_channel.zero_copy_writes >= 3
+                # Overwrite in the middle, unaligned, and past the end.
+                async with await c.open_file(root, "f", 2) as f:  # L_O_RDWR
+                    assert await c.write_all(f.fid, 12_345, data[:200_000]) == 200_000
+                    assert await c.write_all(f.fid, len(data) + 10, b"t" * 5000) == 5000
+                # An xattr value large enough for the zero-copy layout lands whole.
+                fid, _ = await c.walk(root, ["f"])
+                await c.xattr_set(fid, "user.big", value)
+                assert await c.xattr_get(fid, "user.big") == value
+        want = bytearray(data)
+        want[12_345 : 12_345 + 200_000] = data[:200_000]
+        want += bytes(10) + b"t" * 5000
+        assert (tmp_path / "f").read_bytes() == bytes(want)
+
+    trio.run(main)

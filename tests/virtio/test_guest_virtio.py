@@ -55,7 +55,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, lis
     try:
         for sock, tag, log in zip(socks, TAGS, logs, strict=True):
             cmd = [sys.executable, "-m", "ninep", "serve", str(export), "--listen", f"vhost-user:{sock}",
-                   "--tag", tag, "--security-model", "passthrough", "-v"]
+                   # The job's POSIX checks include a setuid chmod (QEMU allows it; ninep's policy
+                   # refuses it under passthrough unless asked).
+                   "--tag", tag, "--security-model", "passthrough", "--allow-setid", "-v"]
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 20
         for sock, proc in zip(socks, procs, strict=True):

@@ -337,25 +337,60 @@ def test_zero_copy_rread(tmp_path) -> None:  # noqa: ANN001
         os.close(fd)
 
 
-def test_zero_copy_twrite_layout_reaches_server_as_one_message() -> None:
+def test_zero_copy_twrite_leaves_the_data_in_guest_memory(tmp_path) -> None:  # noqa: ANN001
+    got: list[tuple[bytes, bytes | None]] = []
+    target = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT)
+
+    async def handler(channel) -> None:  # noqa: ANN001
+        while True:
+            try:
+                msg = bytes(await channel.receive())
+            except trio.EndOfChannel:
+                return
+            _, _, tag = HDR.unpack_from(msg)
+            payload = channel.take_payload(tag)
+            assert channel.take_payload(tag) is None  # handed out once
+            got.append((msg, None if payload is None else payload.copy()))
+            n = 0 if payload is None else await trio.to_thread.run_sync(payload.pwrite, target, 0)
+            await channel.send([struct.pack("<IBHI", 11, 119, tag, n)])
+
     async def main() -> None:
-        echo = Echo()
-        async with serving(echo) as (path, _):
+        async with serving(handler) as (path, _):
             fe = Frontend(path, msize=256 * 1024)
             ch = await fe.connect()
             data = os.urandom(100_000)
             head = struct.pack("<IBHIQI", 23 + len(data), 118, 9, 1, 0, len(data))
             await ch.send([head, data])
             assert fe.last_layout[:3] == [(23, 0), (4096, 0), (4096, 0)]
-            reply = bytes(await ch.receive())
-            assert echo.received[0] == head + data  # header and payload pages joined
-            # Linux gives a zero-copy Twrite only a 4 KiB reply buffer: an echo of 100 KB does
-            # not fit, and the channel answers EMSGSIZE in its place instead of overrunning.
-            assert reply == struct.pack("<IBHI", 11, 7, 9, 90)
+            assert bytes(await ch.receive()) == struct.pack("<IBHI", 11, 119, 9, len(data))
+            # The session sees the header with count 0; the data comes from guest memory.
+            assert got[-1] == (struct.pack("<IBHIQI", 23, 118, 9, 1, 0, 0), data)
+            assert (tmp_path / "out").read_bytes() == data
+
+            # A hostile count that disagrees with the size: copied whole, for the codec to refuse.
+            bad = struct.pack("<IBHIQI", 23 + len(data), 118, 10, 1, 0, len(data) + 5)
+            await ch.send([bad, data])
+            await ch.receive()
+            assert got[-1] == (bad + data, None)
+            bad = struct.pack("<IBHIQI", 23 + len(data), 118, 11, 1, 0, 7)
+            await ch.send([bad, data])
+            await ch.receive()
+            assert got[-1] == (bad + data, None)
+            # A size beyond what the chain carries never reaches the server.
+            seen = len(got)
+            await ch.send([struct.pack("<IBHIQI", 23 + 2 * len(data), 118, 12, 1, 0, 2 * len(data)), data])
+            assert bytes(await ch.receive()) == struct.pack("<IBHI", 11, 7, 12, 90)
+            assert len(got) == seen
+            # Small writes are copied whole as before.
+            await ch.send([struct.pack("<IBHIQI", 23 + 100, 118, 13, 1, 0, 100), data[:100]])
+            await ch.receive()
+            assert got[-1] == (struct.pack("<IBHIQI", 123, 118, 13, 1, 0, 100) + data[:100], None)
             await ch.aclose()
 
-    run(main)
-
+    try:
+        run(main)
+    finally:
+        os.close(target)
 
 
 def test_missing_doorbells_and_doorbell_storms() -> None:
@@ -380,6 +415,52 @@ def test_missing_doorbells_and_doorbell_storms() -> None:
             await trio.sleep(0.05)
             assert await roundtrip(ch, 3, b"calm") == b"calm"
             assert len(echo.received) == 3
+            await ch.aclose()
+
+    run(main)
+
+
+def test_no_kicks_needed_while_the_device_is_busy() -> None:
+    """With EVENT_IDX the driver kicks only when the device went idle: requests queued while the
+    server is still working on earlier ones are picked up without a kick (a guest exit each)."""
+
+    async def main() -> None:
+        busy = trio.Event()
+        release = trio.Event()
+
+        async def handler(channel) -> None:  # noqa: ANN001
+            first = True
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        msg = await channel.receive()
+                    except trio.EndOfChannel:
+                        break
+                    if first:  # stays busy with the first request before reading more
+                        first = False
+                        busy.set()
+                        await release.wait()
+                    size, mtype, tag = HDR.unpack_from(msg)
+                    nursery.start_soon(channel.send, [HDR.pack(size, mtype + 1, tag), bytes(msg[7:])])
+                nursery.cancel_scope.cancel()
+
+        async with serving(handler) as (path, _):
+            fe = Frontend(path, msize=65536, event_idx=True, slots=8)
+            ch = await fe.connect()
+            await ch.send([HDR.pack(8, 100, 1), b"a"])
+            with trio.fail_after(5):
+                await busy.wait()
+            for tag in (2, 3, 4):
+                await ch.send([HDR.pack(8, 100, tag), b"b"])
+            assert fe.kicks == 1  # only the request that found the device idle
+            release.set()
+            tags = set()
+            with trio.fail_after(5):
+                for _ in range(4):
+                    tags.add(HDR.unpack_from(await ch.receive())[2])
+            assert tags == {1, 2, 3, 4}
+            assert await roundtrip(ch, 9, b"idle again") == b"idle again"  # idle: kicked again
+            assert fe.kicks == 2
             await ch.aclose()
 
     run(main)
@@ -444,7 +525,12 @@ def test_random_vmm_messages_never_take_the_back_end_down(messages, running: boo
             if first is not None:
                 first.sock = None
                 await first.aclose()
-            assert open_fds() == before  # every fd that came with a message was closed
+            # Every fd that came with a message is closed; the connection's own socket closes
+            # just after its device leaves `listener.devices`, so give it a moment.
+            with trio.move_on_after(5):
+                while open_fds() != before:
+                    await trio.sleep(0.01)
+            assert open_fds() == before
             fe = Frontend(path, msize=65536)
             ch = await fe.connect()
             assert await roundtrip(ch, 1, b"alive") == b"alive"

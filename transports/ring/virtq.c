@@ -181,6 +181,11 @@ typedef struct {
     uint8_t signalled_valid, event_idx, indirect, broken, stopped;
     uint64_t max_request;
     uint64_t inflight;
+    /* Zero-copy writes (set_split): a request whose first byte-stream byte 4 is `split_type`
+     * and whose readable part exceeds `split_min` bytes is copied only up to `split_head`
+     * bytes; the rest stays in guest memory for Chain.pwrite / Chain.read. */
+    int split_type; /* -1: never split */
+    uint32_t split_head, split_min;
 } VirtQueueObject;
 
 static PyTypeObject VirtQueueType;
@@ -257,6 +262,7 @@ static int vq_init(VirtQueueObject *self, PyObject *args, PyObject *kwds)
     self->indirect = (uint8_t)indirect;
     self->last_avail = (uint16_t)last_avail;
     self->max_request = max_request;
+    self->split_type = -1;
     if (vq_map(self, mem, desc, avail, used, by_uva) < 0)
         return -1;
     /* The used index continues from wherever the ring is (it survives a back-end restart). */
@@ -353,6 +359,46 @@ static int segs_add(VirtQueueObject *q, vq_segs *s, uint64_t addr, uint32_t len)
     return 0;
 }
 
+/* Copies bytes [pos, pos+len) of the segment stream into `dst`; the caller checked the bounds. */
+static void segs_copy(const vq_segs *s, uint64_t pos, uint8_t *dst, uint64_t len)
+{
+    for (int k = 0; k < s->n && len; k++) {
+        uint64_t seg = s->v[k].iov_len;
+        if (pos >= seg) {
+            pos -= seg;
+            continue;
+        }
+        uint64_t take = seg - pos < len ? seg - pos : len;
+        memcpy(dst, (uint8_t *)s->v[k].iov_base + pos, (size_t)take);
+        dst += take;
+        len -= take;
+        pos = 0;
+    }
+}
+
+/*
+ * Fills `iov` (room for `n` entries) with the pieces of bytes [pos, pos+len) of the segment
+ * array `v`; returns how many entries were used. The caller checked the bounds.
+ */
+static int segs_slice(const struct iovec *v, int n, uint64_t pos, uint64_t len, struct iovec *iov)
+{
+    int cnt = 0;
+    for (int k = 0; k < n && len; k++) {
+        uint64_t seg = v[k].iov_len;
+        if (pos >= seg) {
+            pos -= seg;
+            continue;
+        }
+        uint64_t take = seg - pos < len ? seg - pos : len;
+        iov[cnt].iov_base = (uint8_t *)v[k].iov_base + pos;
+        iov[cnt].iov_len = (size_t)take;
+        cnt++;
+        len -= take;
+        pos = 0;
+    }
+    return cnt;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Chain                                                                                       */
 
@@ -363,6 +409,9 @@ typedef struct {
     PyObject *request;     /* bytes: the device-readable part, copied once */
     struct iovec *w;       /* device-writable segments */
     int nw;
+    struct iovec *r;       /* device-readable segments, kept only when the request was split */
+    int nr;
+    uint64_t readable;     /* total device-readable bytes (== len(request) unless split) */
     uint64_t capacity;
     uint16_t head;
     uint8_t done, busy;
@@ -378,6 +427,7 @@ static void chain_dealloc(ChainObject *self)
     Py_XDECREF(self->mem);
     Py_XDECREF(self->request);
     PyMem_Free(self->w);
+    PyMem_Free(self->r);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -496,16 +546,33 @@ static PyObject *vq_pop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
     c->w = NULL;
     c->nw = 0;
     c->done = c->busy = 0;
+    c->r = NULL;
+    c->nr = 0;
     c->head = head;
     c->capacity = wr.total;
-    c->request = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)rd.total);
+    c->readable = rd.total;
+    /* ---- zero-copy writes: copy the header once, decide from the private copy ---- */
+    uint8_t first[7];
+    uint64_t copy = rd.total;
+    if (q->split_type >= 0 && rd.total > q->split_min && rd.total >= 7) {
+        segs_copy(&rd, 0, first, 7);
+        if (first[4] == (uint8_t)q->split_type)
+            copy = q->split_head;
+    }
+    c->request = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)copy);
     if (c->request == NULL)
         goto fail;
-    char *dst = PyBytes_AS_STRING(c->request);
-    for (int k = 0; k < rd.n; k++) {
-        memcpy(dst, rd.v[k].iov_base, rd.v[k].iov_len);
-        dst += rd.v[k].iov_len;
+    if (copy < rd.total) {
+        /* Split: the first 7 bytes come from `first` (read once), the rest of the head after. */
+        memcpy(PyBytes_AS_STRING(c->request), first, 7);
+        segs_copy(&rd, 7, (uint8_t *)PyBytes_AS_STRING(c->request) + 7, copy - 7);
+        c->r = rd.v;
+        c->nr = rd.n;
+        rd.v = NULL;
+    } else {
+        segs_copy(&rd, 0, (uint8_t *)PyBytes_AS_STRING(c->request), rd.total);
     }
+    /* ---- end zero-copy writes ---- */
     PyMem_Free(rd.v);
     c->w = wr.v;
     c->nw = wr.n;
@@ -515,8 +582,9 @@ static PyObject *vq_pop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
     c->mem = q->mem;
     q->inflight++;
     q->last_avail++;
-    if (q->event_idx)
-        ring_store16(vq_avail_event(q), htole16(q->last_avail));
+    /* avail_event is left where the last empty pop put it: while the device keeps popping, the
+     * driver need not kick (a kick per request costs the guest an exit and us a wakeup). The pop
+     * that finds the ring empty asks for the next kick and looks again, so none is missed. */
     return (PyObject *)c;
 fail:
     PyMem_Free(rd.v);
@@ -557,6 +625,23 @@ static PyObject *vq_stop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
     return PyLong_FromUnsignedLong(q->last_avail);
 }
 
+/* set_split(msgtype, head, minimum): see the split_* fields; msgtype -1 turns splitting off. */
+static PyObject *vq_set_split(VirtQueueObject *q, PyObject *args)
+{
+    int type;
+    unsigned int head, minimum;
+    if (!PyArg_ParseTuple(args, "iII", &type, &head, &minimum))
+        return NULL;
+    if (type < -1 || type > 255 || (type >= 0 && (head < 7 || head > minimum))) {
+        PyErr_SetString(PyExc_ValueError, "set_split needs -1 <= msgtype <= 255 and 7 <= head <= minimum");
+        return NULL;
+    }
+    q->split_type = type;
+    q->split_head = head;
+    q->split_min = minimum;
+    Py_RETURN_NONE;
+}
+
 /* mark_broken(reason): the Python side found the chain unusable (e.g. no room for a header). */
 static PyObject *vq_mark_broken(VirtQueueObject *q, PyObject *arg)
 {
@@ -586,6 +671,9 @@ static PyMethodDef vq_methods[] = {
      "Follow a memory-table change: remap(mem, desc, avail, used, by_uva=True)."},
     {"stop", (PyCFunction)vq_stop, METH_NOARGS, "Stop the queue; returns last_avail (for GET_VRING_BASE)."},
     {"mark_broken", (PyCFunction)vq_mark_broken, METH_O, "Mark the queue broken and raise VirtqError(reason)."},
+    {"set_split", (PyCFunction)vq_set_split, METH_VARARGS,
+     "set_split(msgtype, head, minimum): requests of that type (byte 4) longer than `minimum` keep all but "
+     "their first `head` bytes in guest memory (Chain.pwrite / Chain.read); msgtype -1 turns it off."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -740,6 +828,68 @@ static PyObject *chain_pread(ChainObject *c, PyObject *args, PyObject *kwds)
     return PyLong_FromSsize_t(n);
 }
 
+/* Checks [start, start+count) against the readable stream of a split chain. */
+static int chain_readable_range(ChainObject *c, unsigned long long start, unsigned long long count)
+{
+    if (c->r == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the request was copied whole; nothing is left in guest memory");
+        return -1;
+    }
+    if (!ring_in_bounds(start, count, c->readable)) {
+        PyErr_Format(PyExc_ValueError, "range %llu+%llu outside the %llu readable bytes", start, count,
+                     (unsigned long long)c->readable);
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * pwrite(fd, offset, start, count) -> int: writes bytes [start, start+count) of a split request
+ * from guest memory to file `fd` at `offset` with pwritev, the GIL released. The addresses were
+ * translated and checked once at pop; the guest may change the bytes meanwhile (its own data).
+ */
+static PyObject *chain_pwrite(ChainObject *c, PyObject *args)
+{
+    int fd;
+    unsigned long long offset, start, count;
+    if (!PyArg_ParseTuple(args, "iKKK", &fd, &offset, &start, &count))
+        return NULL;
+    if (chain_check(c) < 0 || chain_readable_range(c, start, count) < 0)
+        return NULL;
+    struct iovec *iov = PyMem_Malloc(sizeof(*iov) * (size_t)c->nr);
+    if (iov == NULL)
+        return PyErr_NoMemory();
+    int cnt = segs_slice(c->r, c->nr, start, count, iov);
+    ssize_t n;
+    c->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    n = ring_pwritev_all(fd, iov, cnt, offset);
+    Py_END_ALLOW_THREADS
+    c->busy = 0;
+    PyMem_Free(iov);
+    if (n < 0) {
+        errno = (int)-n;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(n);
+}
+
+/* read(start, count) -> bytes: a private copy of bytes [start, start+count) of a split request. */
+static PyObject *chain_read(ChainObject *c, PyObject *args)
+{
+    unsigned long long start, count;
+    if (!PyArg_ParseTuple(args, "KK", &start, &count))
+        return NULL;
+    if (chain_check(c) < 0 || chain_readable_range(c, start, count) < 0)
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)count);
+    if (out == NULL)
+        return NULL;
+    vq_segs view = {c->r, c->nr, c->nr, c->readable};
+    segs_copy(&view, start, (uint8_t *)PyBytes_AS_STRING(out), count);
+    return out;
+}
+
 /* complete(length) -> bool: return the chain to the driver with used.len = length; True when
  * the driver asked to be interrupted. A stopped queue drops the completion (returns False). */
 static PyObject *chain_complete(ChainObject *c, PyObject *arg)
@@ -766,6 +916,8 @@ static PyObject *chain_get_capacity(ChainObject *c, void *Py_UNUSED(x)) { return
 static PyObject *chain_get_head(ChainObject *c, void *Py_UNUSED(x)) { return PyLong_FromLong(c->head); }
 static PyObject *chain_get_done(ChainObject *c, void *Py_UNUSED(x)) { return PyBool_FromLong(c->done); }
 static PyObject *chain_get_segments(ChainObject *c, void *Py_UNUSED(x)) { return PyLong_FromLong(c->nw); }
+static PyObject *chain_get_readable(ChainObject *c, void *Py_UNUSED(x)) { return PyLong_FromUnsignedLongLong(c->readable); }
+static PyObject *chain_get_split(ChainObject *c, void *Py_UNUSED(x)) { return PyBool_FromLong(c->r != NULL); }
 
 static PyGetSetDef chain_getset[] = {
     {"request", (getter)chain_get_request, NULL, "private copy of the device-readable bytes", NULL},
@@ -773,6 +925,8 @@ static PyGetSetDef chain_getset[] = {
     {"head", (getter)chain_get_head, NULL, "head descriptor index", NULL},
     {"done", (getter)chain_get_done, NULL, "completed", NULL},
     {"segments", (getter)chain_get_segments, NULL, "number of writable host segments", NULL},
+    {"readable", (getter)chain_get_readable, NULL, "total device-readable bytes (more than len(request) if split)", NULL},
+    {"split", (getter)chain_get_split, NULL, "only the head of the request was copied (see VirtQueue.set_split)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -781,6 +935,10 @@ static PyMethodDef chain_methods[] = {
      "write(parts, offset=0) -> int: scatter buffers into the writable part."},
     {"pread", (PyCFunction)(void (*)(void))chain_pread, METH_VARARGS | METH_KEYWORDS,
      "pread(fd, offset, count, skip=11, nowait=False) -> int: preadv from a file into the writable part."},
+    {"pwrite", (PyCFunction)chain_pwrite, METH_VARARGS,
+     "pwrite(fd, offset, start, count) -> int: pwritev bytes [start, start+count) of a split request to a file."},
+    {"read", (PyCFunction)chain_read, METH_VARARGS,
+     "read(start, count) -> bytes: private copy of bytes [start, start+count) of a split request."},
     {"complete", (PyCFunction)chain_complete, METH_O, "complete(length) -> bool: push to the used ring; True = notify."},
     {NULL, NULL, 0, NULL},
 };

@@ -4,8 +4,8 @@
 Per connection one `Device` follows the VMM's messages: features, memory table (the guest memory
 fds are mmapped by `MemTable`), vring configuration and eventfds. When a ring has memory,
 addresses, a kick fd and is enabled, it starts: a `QueueChannel` is handed to the server's
-handler and a task waits on the kick eventfd with trio (no thread per queue), pops chains and
-delivers them. GET_VRING_BASE, RESET_OWNER, a broken ring or a disconnect stop it again; the next
+handler, whose `receive` pops the ring itself and waits on the kick eventfd with trio only when
+the ring is empty (no thread, and no task, per queue). GET_VRING_BASE, RESET_OWNER, a broken ring or a disconnect stop it again; the next
 start (guest reboot, VMM reconnect) gets a fresh channel and so a fresh 9P session.
 
 Everything the VMM sends is checked; a malformed message is logged and refused (REPLY_ACK
@@ -26,8 +26,8 @@ import trio
 
 from transports.base import ChannelHandler
 from transports.virtio import vhost_user as vu
-from transports.virtio._ext import MemTable, VirtqError, VirtQueue, drain_eventfd, signal_eventfd
-from transports.virtio.channel import QueueChannel
+from transports.virtio._ext import MemTable, VirtqError, VirtQueue, signal_eventfd
+from transports.virtio.channel import QueueChannel, split_args
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ class Vring:
     enabled: bool = False
     queue: VirtQueue | None = None
     channel: QueueChannel | None = None
-    loop_scope: trio.CancelScope | None = None
-    stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "notifications": 0})
+    stats: dict[str, int] = field(default_factory=lambda: {"notifications": 0})
 
     def notify(self) -> None:
         if self.call is not None:
@@ -295,17 +294,13 @@ class Device:
         vr, fd = self._vring_fd(msg)
         if fd is None:
             raise Refused("polling mode (no kick fd) is not supported")
-        running = vr.queue is not None
-        if running:
-            self._stop_loop(vr)
-        _close(vr.kick)
-        vr.kick = fd
+        old, vr.kick = vr.kick, fd
+        _close(old)  # a running channel waiting on it wakes up and waits on the new one
         if not self.features & vu.VHOST_USER_F_PROTOCOL_FEATURES:
             vr.enabled = True  # without protocol features a ring starts on its kick fd
-        if running:
-            self._start_loop(vr)
-        else:
-            self._maybe_start(vr)
+        if vr.queue is not None:
+            signal_eventfd(fd)  # look at the ring again: a kick may have gone to the old fd
+        self._maybe_start(vr)
 
     def _set_vring_call(self, msg: vu.Message) -> None:
         vr, fd = self._vring_fd(msg)
@@ -357,12 +352,15 @@ class Device:
             log.warning("vhost-user %s: queue %d cannot start: %s", self.peer, vr.index, exc)
             self._signal_error(vr)
             return
+        queue.set_split(*split_args())  # large Twrite data stays in guest memory (zero-copy)
         self.starts += 1
         vr.queue = queue
-        vr.channel = QueueChannel(f"vhost-user:{self.peer}#{self.starts}", self.max_msize, vr.notify)
+        vr.channel = QueueChannel(
+            f"vhost-user:{self.peer}#{self.starts}", self.max_msize, vr.notify, queue, vr,
+            lambda reason: self._stop(vr, broken=True),
+        )
         log.info("vhost-user %s: queue %d started (size %d)", self.peer, vr.index, vr.num)
         self.nursery.start_soon(self._run_handler, vr.channel)
-        self._start_loop(vr)
 
     async def _run_handler(self, channel: QueueChannel) -> None:
         try:
@@ -372,19 +370,8 @@ class Device:
         finally:
             channel.close()
 
-    def _start_loop(self, vr: Vring) -> None:
-        scope = trio.CancelScope()
-        vr.loop_scope = scope
-        self.nursery.start_soon(self._serve_queue, vr, scope)
-
-    def _stop_loop(self, vr: Vring) -> None:
-        if vr.loop_scope is not None:
-            vr.loop_scope.cancel()
-            vr.loop_scope = None
-
     def _stop(self, vr: Vring, broken: bool = False) -> int:
         """Stops a running ring; returns the index the next start continues from."""
-        self._stop_loop(vr)
         if vr.queue is not None:
             vr.base = vr.queue.stop()
             vr.queue = None
@@ -398,31 +385,6 @@ class Device:
     def _signal_error(self, vr: Vring) -> None:
         if vr.err is not None:
             signal_eventfd(vr.err)
-
-    async def _serve_queue(self, vr: Vring, scope: trio.CancelScope) -> None:
-        queue, channel, kick = vr.queue, vr.channel, vr.kick
-        assert queue is not None and channel is not None and kick is not None
-        with scope:
-            while True:
-                drain_eventfd(kick)
-                if vr.enabled:
-                    try:
-                        while (chain := queue.pop()) is not None:
-                            vr.stats["requests"] += 1
-                            if len(chain.request) < 7 or chain.capacity < 7:
-                                queue.mark_broken(
-                                    f"chain with {len(chain.request)} readable and "
-                                    f"{chain.capacity} writable bytes cannot carry 9P"
-                                )
-                            channel.deliver(chain)
-                    except VirtqError as exc:
-                        log.warning("vhost-user %s: queue %d broken: %s", self.peer, vr.index, exc)
-                        self._stop(vr, broken=True)
-                        return
-                try:
-                    await trio.lowlevel.wait_readable(kick)
-                except (trio.ClosedResourceError, OSError):
-                    return  # the kick fd was replaced or closed: whoever did that restarts us
 
     def close(self) -> None:
         self.reset()

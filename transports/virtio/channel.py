@@ -1,34 +1,43 @@
 """The server-side Channel of one running virtqueue: each available descriptor chain is one 9P
 request; its reply goes back into the same chain.
 
+`receive` pops the virtqueue itself (no task between the ring and the session): it takes the
+next available chain, and only when the ring is empty waits for the driver's kick on its eventfd.
+
 Replies are matched to chains by the tag in the 7-byte header (tags are unique among a
 session's requests in flight; a duplicate is tolerated by answering chains of one tag in order).
 Requests are handed out as soon as they are popped, so the server may process several at once
-and answer them in any order. `send_rread` reads a file straight into the chain's buffers.
+and answer them in any order. `send_rread` reads a file straight into the chain's buffers; a large
+Twrite arrives with its data left in guest memory (`take_payload`, written to a file with pwritev).
 
-This module must never parse a 9P message beyond its header, except the two fields it needs to
-return a flushed request's buffers to the driver (Tflush's oldtag).
+This module must never parse a 9P message beyond its header, except Tflush's oldtag (to return a
+flushed request's buffers to the driver) and the fixed Twrite header (to leave its data in place).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import trio
 
 from transports.base import Buffer
-from transports.virtio._ext import Chain
+from transports.virtio._ext import Chain, VirtqError, drain_eventfd
 
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<IBH")
 RREAD_HEADER = struct.Struct("<IBHI")
 RLERROR = struct.Struct("<IBHI")
-TFLUSH, RFLUSH, RREAD, RLERROR_TYPE = 108, 109, 117, 7
+#: size[4] type[1] tag[2] fid[4] offset[8] count[4], the same in every dialect.
+TWRITE_HEADER = struct.Struct("<IBHIQI")
+TFLUSH, RFLUSH, RREAD, TWRITE, RLERROR_TYPE = 108, 109, 117, 118, 7
+#: Twrites with more data than this keep it in guest memory (Linux's own zero-copy threshold).
+ZERO_COPY_WRITE_MIN = 1024
 EINVAL, EMSGSIZE, EOPNOTSUPP = 22, 90, 95
 
 
@@ -41,41 +50,127 @@ def _header_of(parts: Sequence[Buffer]) -> bytes:
     raise ValueError("reply shorter than a 9P header")
 
 
+def split_args() -> tuple[int, int, int]:
+    """`VirtQueue.set_split` arguments that leave large Twrite data in guest memory."""
+    return TWRITE, TWRITE_HEADER.size, TWRITE_HEADER.size + ZERO_COPY_WRITE_MIN
+
+
+@dataclass(slots=True)
+class GuestPayload:
+    """The data of one Twrite, still in guest memory: `count` bytes at `start` of its chain's
+    readable stream. Addresses and lengths were read and checked once when the chain was popped;
+    the guest may still change the bytes (that is its own data)."""
+
+    chain: Chain
+    start: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def pwrite(self, fd: int, offset: int) -> int:
+        """Blocking pwritev from guest memory to `fd` (GIL released): run it in a worker thread."""
+        n: int = self.chain.pwrite(fd, offset, self.start, self.count)
+        return n
+
+    def copy(self) -> bytes:
+        """A private copy, for writes that do not go to a host fd."""
+        data: bytes = self.chain.read(self.start, self.count)
+        return data
+
+
+class Ring(Protocol):
+    """What the channel reads of the back-end's state of its ring (`backend.Vring`): both may
+    change while the channel runs (SET_VRING_ENABLE, SET_VRING_KICK)."""
+
+    enabled: bool
+    kick: int | None
+
+
+#: Requests `receive` hands out from a full ring before letting other tasks run once.
+POPS_PER_CHECKPOINT = 32
+
+
 class QueueChannel:
     """One virtqueue seen as a Channel (server side). Created by the back-end when the queue
     starts; closed when it stops (the VMM stopped the ring, reset, disconnected, or the driver
     broke the ring rules)."""
 
-    def __init__(self, peer: str, max_message_size: int, notify: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        peer: str,
+        max_message_size: int,
+        notify: Callable[[], None],
+        queue: Any,
+        ring: Ring,
+        broken: Callable[[str], object],
+    ) -> None:
         self.peer = peer
         self.max_message_size = max_message_size
         self._msize = max_message_size
         self._notify = notify
-        self._send_q, self._recv_q = trio.open_memory_channel[memoryview](math.inf)
+        self._queue = queue  # transports._ring.VirtQueue
+        self._ring = ring
+        self._broken = broken  # stops the ring and tells the VMM (err eventfd)
+        self._waiting_on: int | None = None  # the kick fd `receive` is parked on
+        self._unyielded = 0
+        self.requests = 0
         self._inflight: dict[int, deque[Chain]] = {}
         self._flushes: dict[int, int] = {}  # tag of a Tflush -> the tag it flushes
+        self._payloads: dict[int, GuestPayload] = {}  # tag of a split Twrite -> its data
         self._closed = False
         self.zero_copy_reads = 0  # Rreads that went file -> guest buffers directly
+        self.zero_copy_writes = 0  # Twrites handed out with their data left in guest memory
         self._nowait = True  # try preadv2(RWF_NOWAIT) on the loop before a worker thread
 
-    # -- fed by the back-end ------------------------------------------------------------------
-    def deliver(self, chain: Chain) -> None:
-        """Accepts a popped chain: checks its framing and queues it for `receive`."""
-        if self._closed:
-            self._complete(chain, 0)  # nobody serves this ring any more
-            return
+    # -- reading the ring ---------------------------------------------------------------------
+    def _accept(self, chain: Chain) -> memoryview | None:
+        """Checks a popped chain's framing; returns its message, or None when it was answered
+        (EMSGSIZE) here. A chain with no room for any 9P message breaks the queue."""
         request = chain.request
-        size, mtype, tag = HEADER.unpack_from(request)  # caller guarantees >= 7 bytes
-        if size < 7 or size > len(request) or size > self._msize:
-            log.warning("%s: request of %d bytes declares size %d; answered EMSGSIZE", self.peer, len(request), size)
+        if len(request) < 7 or chain.capacity < 7:
+            self._queue.mark_broken(  # raises VirtqError
+                f"chain with {len(request)} readable and {chain.capacity} writable bytes cannot carry 9P"
+            )
+        size, mtype, tag = HEADER.unpack_from(request)
+        if size < 7 or size > chain.readable or size > self._msize:
+            log.warning("%s: request of %d bytes declares size %d; answered EMSGSIZE", self.peer, chain.readable, size)
             self._answer_error(chain, tag, EMSGSIZE)
-            return
-        message = memoryview(request)[:size]
+            return None
+        message = self._split_write(chain, request, size, tag) if chain.split else memoryview(request)[:size]
         if mtype == TFLUSH and size >= 9:
             (oldtag,) = struct.unpack_from("<H", request, 7)
             self._flushes[tag] = oldtag
         self._inflight.setdefault(tag, deque()).append(chain)
-        self._send_q.send_nowait(message)
+        return message
+
+    def _next(self) -> memoryview | None:
+        """The next request waiting in the ring, or None when it is empty (then, with EVENT_IDX,
+        the driver has been asked to kick at its next buffer). Raises VirtqError."""
+        while self._ring.enabled and not self._closed:
+            chain = self._queue.pop()
+            if chain is None:
+                return None
+            self.requests += 1
+            message = self._accept(chain)
+            if message is not None:
+                return message
+        return None
+
+    def _split_write(self, chain: Chain, head: bytes, size: int, tag: int) -> memoryview:
+        """The message to hand out for a Twrite whose data stayed in guest memory: its header with
+        count 0 (size 23), the data kept for `take_payload`. A Twrite whose count disagrees with
+        its size is copied whole instead, so the codec rejects it as it would on any transport."""
+        _, _, _, fid, offset, count = TWRITE_HEADER.unpack_from(head)
+        if size != TWRITE_HEADER.size + count:
+            return memoryview(head + chain.read(len(head), size - len(head)))
+        self._payloads[tag] = GuestPayload(chain, TWRITE_HEADER.size, count)
+        self.zero_copy_writes += 1
+        return memoryview(TWRITE_HEADER.pack(TWRITE_HEADER.size, TWRITE, tag, fid, offset, 0))
+
+    def take_payload(self, tag: int) -> GuestPayload | None:
+        """The guest-memory data of the Twrite `tag` received with count 0, once; else None."""
+        return self._payloads.pop(tag, None)
 
     def _answer_error(self, chain: Chain, tag: int, errno: int) -> None:
         if chain.capacity >= RLERROR.size:
@@ -99,16 +194,45 @@ class QueueChannel:
 
     # -- Channel ------------------------------------------------------------------------------
     async def receive(self) -> memoryview:
-        try:
-            return await self._recv_q.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise trio.EndOfChannel from None
+        while not self._closed:
+            try:
+                message = self._next()
+            except VirtqError as exc:
+                log.warning("%s: queue broken: %s", self.peer, exc)
+                self._broken(str(exc))  # closes this channel
+                break
+            if message is not None:
+                # A ring kept full hands out requests without waiting; let the workers they
+                # started run now and then (an empty ring makes us wait anyway).
+                self._unyielded += 1
+                if self._unyielded >= POPS_PER_CHECKPOINT:
+                    self._unyielded = 0
+                    await trio.lowlevel.checkpoint()
+                    if self._closed:
+                        break
+                return message
+            self._unyielded = 0
+            kick = self._ring.kick
+            if kick is None:
+                break
+            # Woken by a kick, or by `close` / a kick fd replaced (ClosedResourceError): either
+            # way look at the ring (and at self._ring.kick) again.
+            self._waiting_on = kick
+            try:
+                await trio.lowlevel.wait_readable(kick)
+                drain_eventfd(kick)
+            except (trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                self._waiting_on = None
+        raise trio.EndOfChannel
 
     async def send(self, parts: Sequence[Buffer]) -> None:
         if self._closed:
             return  # the ring is gone; its buffers went with it
         size, mtype, tag = HEADER.unpack(_header_of(parts))
         chain = self._take(tag)
+        self._payloads.pop(tag, None)  # a Twrite answered without taking its data (an error)
         if chain is None:
             log.warning("%s: reply for tag %d matches no request in flight; dropped", self.peer, tag)
             return
@@ -124,6 +248,7 @@ class QueueChannel:
             if oldtag is not None and oldtag != tag:
                 # The flushed request will get no reply; hand its buffers back, empty.
                 old = self._take(oldtag)
+                self._payloads.pop(oldtag, None)
                 if old is not None:
                     self._complete(old, 0)
 
@@ -178,6 +303,8 @@ class QueueChannel:
         """Ends `receive`; replies sent after this are dropped (the ring stopped)."""
         if not self._closed:
             self._closed = True
-            self._send_q.close()
+            if self._waiting_on is not None:
+                trio.lowlevel.notify_closing(self._waiting_on)  # wakes `receive` (fd stays open)
             self._inflight.clear()
             self._flushes.clear()
+            self._payloads.clear()
