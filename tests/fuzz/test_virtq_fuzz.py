@@ -25,7 +25,7 @@ import hypothesis.strategies as hs
 from hypothesis import given
 
 from tests.fuzz.budget import examples, fuzz_settings
-from tests.virtio.ringkit import DESC, GPA_BASE, INDIRECT, MEM_SIZE, NEXT, WRITE, Ring
+from tests.virtio.ringkit import DESC, GPA_BASE, INDIRECT, MEM_SIZE, NEXT, UVA_BASE, WRITE, Ring
 from transports.virtio._ext import MemTable, VirtqError, VirtQueue
 
 HALF = MEM_SIZE // 2
@@ -263,3 +263,24 @@ def race(rounds: int, seed: int = 0) -> int:
 
 def test_virtqueue_survives_a_driver_rewriting_the_ring_while_it_is_read() -> None:
     assert race(examples(300)) > 0, "the race never let a chain through: it tests nothing"
+
+
+@fuzz_settings(200)
+@given(
+    hs.integers(0, 70000) | hs.sampled_from([2**32 - 1]),
+    *[hs.integers(0, 2**64 - 1) | hs.sampled_from([GPA_BASE + 0x1000, GPA_BASE + MEM_SIZE - 2, UVA_BASE + 0x2000]) for _ in range(3)],
+    hs.booleans(),
+    hs.integers(0, 0x1FFFF),
+)
+def test_queue_setup_out_of_range_is_refused(num: int, desc: int, avail: int, used: int, by_uva: bool, last_avail: int) -> None:
+    """A VMM's vring size, addresses (outside memory, misaligned, wrapping) and base index are
+    checked when the queue is set up: ValueError, OverflowError or VirtqError, nothing else."""
+    ring = Ring(8)
+    try:
+        q = VirtQueue(ring.table, num, desc, avail, used, by_uva=by_uva, last_avail=last_avail)
+    except (ValueError, OverflowError, VirtqError):
+        return
+    finally:
+        ring.close()
+    assert num and num <= 32768 and num & (num - 1) == 0 and last_avail <= 0xFFFF
+    assert q.num == num

@@ -301,3 +301,20 @@ def test_xen_ring_survives_indices_moving_while_it_reads() -> None:
         sh.close()
     assert took > 0, "the race never let a message through: it tests nothing"
     fresh_ring_works(1)
+
+
+@fuzz_settings(200)
+@given(hs.integers(0, 12) | hs.sampled_from([2**31, 2**32 - 1]), hs.integers(0, 3), hs.integers(0, 5000), hs.booleans())
+def test_ring_order_and_area_sizes_out_of_range_are_refused(order: int, pages: int, intf_len: int, frontend: bool) -> None:
+    """Orders past the maximum (or 0), data areas smaller than 2^order pages and short interface
+    pages are refused at construction; nothing else comes out."""
+    data = bytearray(pages * 4096 * 2)
+    intf = bytearray(intf_len)
+    try:
+        ring = R.XenRing(intf, data, order, frontend)
+    except (ValueError, OverflowError):
+        assert not (1 <= order <= 9 and intf_len >= 4096 and len(data) >= 2 << (order + 11))
+        return
+    assert 1 <= order <= 9 and intf_len >= 4096 and len(data) >= 2 << (order + 11)
+    assert ring.size == 1 << (order + 11)
+    ring.close()
