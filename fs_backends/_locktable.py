@@ -30,13 +30,26 @@ def owner_key(owner: LockOwner) -> Hashable:
     return (owner.connection, owner.client_id, owner.proc_id)
 
 
+def check_lock_range(lock: Lock) -> None:
+    """Refuses a range fcntl would (EINVAL): negative, or starting past the largest file offset
+    (9P carries u64 offsets; struct flock has signed 64-bit ones)."""
+    if lock.start < 0 or lock.length < 0 or lock.start > MAX_OFFSET:
+        raise FsError(errno.EINVAL)
+
+
+def check_getlock_request(lock: Lock) -> None:
+    """Refuses what F_OFD_GETLK would: a type other than read or write, a bad range (EINVAL)."""
+    if lock.type not in (LOCK_TYPE_RDLCK, LOCK_TYPE_WRLCK):
+        raise FsError(errno.EINVAL)
+    check_lock_range(lock)
+
+
 def check_lock_request(lock: Lock, open_flags: int) -> None:
-    """Refuses what fcntl would: an unknown type or negative range (EINVAL), a read lock on a
+    """Refuses what fcntl would: an unknown type or a bad range (EINVAL), a read lock on a
     file open write-only or a write lock on one open read-only (EBADF)."""
     if lock.type not in (LOCK_TYPE_RDLCK, LOCK_TYPE_WRLCK, LOCK_TYPE_UNLCK):
         raise FsError(errno.EINVAL)
-    if lock.start < 0 or lock.length < 0:
-        raise FsError(errno.EINVAL)
+    check_lock_range(lock)
     acc = open_flags & L_O_ACCMODE
     if (lock.type == LOCK_TYPE_RDLCK and acc == L_O_WRONLY) or (
         lock.type == LOCK_TYPE_WRLCK and acc == L_O_RDONLY

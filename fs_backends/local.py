@@ -46,7 +46,13 @@ from typing import Any, Literal, TypeVar, cast
 import trio
 
 from fs_backends import _linux, offload
-from fs_backends._locktable import LockTable, check_lock_request, owner_key, span
+from fs_backends._locktable import (
+    LockTable,
+    check_getlock_request,
+    check_lock_request,
+    owner_key,
+    span,
+)
 from fs_backends.base import (
     Attr,
     BackendInfo,
@@ -1711,10 +1717,7 @@ class LocalBackend:
 
     async def getlock(self, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> Lock:
         self._fd(f)
-        if lock.type not in (P.LOCK_TYPE_RDLCK, P.LOCK_TYPE_WRLCK):
-            raise FsError(errno.EINVAL)
-        if lock.start < 0 or lock.length < 0:
-            raise FsError(errno.EINVAL)
+        check_getlock_request(lock)
         return await self._infile(f, self._getlock_sync, f, lock, owner)
 
     def _getlock_sync(self, fd: int, f: LocalOpenFile, lock: Lock, owner: LockOwner) -> Lock:

@@ -16,7 +16,13 @@ import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from fs_backends._locktable import LockTable, check_lock_request, owner_key, span
+from fs_backends._locktable import (
+    LockTable,
+    check_getlock_request,
+    check_lock_request,
+    owner_key,
+    span,
+)
 from fs_backends.base import (
     Attr,
     BackendInfo,
@@ -34,6 +40,9 @@ from ninep import protocol as P
 _DOT_COOKIE = 1
 _DOTDOT_COOKIE = 2
 _FIRST_ENTRY_ID = 3
+#: Largest file the tree holds (EFBIG beyond): a client must not make the server allocate
+#: whatever a Tsetattr size or a Twrite offset says (found by tests/fuzz).
+MAX_FILE_SIZE = 1 << 30
 
 
 def _now() -> tuple[int, int]:
@@ -126,8 +135,10 @@ def _check_name(name: str) -> None:
 class MemoryBackend:
     """A synthetic tree held in memory. Not thread-safe; everything runs on the trio loop."""
 
-    def __init__(self, *, readonly: bool = False, uid: int = 0, gid: int = 0) -> None:
+    def __init__(self, *, readonly: bool = False, uid: int = 0, gid: int = 0,
+                 max_file_size: int = MAX_FILE_SIZE) -> None:
         self.info = BackendInfo(name="memory", readonly=readonly)
+        self.max_file_size = max_file_size
         self._ino = itertools.count(1)
         self._entry_id = itertools.count(_FIRST_ENTRY_ID)
         self._nodes: set[MemNode] = set()
@@ -310,6 +321,8 @@ class MemoryBackend:
                 raise FsError(errno.EINVAL)
             if attr.size < 0:
                 raise FsError(errno.EINVAL)
+            if attr.size > self.max_file_size:
+                raise FsError(errno.EFBIG)
             if attr.size < len(i.data):
                 del i.data[attr.size :]
             else:
@@ -403,6 +416,8 @@ class MemoryBackend:
         if f.flags & P.L_O_APPEND:
             offset = len(i.data)
         n = len(data)
+        if offset + n > self.max_file_size:
+            raise FsError(errno.EFBIG)
         if offset > len(i.data):
             i.data.extend(bytes(offset - len(i.data)))
         i.data[offset : offset + n] = data
@@ -648,8 +663,7 @@ class MemoryBackend:
 
     async def getlock(self, f: MemOpenFile, lock: Lock, owner: LockOwner) -> Lock:
         i = self._file(f)
-        if lock.type not in (P.LOCK_TYPE_RDLCK, P.LOCK_TYPE_WRLCK):
-            raise FsError(errno.EINVAL)
+        check_getlock_request(lock)
         start, end = span(lock.start, lock.length)
         r = i.locks.conflict(owner_key(owner), lock.type, start, end)
         if r is None:

@@ -311,11 +311,16 @@ class Session:
             self._slots_warned = True
             log.info("connection %d: max-inflight %d reached: not reading more until replies drain",
                      self.conn_id, self.options.max_inflight)
-        while len(self.inflight) >= self.options.max_inflight:
+        # Tflush waits neither for a slot nor for memory: it is what frees the slots of requests
+        # that wait (a connection whose every slot holds a blocking lock must still read the
+        # flushes). Flushes in flight are bounded by the tag space.
+        flush = msgtype == T.Tflush
+        while not flush and len(self.inflight) >= self.options.max_inflight:
             self._slot_freed = trio.Event()
             await self._slot_freed.wait()
-        cost = request_cost(buf, msgtype, self.msize)
-        await self._memory.acquire(cost)
+        cost = 0 if flush else request_cost(buf, msgtype, self.msize)
+        if not flush:
+            await self._memory.acquire(cost)
         req = Request(tag, msgtype, started=time.perf_counter(), cost=cost)
         self.inflight[tag] = req
         if self._idle:

@@ -38,7 +38,13 @@ from dataclasses import dataclass, field
 import trio
 
 from fs_backends import _linux
-from fs_backends._locktable import LockTable, check_lock_request, owner_key, span
+from fs_backends._locktable import (
+    LockTable,
+    check_getlock_request,
+    check_lock_request,
+    owner_key,
+    span,
+)
 from fs_backends.base import (
     Attr,
     BackendInfo,
@@ -758,10 +764,7 @@ class ProxyBackend:
 
     async def getlock(self, f: ProxyOpenFile, lock: Lock, owner: LockOwner) -> Lock:
         self._fd(f)
-        if lock.type not in (P.LOCK_TYPE_RDLCK, P.LOCK_TYPE_WRLCK):
-            raise FsError(errno.EINVAL)
-        if lock.start < 0 or lock.length < 0:
-            raise FsError(errno.EINVAL)
+        check_getlock_request(lock)
         key = owner_key(owner)
         start, end = span(lock.start, lock.length)
         length = 0 if end is None else end - start
