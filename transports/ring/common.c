@@ -85,6 +85,15 @@ ssize_t ring_preadv_nowait(int fd, struct iovec *iov, int iovcnt, uint64_t offse
     }
 }
 
+PyObject *ring_io_result(ssize_t n)
+{
+    if (n < 0) {
+        errno = (int)-n;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(n);
+}
+
 /* drain_eventfd(fd) -> int: reads a non-blocking eventfd's counter (0 when it was not signalled). */
 static PyObject *py_drain_eventfd(PyObject *Py_UNUSED(self), PyObject *arg)
 {

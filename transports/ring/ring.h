@@ -45,6 +45,8 @@ ssize_t ring_pwritev_all(int fd, struct iovec *iov, int iovcnt, uint64_t offset)
  * Returns bytes read (0 at end of file, possibly short), or -errno (-EAGAIN: nothing cached).
  */
 ssize_t ring_preadv_nowait(int fd, struct iovec *iov, int iovcnt, uint64_t offset);
+/* The Python result of one of the above: the byte count, or OSError from its -errno. */
+PyObject *ring_io_result(ssize_t n);
 
 /*
  * Method tables contributed by each part of the extension. A part that is not compiled in leaves

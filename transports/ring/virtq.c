@@ -821,11 +821,7 @@ static PyObject *chain_pread(ChainObject *c, PyObject *args, PyObject *kwds)
     }
     c->busy = 0;
     PyMem_Free(iov);
-    if (n < 0) {
-        errno = (int)-n;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromSsize_t(n);
+    return ring_io_result(n);
 }
 
 /* Checks [start, start+count) against the readable stream of a split chain. */
@@ -867,11 +863,7 @@ static PyObject *chain_pwrite(ChainObject *c, PyObject *args)
     Py_END_ALLOW_THREADS
     c->busy = 0;
     PyMem_Free(iov);
-    if (n < 0) {
-        errno = (int)-n;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromSsize_t(n);
+    return ring_io_result(n);
 }
 
 /* read(start, count) -> bytes: a private copy of bytes [start, start+count) of a split request. */
