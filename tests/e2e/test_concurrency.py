@@ -206,12 +206,7 @@ def test_flush_cancels_a_blocked_lock(serve) -> None:  # type: ignore[no-untyped
 
 def test_blocking_lock_is_granted_when_released_and_replies_come_out_of_order(serve) -> None:  # type: ignore[no-untyped-def]
     async def scenario(server: Any, connect: Any) -> None:
-        async with client_for(connect) as a, client_for(connect) as b:
-            ra, rb = await a.attach(), await b.attach()
-            await make_file(a, ra, "f", b"data")
-            fa = await open_rw(a, ra, ["f"])
-            fb = await open_rw(b, rb, ["f"])
-            assert await a.lock(fa, LOCK_TYPE_WRLCK, proc_id=1, client_id="A") == LOCK_SUCCESS
+        async with a_holds_a_lock_b_has_the_file(connect) as (a, fa, b, fb):
             order: list[str] = []
 
             async def lock_b() -> None:
@@ -225,7 +220,7 @@ def test_blocking_lock_is_granted_when_released_and_replies_come_out_of_order(se
                     for _ in range(20):
                         n.start_soon(b.getattr, fb)
                     n.start_soon(b.read, fb, 0, 4)
-                    n.start_soon(b.statfs, rb)
+                    n.start_soon(b.statfs, fb)
                 order.append("others")
                 await a.lock(fa, LOCK_TYPE_UNLCK, proc_id=1, client_id="A")
 
@@ -242,12 +237,7 @@ def test_requests_beyond_the_inflight_limit_wait_for_a_free_slot(serve) -> None:
     from ninep.session import SessionOptions
 
     async def scenario(server: Any, connect: Any) -> None:
-        async with client_for(connect) as a, client_for(connect) as b:
-            ra, rb = await a.attach(), await b.attach()
-            await make_file(a, ra, "f", b"data")
-            fa = await open_rw(a, ra, ["f"])
-            fb = await open_rw(b, rb, ["f"])
-            assert await a.lock(fa, LOCK_TYPE_WRLCK, proc_id=1, client_id="A") == LOCK_SUCCESS
+        async with a_holds_a_lock_b_has_the_file(connect) as (a, fa, b, fb):
             granted: list[int] = []
 
             async def lock_b(proc: int, start: int) -> None:
@@ -356,6 +346,19 @@ def test_client_vanishing_mid_request_leaks_nothing(serve) -> None:  # type: ign
             assert await c.lock(f, LOCK_TYPE_WRLCK, proc_id=1, client_id="new") == LOCK_SUCCESS
 
     serve(scenario)
+
+
+@contextlib.asynccontextmanager
+async def a_holds_a_lock_b_has_the_file(connect: Any) -> Any:
+    """Two connections with file "f" open read-write; A holds a write lock on all of it
+    (proc 1, client "A")."""
+    async with client_for(connect) as a, client_for(connect) as b:
+        ra, rb = await a.attach(), await b.attach()
+        await make_file(a, ra, "f", b"data")
+        fa = await open_rw(a, ra, ["f"])
+        fb = await open_rw(b, rb, ["f"])
+        assert await a.lock(fa, LOCK_TYPE_WRLCK, proc_id=1, client_id="A") == LOCK_SUCCESS
+        yield a, fa, b, fb
 
 
 def file_fds() -> list[str]:
