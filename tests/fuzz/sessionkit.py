@@ -63,6 +63,9 @@ class _Sent:
     seq: int
     tag: int
     msgtype: int
+    #: For a well-formed Tflush: the tag it flushes (kept per request: a script may reuse the
+    #: flush's own tag for other requests before the Rflush comes).
+    oldtag: int | None = None
 
 
 @dataclass
@@ -70,7 +73,6 @@ class _Peer:
     sock: trio.socket.SocketType
     replies: trio.MemoryReceiveChannel[bytes | None]
     pending: list[_Sent] = field(default_factory=list)
-    flushes: dict[int, tuple[int, int]] = field(default_factory=dict)  # flush tag -> (seq, oldtag)
     seq: int = 0
     limit: int = MAX_MSIZE  # frames larger than this may be refused (channel limit or msize)
     msize: int | None = None  # reply size cap once an Rversion was seen
@@ -132,9 +134,8 @@ def _note_sent(peer: _Peer, wire: bytes) -> None:
                 peer.limit = min(peer.limit, tv.msize)
         except DecodeError:
             peer.may_close.append(f"frame #{peer.seq} is a malformed Tversion")
-    if msgtype == TFLUSH and size == 9:
-        peer.flushes[tag] = (peer.seq, struct.unpack_from("<H", wire, 7)[0])
-    peer.pending.append(_Sent(peer.seq, tag, msgtype))
+    oldtag = struct.unpack_from("<H", wire, 7)[0] if msgtype == TFLUSH and size == 9 else None
+    peer.pending.append(_Sent(peer.seq, tag, msgtype, oldtag))
 
 
 def _check_reply(peer: _Peer, r: bytes) -> None:
@@ -165,9 +166,9 @@ def _check_reply(peer: _Peer, r: bytes) -> None:
             peer.limit = min(peer.limit, rv.msize)
         # Tversion aborts everything that was in flight before it.
         peer.pending = [p for p in peer.pending if p.seq > match.seq]
-    if rtype == RFLUSH and tag in peer.flushes:
-        fseq, oldtag = peer.flushes.pop(tag)
-        peer.pending = [p for p in peer.pending if not (p.tag == oldtag and p.seq < fseq)]
+    if rtype == RFLUSH and match.oldtag is not None:
+        # Requests with the flushed tag sent before this flush get no reply from now on.
+        peer.pending = [p for p in peer.pending if not (p.tag == match.oldtag and p.seq < match.seq)]
 
 
 async def _collect(peer: _Peer, timeout: float) -> bool:
@@ -244,11 +245,12 @@ def backend_is_idle(backend: Backend) -> None:
     assert opened == 0, f"{opened} files still open after the connection ended"
 
 
-async def _fresh_connection_works(server: Server, nursery: trio.Nursery) -> None:
+def _serve_socketpair(server: Server, nursery: trio.Nursery) -> tuple[socket.socket, trio.Event]:
+    """One connection of `server` over an `fd:` channel on a socketpair: the peer's socket, and an
+    event set once the server has handled the connection and closed its side."""
     a, b = socket.socketpair()
-    server_side, client_side = FdPairChannel(a.fileno(), a.fileno()), FdPairChannel(b.fileno(), b.fileno())
+    server_side = FdPairChannel(a.fileno(), a.fileno())
     a.close()
-    b.close()
     done = trio.Event()
 
     async def serve() -> None:
@@ -260,6 +262,13 @@ async def _fresh_connection_works(server: Server, nursery: trio.Nursery) -> None
             done.set()
 
     nursery.start_soon(serve)
+    return b, done
+
+
+async def _fresh_connection_works(server: Server, nursery: trio.Nursery) -> None:
+    b, done = _serve_socketpair(server, nursery)
+    client_side = FdPairChannel(b.fileno(), b.fileno())
+    b.close()
     with trio.fail_after(30):
         async with Client.connect(client_side, dialect=V9P2000_L, msize=8192) as c:
             root = await c.attach()
@@ -306,20 +315,7 @@ async def _run(make_backend: Callable[[], Backend], batches: list[Batch], settle
     server = Server(backend, SessionOptions(max_msize=MAX_MSIZE, drain_seconds=1.0, max_inflight=max_inflight))
     notes: list[str] = []
     async with trio.open_nursery() as nursery:
-        a, b = socket.socketpair()
-        server_side = FdPairChannel(a.fileno(), a.fileno())
-        a.close()
-        handled = trio.Event()
-
-        async def serve() -> None:
-            try:
-                await server.handle(server_side)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await server_side.aclose()
-                handled.set()
-
-        nursery.start_soon(serve)
+        b, handled = _serve_socketpair(server, nursery)
         sock = trio.socket.from_stdlib_socket(b)
         send, recv = trio.open_memory_channel[Any](1 << 12)
         nursery.start_soon(_reader, sock, send)
