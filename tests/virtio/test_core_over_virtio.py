@@ -5,7 +5,11 @@ the virtio suite's own check that the pieces fit, including the zero-copy read l
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -45,48 +49,49 @@ def test_server_and_client_over_vhost_user() -> None:
     trio.run(main)
 
 
-def test_local_backend_reads_go_straight_into_guest_buffers(tmp_path) -> None:  # noqa: ANN001
+@contextlib.asynccontextmanager
+async def local_client_over_vhost_user(export: Path) -> AsyncIterator[tuple[Client, int, Any]]:
+    """Our client attached to a local-backend server over the vhost-user front-end (msize 512K):
+    (client, root fid, the vhost-user listener)."""
     from fs_backends.local import LocalBackend
 
+    server = Server(LocalBackend(str(export)))
+    async with serving(server.handle, max_msize=512 * 1024) as (path, listener):
+        channel = await connect_address("vhost-user:" + path, ConnectOptions(max_msize=512 * 1024))
+        async with Client.connect(channel, msize=512 * 1024) as c:
+            yield c, await c.attach(), listener
+
+
+def test_local_backend_reads_go_straight_into_guest_buffers(tmp_path) -> None:  # noqa: ANN001
     data = os.urandom(700_000)
     (tmp_path / "f").write_bytes(data)
 
     async def main() -> None:
-        server = Server(LocalBackend(str(tmp_path)))
-        async with serving(server.handle, max_msize=512 * 1024) as (path, listener):
-            channel = await connect_address("vhost-user:" + path, ConnectOptions(max_msize=512 * 1024))
-            async with Client.connect(channel, msize=512 * 1024) as c:
-                root = await c.attach()
-                assert await c.read_file(root, "f") == data
-                queue_channel = listener.devices[0].vrings[0].channel
-                assert queue_channel is not None and queue_channel.zero_copy_reads >= 2
+        async with local_client_over_vhost_user(tmp_path) as (c, root, listener):
+            assert await c.read_file(root, "f") == data
+            queue_channel = listener.devices[0].vrings[0].channel
+            assert queue_channel is not None and queue_channel.zero_copy_reads >= 2
 
     trio.run(main)
 
 
 def test_local_backend_writes_come_straight_from_guest_buffers(tmp_path) -> None:  # noqa: ANN001
-    from fs_backends.local import LocalBackend
-
     data = os.urandom(1_300_000)
     value = os.urandom(3000)
 
     async def main() -> None:
-        server = Server(LocalBackend(str(tmp_path)))
-        async with serving(server.handle, max_msize=512 * 1024) as (path, listener):
-            channel = await connect_address("vhost-user:" + path, ConnectOptions(max_msize=512 * 1024))
-            async with Client.connect(channel, msize=512 * 1024) as c:
-                root = await c.attach()
-                await c.write_file(root, "f", data)
-                queue_channel = listener.devices[0].vrings[0].channel
-                assert queue_channel is not None and queue_channel.zero_copy_writes >= 3
-                # Overwrite in the middle, unaligned, and past the end.
-                async with await c.open_file(root, "f", 2) as f:  # L_O_RDWR
-                    assert await c.write_all(f.fid, 12_345, data[:200_000]) == 200_000
-                    assert await c.write_all(f.fid, len(data) + 10, b"t" * 5000) == 5000
-                # An xattr value large enough for the zero-copy layout lands whole.
-                fid, _ = await c.walk(root, ["f"])
-                await c.xattr_set(fid, "user.big", value)
-                assert await c.xattr_get(fid, "user.big") == value
+        async with local_client_over_vhost_user(tmp_path) as (c, root, listener):
+            await c.write_file(root, "f", data)
+            queue_channel = listener.devices[0].vrings[0].channel
+            assert queue_channel is not None and queue_channel.zero_copy_writes >= 3
+            # Overwrite in the middle, unaligned, and past the end.
+            async with await c.open_file(root, "f", 2) as f:  # L_O_RDWR
+                assert await c.write_all(f.fid, 12_345, data[:200_000]) == 200_000
+                assert await c.write_all(f.fid, len(data) + 10, b"t" * 5000) == 5000
+            # An xattr value large enough for the zero-copy layout lands whole.
+            fid, _ = await c.walk(root, ["f"])
+            await c.xattr_set(fid, "user.big", value)
+            assert await c.xattr_get(fid, "user.big") == value
         want = bytearray(data)
         want[12_345 : 12_345 + 200_000] = data[:200_000]
         want += bytes(10) + b"t" * 5000
