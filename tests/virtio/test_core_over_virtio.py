@@ -98,3 +98,47 @@ def test_local_backend_writes_come_straight_from_guest_buffers(tmp_path) -> None
         assert (tmp_path / "f").read_bytes() == bytes(want)
 
     trio.run(main)
+
+
+def test_a_server_in_another_process_never_sees_a_torn_ring_index(tmp_path: Path) -> None:
+    """The Frontend publishes ring indices while the back-end, in its own process, reads them:
+    every store must be whole (a transient 0 in avail.idx broke the queue after a few thousand
+    requests with 4 or more in flight)."""
+    import subprocess
+    import sys
+    import time
+
+    sock = tmp_path / "vu.sock"
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ninep", "serve", str(tmp_path), "--listen",
+                                 f"vhost-user:{sock}", "--security-model", "none"],
+                                cwd=Path(__file__).resolve().parents[2], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+
+        async def main() -> None:
+            channel = await connect_address(f"vhost-user:{sock}", ConnectOptions(max_msize=65536))
+            async with Client.connect(channel, msize=65536) as c:
+                root = await c.attach()
+                left = 12_000
+
+                async def worker() -> None:
+                    nonlocal left
+                    while left > 0:
+                        left -= 1
+                        await c.getattr(root)
+
+                with trio.fail_after(45):
+                    async with trio.open_nursery() as n:
+                        for _ in range(16):
+                            n.start_soon(worker)
+
+        trio.run(main)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "broken" not in log.read_text()

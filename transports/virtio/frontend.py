@@ -21,6 +21,7 @@ import mmap
 import os
 import socket
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,6 +107,9 @@ class Frontend:
         self.mem_fd = os.memfd_create("ninep-guest-memory", os.MFD_CLOEXEC)
         os.ftruncate(self.mem_fd, r0 + r1)
         self.mem = mmap.mmap(self.mem_fd, r0 + r1)
+        # Ring indices are stored through this view: one 16-bit store, as Linux's virtio_store_mb.
+        # struct.pack_into zeroes its target before packing, so the device could read a 0 index.
+        self._u16 = memoryview(self.mem).cast("H")
         self.desc = PAGE
         self.avail = _round(self.desc + 16 * queue_size, PAGE)
         self.used = _round(self.avail + 6 + 2 * queue_size, PAGE)
@@ -148,16 +152,20 @@ class Frontend:
         off = self.offset(gpa, length)
         return self.mem[off : off + length]
 
+    def store16(self, gpa: int, value: int) -> None:
+        """Stores a little-endian 16-bit ring field at an even `gpa` with a single store."""
+        self._u16[self.offset(gpa, 2) // 2] = value if sys.byteorder == "little" else ((value & 0xFF) << 8) | (value >> 8)
+
     def put_desc(self, table: int, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
         DESC.pack_into(self.mem, self.offset(table + 16 * i, 16), addr, length, flags, nxt)
 
     def publish(self, head: int, *, kick: bool = True) -> None:
         """Adds `head` to the available ring and kicks if the device asked for it."""
         self.last_head = head
-        struct.pack_into("<H", self.mem, self.offset(self.avail + 4 + 2 * (self.avail_idx % self.num)), head)
+        self.store16(self.avail + 4 + 2 * (self.avail_idx % self.num), head)
         old = self.avail_idx
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        struct.pack_into("<H", self.mem, self.offset(self.avail + 2), self.avail_idx)
+        self.store16(self.avail + 2, self.avail_idx)
         if kick and self._needs_kick(old):
             self.kick()
 
@@ -184,7 +192,7 @@ class Frontend:
         head, length = struct.unpack_from("<II", self.mem, off)
         self.last_used = (self.last_used + 1) & 0xFFFF
         if self.features & vu.VIRTIO_RING_F_EVENT_IDX:
-            struct.pack_into("<H", self.mem, self.offset(self.avail + 4 + 2 * self.num), self.last_used)
+            self.store16(self.avail + 4 + 2 * self.num, self.last_used)
         return head, length
 
     async def wait_used(self) -> tuple[int, int]:
@@ -330,6 +338,7 @@ class Frontend:
         for fd in (self.kick_fd, self.call_fd, self.err_fd):
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
+        self._u16.release()
         self.mem.close()
         os.close(self.mem_fd)
 
