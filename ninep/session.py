@@ -1,9 +1,11 @@
 """One 9P connection: dialect and msize negotiation, the fid table, requests in flight, flush.
 
-The session reads whole messages from a Channel, runs each request on one of the connection's
-worker tasks (many in flight, answered as they finish; a worker that finishes waits for the next
-request instead of exiting, so a request costs no task spawn), and hands decoded T-messages to the
-handlers in `ninep.ops`.
+The session reads whole messages from a Channel and hands decoded T-messages to the handlers in
+`ninep.ops`. The task reading a connection runs each request itself, so a request that completes
+without waiting (most do) costs no task switch; when one has to wait (a worker thread, a lock, a
+full socket) another task of the connection takes over reading at that moment
+(`ninep.suspension`) and this one finishes the request, then parks until it is needed to read
+again. So many requests are in flight at once, answered as they finish.
 Tflush interrupts the request where it waits (a blocking lock: `Session.interruptible`) and is
 answered after it; a request interrupted that way gets no reply. Backend calls are never abandoned
 half-way — their results (fds, new fids) would leak — so a request flushed while in one completes
@@ -29,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import outcome
 import trio
 
 from fs_backends.base import Backend, Cred
@@ -49,6 +52,7 @@ from ninep.protocol import (
     VERSION_UNKNOWN,
     T,
 )
+from ninep.suspension import await_noting_suspension
 from transports.base import Buffer, Channel, FramingError, Payload
 
 log = logging.getLogger("ninep.session")
@@ -107,7 +111,7 @@ class Request:
     #: Set by Tflush (or teardown); `wait_scope` is the interruptible wait in progress, if any.
     flushed: bool = False
     wait_scope: trio.CancelScope | None = None
-    #: The shielded scope the request runs in (its worker's); unshielded and cancelled only as a
+    #: The shielded scope the request runs in (see `_lead`); unshielded and cancelled only as a
     #: last resort.
     scope: trio.CancelScope | None = None
     started: float = 0.0
@@ -150,12 +154,14 @@ class Session:
         self.msize = 0
         self.fids: dict[int, Fid] = {}
         self.inflight: dict[int, Request] = {}
-        #: Workers parked between requests (`_worker`), and the request handed to each on waking.
-        self._idle: list[trio.lowlevel.Task] = []
-        self._handoff: dict[trio.lowlevel.Task, tuple[memoryview, Request]] = {}
-        #: Set when a request finishes while `_dispatch` waits for `max_inflight` to allow another.
+        #: Tasks parked until a request makes them the reader (`_hand_over`); the connection's
+        #: nursery (set by `run`) starts more when none is parked; `_ended` is set when it ends.
+        self._parked: list[trio.lowlevel.Task] = []
+        self._nursery: trio.Nursery
+        self._ended = trio.Event()
+        #: Set when a request finishes while `_admit` waits for `max_inflight` to allow another.
         self._slot_freed: trio.Event | None = None
-        self._parking = True  # False once the connection ends: workers exit after their request
+        self._parking = True  # False once the connection ends: tasks exit after their request
         self._memory = MemoryBudget(self.options.max_conn_memory, f"connection {self.conn_id}")
         self._slots_warned = False
         self._handlers: dict[int, Handler] = {}
@@ -180,27 +186,15 @@ class Session:
     async def run(self) -> None:
         """Serve the channel until the peer goes away; then cancel what is in flight and clunk
         every fid."""
-        peer = self.identity
-        log.info("connection %d from %s%s", self.conn_id, peer, f" on {self.listener}" if self.listener else "")
+        log.info("connection %d from %s%s", self.conn_id, self.identity, f" on {self.listener}" if self.listener else "")
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 try:
-                    while True:
-                        buf = await self.channel.receive()
-                        await self._dispatch(buf, nursery)
-                except trio.EndOfChannel:
-                    log.info("connection %d from %s closed", self.conn_id, peer)
-                except FramingError as e:
-                    log.warning("connection %d from %s: dropping, framing lost: %s", self.conn_id, peer, e)
-                except trio.BrokenResourceError as e:
-                    log.info("connection %d from %s broken: %s", self.conn_id, peer, e)
+                    if not await self._lead():
+                        await self._ended.wait()  # another task reads now, until the end
                 finally:
-                    # Waiting requests are interrupted; the others may finish their backend call,
-                    # within a grace period: a backend that never answers (a wedged remote or
-                    # proxy helper) must not keep a dead connection, or the server, alive.
-                    self.interrupt_all()
-                    self._dismiss_workers()
-                    await self._reap(self.options.drain_seconds)
+                    await self._end()
         finally:
             with trio.CancelScope(shield=True):
                 await self.clunk_all()
@@ -291,17 +285,106 @@ class Session:
 
     # --- dispatch -----------------------------------------------------------------------------
 
-    async def _dispatch(self, buf: memoryview, nursery: trio.Nursery) -> None:
+    async def _lead(self) -> bool:
+        """Reads requests and runs each in this task until one has to wait; then another task
+        takes over reading (`_hand_over`) and this one returns False once its request is done.
+        True when the connection ended (the end is logged here, once)."""
+        peer = self.identity
+        reading = True  # False once another task reads: then the end is not this task's to handle
+        try:
+            while True:
+                buf = await self.channel.receive()
+                req = await self._admit(buf)
+                if req is None:
+                    continue
+                handed_over = False
+
+                def hand_over() -> None:
+                    nonlocal handed_over
+                    handed_over = True
+                    self._hand_over()
+
+                # Shielded: only `interruptible` waits inside may be cut short (see the module
+                # docstring); `_reap` cancelling it as a last resort ends the request.
+                with trio.CancelScope(shield=True) as scope:
+                    req.scope = scope
+                    await await_noting_suspension(self._run_request(buf, req), hand_over)
+                if handed_over:
+                    reading = False
+                    return False
+        except trio.EndOfChannel:
+            log.info("connection %d from %s closed", self.conn_id, peer)
+        except FramingError as e:
+            log.warning("connection %d from %s: dropping, framing lost: %s", self.conn_id, peer, e)
+        except trio.BrokenResourceError as e:
+            log.info("connection %d from %s broken: %s", self.conn_id, peer, e)
+        finally:
+            if reading:  # also when cancelled (the server shutting down)
+                await self._end()
+        return True
+
+    async def _end(self) -> None:
+        """The connection is over. Done by the reading task, which is the one task sure not to
+        be inside a request: waiting requests are interrupted, parked tasks dismissed, and the
+        others may finish their backend call within a grace period — a backend that never
+        answers (a wedged remote or proxy helper) must not keep a dead connection, or the
+        server, alive. Once."""
+        if self._ended.is_set():
+            return
+        self._ended.set()
+        self.interrupt_all()
+        self._dismiss_parked()
+        await self._reap(self.options.drain_seconds)
+
+    #: Parked tasks kept per connection; more finish instead of parking.
+    MAX_PARKED = 16
+
+    def _hand_over(self) -> None:
+        """Makes another task the reader: a parked one, or a new one."""
+        if self._parked:
+            trio.lowlevel.reschedule(self._parked.pop(), outcome.Value(True))
+        elif self._parking:
+            self._nursery.start_soon(self._spare)
+
+    async def _spare(self) -> None:
+        """An extra task of the connection: reads while it is the reader, parks in between."""
+        while not await self._lead():
+            if not await self._park():
+                return
+
+    async def _park(self) -> bool:
+        """Waits to be made the reader (True), or for the connection to end (False)."""
+        if not self._parking or len(self._parked) >= self.MAX_PARKED:
+            return False
+        task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._parked.remove(task)  # cancelled while parked: nothing was handed to it
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        self._parked.append(task)
+        promoted: bool = await trio.lowlevel.wait_task_rescheduled(abort)
+        return promoted
+
+    def _dismiss_parked(self) -> None:
+        self._parking = False
+        parked, self._parked = self._parked, []
+        for task in parked:
+            trio.lowlevel.reschedule(task, outcome.Value(False))
+
+    async def _admit(self, buf: memoryview) -> Request | None:
+        """The request `buf` carries, registered as in flight once the limits allow; None when
+        it was answered here (Tversion, errors before any version, shutting down)."""
         _, msgtype, tag = HEADER.unpack_from(buf, 0)
         if msgtype == T.Tversion:
             await self._version(buf, tag)
-            return
+            return None
         if self.dialect is None:
             await self._send_error_raw(tag, errno.EPROTO, "Tversion must come first", V9P2000)
-            return
+            return None
         if self._closing:
             await self.send_error(tag, errno.ESHUTDOWN)
-            return
+            return None
         old = self.inflight.get(tag)
         if old is not None:
             if not old.answered:
@@ -323,55 +406,13 @@ class Session:
             await self._memory.acquire(cost)
         req = Request(tag, msgtype, started=time.perf_counter(), cost=cost)
         self.inflight[tag] = req
-        if self._idle:
-            worker = self._idle.pop()
-            self._handoff[worker] = (buf, req)
-            trio.lowlevel.reschedule(worker)
-        else:
-            nursery.start_soon(self._worker, buf, req)
-
-    #: Parked workers kept per connection; more finish instead of parking.
-    MAX_IDLE_WORKERS = 16
-
-    async def _worker(self, buf: memoryview, req: Request) -> None:
-        """Runs requests one after another: the first it was started with, then each one
-        `_dispatch` hands it while it is parked. Exits when enough others are parked already, or
-        when the connection's nursery is cancelled while it is parked."""
-        task = trio.lowlevel.current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._idle.remove(task)  # cancelled while parked: nothing was handed to it
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        # One shielded scope for all the worker's requests, not one per request (entering and
-        # leaving a scope is a measurable part of a round trip): only `interruptible` waits
-        # inside may be cut short (see the module docstring). `_reap` cancelling it as a last
-        # resort ends the worker along with its request. While parked the worker is shielded
-        # too; `_dismiss_workers` wakes it when the connection ends.
-        with trio.CancelScope(shield=True) as scope:
-            while True:
-                req.scope = scope
-                await self._run_request(buf, req)
-                if not self._parking or len(self._idle) >= self.MAX_IDLE_WORKERS:
-                    return
-                self._idle.append(task)
-                await trio.lowlevel.wait_task_rescheduled(abort)
-                work = self._handoff.pop(task, None)
-                if work is None:
-                    return  # dismissed: the connection ended
-                buf, req = work
-
-    def _dismiss_workers(self) -> None:
-        self._parking = False
-        idle, self._idle = self._idle, []
-        for task in idle:
-            trio.lowlevel.reschedule(task)
+        return req
 
     async def _run_request(self, buf: memoryview, req: Request) -> None:
         reply: m.Message | Sent | None = None
         err: tuple[int, str] | None = None
         try:
-            # In the worker's shielded scope: only `interruptible` waits may be cut short.
+            # In a shielded scope (`_lead`): only `interruptible` waits may be cut short.
             try:
                 msg = self.codec.decode(buf)
                 if self.options.trace:

@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fs_backends.base import Cred, Lock, LockOwner, SetAttr
-from fs_backends.local import LocalBackend, translate_open_flags
+from fs_backends.local import LOCAL_FS_TYPES, LocalBackend, translate_open_flags
 from fs_backends.security import Credentials, NoneCredentials, PassthroughCredentials
 from ninep import protocol as P
 
@@ -739,14 +740,49 @@ def test_inline_metadata_skips_the_worker_hop_until_a_call_is_slow(tmp_path: Pat
         b.walk(d, ["missing"])
     assert e.value.errno == errno.ENOENT  # errors come through the same as from a worker
     assert hops == []
-    # One slow call sends the following ones back to the worker threads.
-    monkeypatch.setattr(LocalBackend, "INLINE_SLOW", -1.0)
+    # A slow call that did not sleep (preempted, busy machine) changes nothing ...
+    from fs_backends import _linux
+
+    real_statx = _linux.statx
+
+    def busy_statx(fd: int) -> Any:
+        end = time.monotonic() + 0.005
+        while time.monotonic() < end:
+            pass
+        return real_statx(fd)
+
+    monkeypatch.setattr(_linux, "statx", busy_statx)
+    b.getattr(f, P.GETATTR_ALL)
     b.getattr(f, P.GETATTR_ALL)
     assert hops == []
+    # ... one that slept (waited for a disk) sends the following ones back to the worker threads.
+    def sleepy_statx(fd: int) -> Any:
+        time.sleep(0.005)
+        return real_statx(fd)
+
+    monkeypatch.setattr(_linux, "statx", sleepy_statx)
+    b.getattr(f, P.GETATTR_ALL)
+    assert hops == []
+    monkeypatch.setattr(_linux, "statx", real_statx)
     assert b.getattr(f, P.GETATTR_ALL).size == 10
     assert len(hops) == 1
-    # Without the option every call hops.
+    # Turned off, every call hops.
     hops.clear()
-    plain = Sync(LocalBackend(str(tmp_path)))
+    plain = Sync(LocalBackend(str(tmp_path), inline_metadata=False))
     plain.getattr(plain.attach("", ROOT), P.GETATTR_ALL)
     assert len(hops) == 2
+
+
+def test_inline_metadata_by_default_only_on_local_filesystems(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from fs_backends import _linux
+
+    fd = os.open(tmp_path, os.O_PATH)
+    try:
+        assert LocalBackend(str(tmp_path)).inline_metadata == (_linux.fstatfs(fd)[0] in LOCAL_FS_TYPES)
+    finally:
+        os.close(fd)
+    assert LocalBackend("/dev/shm").inline_metadata  # tmpfs
+    real = _linux.fstatfs
+    monkeypatch.setattr(_linux, "fstatfs", lambda fd: (0x6969, *real(fd)[1:]))  # NFS
+    assert not LocalBackend(str(tmp_path)).inline_metadata
+    assert LocalBackend(str(tmp_path), inline_metadata=True).inline_metadata
