@@ -472,6 +472,7 @@ class LocalBackend:
         self._pool = _FdPool(self._mu, max_path_fds if max_path_fds is not None else budget)
         self._reclaiming = False
         self._inline_until = 0.0
+        self._generations: dict[tuple[int, int, tuple[int, int]], int] = {}
         fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if inline_metadata is None:
             fstype = _linux.fstatfs(fd)[0]
@@ -1016,7 +1017,7 @@ class LocalBackend:
         gen = 0
         if mask & P.GETATTR_GEN:
             if node.gen is None:
-                node.gen = self._generation(h, node.fmt)
+                node.gen = self._cached_generation(h, node.fmt, raw)
             if node.gen >= 0:
                 gen = node.gen
                 valid |= P.GETATTR_GEN
@@ -1048,6 +1049,25 @@ class LocalBackend:
                 if f.fd is not None and f.flags & P.L_O_ACCMODE in (P.L_O_WRONLY, P.L_O_RDWR):
                     return f.fd
         return None
+
+    #: Generations remembered by (dev, ino, btime), at most this many (then forgotten at once).
+    GENERATIONS_KEPT = 65536
+
+    def _cached_generation(self, h: _Fd, fmt: int, raw: _linux.Statx) -> int:
+        """`_generation`, remembered per inode: Linux asks for it at every lookup, with
+        cache=none once per path component per call, and reading it costs an open of
+        /proc/self/fd/N, an ioctl and a close. An inode is known by (dev, ino, btime), so a
+        reused inode number (a new file, a new generation) misses the cache."""
+        if not raw.mask & _linux.STATX_BTIME:
+            return self._generation(h, fmt)
+        key = (raw.dev, raw.ino, raw.btime)
+        gen = self._generations.get(key)
+        if gen is None:
+            gen = self._generation(h, fmt)
+            if len(self._generations) >= self.GENERATIONS_KEPT:
+                self._generations.clear()
+            self._generations[key] = gen
+        return gen
 
     @staticmethod
     def _generation(h: _Fd, fmt: int) -> int:

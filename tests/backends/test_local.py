@@ -497,6 +497,31 @@ def test_btime_and_getattr_fields(lfs: Sync, layout: tuple[Path, Path]) -> None:
     assert not lfs.getattr(n, P.GETATTR_BASIC).valid & P.GETATTR_GEN
 
 
+def test_generation_is_read_once_per_inode_and_a_new_file_gets_its_own(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "f").write_bytes(b"1")
+    b = Sync(LocalBackend(str(tmp_path)))
+    root = b.attach("", ROOT)
+    reads: list[int] = []
+    real = LocalBackend._generation
+
+    def counted(h: Any, fmt: int) -> int:
+        reads.append(fmt)
+        return real(h, fmt)
+
+    monkeypatch.setattr(LocalBackend, "_generation", staticmethod(counted))
+    first = b.getattr(b.walk(root, ["f"])[0], P.GETATTR_ALL).gen
+    for _ in range(3):  # what Linux does with cache=none: a fresh walk + getattr per access
+        assert b.getattr(b.walk(root, ["f"])[0], P.GETATTR_ALL).gen == first
+    assert len(reads) == 1
+    (tmp_path / "f").unlink()
+    (tmp_path / "f").write_bytes(b"2")  # may well reuse the inode number
+    a = b.getattr(b.walk(root, ["f"])[0], P.GETATTR_ALL)
+    assert len(reads) == 2
+    lsattr = subprocess.run(["lsattr", "-v", str(tmp_path / "f")], capture_output=True, text=True)
+    if lsattr.returncode == 0:
+        assert a.gen == int(lsattr.stdout.split()[0])
+
+
 def count_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
