@@ -25,7 +25,7 @@ shows, which xattr and file names a client may touch) is the credential model's 
 
 This module must never join path strings, follow a symlink, or block the trio loop: each backend
 call makes one hop to a worker thread (`fs_backends.offload`) and does all its syscalls there —
-except metadata calls on a local filesystem (`inline_metadata`, see `_inline`): on a cached inode
+except metadata calls (and closes) on a local filesystem (`inline_metadata`, see `_inline`): on a cached inode
 those never wait for a disk, and a worker-thread hop costs more than the call itself (two thread
 wake-ups: ~110 µs of CPU on the 2-core VMs here against ~20 µs for a lookup). Such a call runs on
 the loop, and one that slept there for over 2 ms (a cold cache, a busy journal) sends them all
@@ -656,15 +656,20 @@ class LocalBackend:
                 n.h.refs += 1
                 held.append(n.h)
         try:
-            if self.inline_metadata and self._inline_until <= time.monotonic():
-                ran, result = self._inline(fn, *args)
-                if ran:
-                    return cast(T, result)
-            return await self._run(fn, *args)
+            return await self._quick(fn, *args)
         finally:
             with self._mu:
                 for h in held:
                     self._decref_locked(h)
+
+    async def _quick(self, fn: Callable[..., T], *args: Any) -> T:
+        """A call that does not wait for storage on a cached inode: on the loop (`_inline`)
+        while that is allowed, else one hop to a worker thread."""
+        if self.inline_metadata and self._inline_until <= time.monotonic():
+            ran, result = self._inline(fn, *args)
+            if ran:
+                return cast(T, result)
+        return await self._run(fn, *args)
 
     #: An inline call that slept and took longer than this turns inline calls off for
     #: INLINE_BACKOFF seconds.
@@ -1243,7 +1248,7 @@ class LocalBackend:
                 return
         try:
             with trio.CancelScope(shield=True):
-                await self._run(self._close_sync, f)
+                await self._quick(self._close_sync, f)
         except OSError:
             log.exception("close failed")
 
