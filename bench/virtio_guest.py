@@ -173,6 +173,10 @@ def main() -> None:
             server_log = log.read_text(errors="replace")
     if run.fails or run.rc != 0:
         raise SystemExit(f"guest job failed: {run.fails}\n{run.console_tail()}\nserver log tail:\n{server_log[-3000:]}")
+    # What the server said beyond the routine (a backed-off inline call, a broken queue, errors).
+    for line in server_log.splitlines():
+        if " WARNING " in line or " ERROR " in line or "blocked the event loop" in line:
+            print("server:", line)
     samples: dict[str, dict[str, list[float]]] = {}
     for line in run.lines:
         parts = line.split()
