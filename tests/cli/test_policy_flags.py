@@ -16,7 +16,8 @@ import pytest
 import trio
 
 from ninep.client import Client, ClientError
-from tests.cli.test_serve import REPO, _serve, _wait_for
+from tests.cli.test_serve import REPO, _serve
+from tests.processes import wait_for_socket
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real device nodes need root")
 
@@ -29,7 +30,7 @@ def test_serve_flags(tmp_path: Path, flags: tuple[str, ...]) -> None:
     proc = _serve(str(export), "--listen", f"unix:{sock}", "--security-model", "passthrough", *flags)
     errs: list[int] = []
     try:
-        _wait_for(sock, proc)
+        wait_for_socket(sock, proc, 10)
 
         async def use() -> None:
             async with Client.connect(f"unix:{sock}") as c:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import trio
 
 from ninep.client import Client, ClientError
 from ninep.protocol import L_O_RDONLY, L_O_WRONLY
+from tests.processes import wait_for_socket
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,16 +20,6 @@ REPO = Path(__file__).resolve().parents[2]
 def _serve(*args: str, **kw: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "ninep", "serve", *args], cwd=REPO,
                             stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
-
-
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        if time.monotonic() > deadline:
-            raise AssertionError("server did not start listening")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -44,7 +34,7 @@ def test_serve_unix_read_write_and_sigterm_shuts_down_cleanly(export: Path, tmp_
     sock = tmp_path / "ninep.sock"
     proc = _serve(str(export), "--listen", f"unix:{sock}", "-v")
     try:
-        _wait_for(sock, proc)
+        wait_for_socket(sock, proc, 10)
 
         async def use() -> None:
             async with Client.connect(f"unix:{sock}") as c:
@@ -68,7 +58,7 @@ def test_readonly_refuses_changes_with_erofs(export: Path, tmp_path: Path) -> No
     sock = tmp_path / "ro.sock"
     proc = _serve(str(export), "--listen", f"unix:{sock}", "--readonly")
     try:
-        _wait_for(sock, proc)
+        wait_for_socket(sock, proc, 10)
 
         async def use() -> None:
             async with Client.connect(f"unix:{sock}") as c:
@@ -92,7 +82,7 @@ def test_msize_option_clamps_negotiation(export: Path, tmp_path: Path) -> None:
     sock = tmp_path / "m.sock"
     proc = _serve(str(export), "--listen", f"unix:{sock}", "--msize", "64K")
     try:
-        _wait_for(sock, proc)
+        wait_for_socket(sock, proc, 10)
 
         async def use() -> None:
             async with Client.connect(f"unix:{sock}", msize=1 << 20) as c:
@@ -134,7 +124,7 @@ def test_trace_logs_each_request_with_latency(export: Path, tmp_path: Path) -> N
     sock = tmp_path / "t.sock"
     proc = _serve(str(export), "--listen", f"unix:{sock}", "--trace")
     try:
-        _wait_for(sock, proc)
+        wait_for_socket(sock, proc, 10)
 
         async def use() -> None:
             async with Client.connect(f"unix:{sock}") as c:
@@ -182,7 +172,7 @@ def test_mapped_xattr_fmode_dmode_set_host_modes_and_keep_client_modes(tmp_path:
     proc = _serve(str(export), "--listen", f"unix:{sock}", "--security-model", "mapped-xattr",
                   "--fmode", "0640", "--dmode", "0750")
     try:
-        _wait_for(sock, proc)
+        wait_for_socket(sock, proc, 10)
 
         async def use() -> None:
             async with Client.connect(f"unix:{sock}") as c:

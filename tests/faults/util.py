@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,19 +12,10 @@ import trio
 
 from ninep.client import Client, ClientError
 from ninep.protocol import V9P2000_L
+from tests.processes import wait_for_socket
 from transports.base import Channel
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen[str] | subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear")
-        time.sleep(0.02)
 
 
 def serve(export: str | Path, sock: Path, *args: str, preexec_fn: Callable[[], None] | None = None,

@@ -34,6 +34,7 @@ from tests.metrics.workload import (
     make_export,
     workload,
 )
+from tests.processes import wait_for_socket
 
 REPO = Path(__file__).resolve().parents[2]
 NINEP = [sys.executable, "-m", "ninep"]
@@ -43,15 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        assert time.monotonic() < deadline, "server did not start listening"
-        time.sleep(0.05)
 
 
 class Served:
@@ -64,8 +56,8 @@ class Served:
         self.proc = subprocess.Popen(
             [*NINEP, "serve", str(self.export), "--listen", f"unix:{self.sock}", "--stats", f"unix:{self.stats}",
              "--metrics", f"tcp:127.0.0.1:{self.port}"], cwd=REPO, stderr=subprocess.PIPE)
-        _wait_for(self.sock, self.proc)
-        _wait_for(self.stats, self.proc)
+        wait_for_socket(self.sock, self.proc, 15)
+        wait_for_socket(self.stats, self.proc, 15)
 
     def ninep(self, *args: str) -> str:
         r = subprocess.run([*NINEP, *args], cwd=REPO, capture_output=True, text=True, timeout=60)

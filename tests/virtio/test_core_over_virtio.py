@@ -17,6 +17,7 @@ import trio
 from fs_backends.memory import MemoryBackend
 from ninep.client import Client
 from ninep.server import Server
+from tests.processes import wait_for_socket
 from tests.virtio.kit import serving
 from transports.address import ConnectOptions
 from transports.virtio import connect_address
@@ -106,7 +107,6 @@ def test_a_server_in_another_process_never_sees_a_torn_ring_index(tmp_path: Path
     requests with 4 or more in flight)."""
     import subprocess
     import sys
-    import time
 
     sock = tmp_path / "vu.sock"
     log = tmp_path / "server.log"
@@ -115,10 +115,7 @@ def test_a_server_in_another_process_never_sees_a_torn_ring_index(tmp_path: Path
                                  f"vhost-user:{sock}", "--security-model", "none"],
                                 cwd=Path(__file__).resolve().parents[2], stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_for_socket(sock, proc, 20, log)
 
         async def main() -> None:
             channel = await connect_address(f"vhost-user:{sock}", ConnectOptions(max_msize=65536))

@@ -7,22 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import trio
 
 from ninep.client import Client
+from tests.processes import wait_for_socket
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _wait_for(path: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
 
 
 def test_xenstore_emu_and_serve_processes(sock_path: str, tmp_path: Path) -> None:
@@ -35,7 +27,7 @@ def test_xenstore_emu_and_serve_processes(sock_path: str, tmp_path: Path) -> Non
     )
     serve = None
     try:
-        _wait_for(sock_path, emu)
+        wait_for_socket(sock_path, emu, 20)
         serve = subprocess.Popen(
             [sys.executable, "-m", "ninep", "serve", str(export), "--listen", "xen:7/0"],
             env=env,
