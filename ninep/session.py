@@ -290,27 +290,26 @@ class Session:
         takes over reading (`_hand_over`) and this one returns False once its request is done.
         True when the connection ended (the end is logged here, once)."""
         peer = self.identity
-        reading = True  # False once another task reads: then the end is not this task's to handle
+        # Once set, another task reads and the end of the connection is not this task's to handle.
+        handed_over = False
+
+        def hand_over() -> None:
+            nonlocal handed_over
+            handed_over = True
+            self._hand_over()
+
         try:
             while True:
                 buf = await self.channel.receive()
                 req = await self._admit(buf)
                 if req is None:
                     continue
-                handed_over = False
-
-                def hand_over() -> None:
-                    nonlocal handed_over
-                    handed_over = True
-                    self._hand_over()
-
                 # Shielded: only `interruptible` waits inside may be cut short (see the module
                 # docstring); `_reap` cancelling it as a last resort ends the request.
                 with trio.CancelScope(shield=True) as scope:
                     req.scope = scope
                     await await_noting_suspension(self._run_request(buf, req), hand_over)
                 if handed_over:
-                    reading = False
                     return False
         except trio.EndOfChannel:
             log.info("connection %d from %s closed", self.conn_id, peer)
@@ -319,7 +318,7 @@ class Session:
         except trio.BrokenResourceError as e:
             log.info("connection %d from %s broken: %s", self.conn_id, peer, e)
         finally:
-            if reading:  # also when cancelled (the server shutting down)
+            if not handed_over:  # also when cancelled (the server shutting down)
                 await self._end()
         return True
 
