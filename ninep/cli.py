@@ -140,7 +140,7 @@ async def _serve(server: Server, addresses: Sequence[str], args: argparse.Namesp
                  reload: Callable[[], Awaitable[None]] | None = None, inherited: Sequence[Listener] = ()) -> None:
     """`inherited`: listeners on sockets from systemd (transports.activation), served first and
     named by their address (systemd:NAME) for the exports' listener rules."""
-    lopts = lopts or ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure)
+    lopts = lopts or ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure, poll_us=args.poll_us)
     listeners = [*inherited, *(listener_from_address(a, lopts) for a in addresses)]
     if names is not None:
         names = [*(x.address for x in inherited), *names]
@@ -179,6 +179,13 @@ async def _serve(server: Server, addresses: Sequence[str], args: argparse.Namesp
                 server.shutdown()
 
 
+def _poll_us(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 100_000:
+        raise argparse.ArgumentTypeError("--poll-us must be 0..100000")
+    return value
+
+
 def _listen_options(args: argparse.Namespace) -> ListenOptions:
     if args.tls_map and not args.tls_client_ca:
         raise AddressError("--tls-map needs --tls-client-ca: identities come from client certificates")
@@ -189,7 +196,7 @@ def _listen_options(args: argparse.Namespace) -> ListenOptions:
         from transports.tls import ServerTLS
 
         tls = ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
-    return ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure, tls=tls)
+    return ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure, tls=tls, poll_us=args.poll_us)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -266,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest message size to agree to (default 512K, max 4M)")
     add_limit_arguments(s)
     s.add_argument("--tag", default="ninep", help="mount tag for virtio/Xen transports")
+    s.add_argument("--poll-us", type=_poll_us, default=None, metavar="US",
+                   help="vhost-user: spin up to US microseconds on an empty ring before sleeping until the "
+                        "guest kicks (adaptive; default 400 with two CPUs or more, 0 never spins)")
     s.add_argument("--insecure", action="store_true",
                    help="allow TCP on non-loopback addresses without TLS client authentication")
     s.add_argument("--tls-cert", metavar="PEM", help="serve TCP with TLS: the server certificate (chain)")

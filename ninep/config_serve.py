@@ -111,7 +111,8 @@ def listen_options(cfg: ServerConfig, msize: int, args: argparse.Namespace) -> L
         if not (cfg.tls.cert and cfg.tls.key):
             raise ConfigError("[tls] needs both cert and key", cfg.file)
         tls = ServerTLS(cert=cfg.tls.cert, key=cfg.tls.key, client_ca=cfg.tls.client_ca)
-    return ListenOptions(max_msize=msize, tag=cfg.tag or args.tag, insecure=cfg.insecure or args.insecure, tls=tls)
+    return ListenOptions(max_msize=msize, tag=cfg.tag or args.tag, insecure=cfg.insecure or args.insecure, tls=tls,
+                         poll_us=args.poll_us)
 
 
 class Reloader:

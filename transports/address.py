@@ -43,6 +43,9 @@ class ListenOptions:
     insecure: bool = False
     #: TLS on every TCP listener (transports.tls); None: plain TCP.
     tls: ServerTLS | None = None
+    #: Longest spin (µs) of a vhost-user queue on its ring before sleeping until a kick
+    #: (transports.virtio.polling); None: the default for this machine, 0: never spin.
+    poll_us: int | None = None
 
 
 @dataclass(slots=True)

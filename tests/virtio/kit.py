@@ -59,11 +59,13 @@ class Echo:
 
 @asynccontextmanager
 async def serving(
-    handler: Callable[[object], Awaitable[None]], tag: str = "t0", max_msize: int = 1 << 20
+    handler: Callable[[object], Awaitable[None]], tag: str = "t0", max_msize: int = 1 << 20, poll_us: int = 0
 ) -> AsyncIterator[tuple[str, VhostUserListener]]:
+    """The back-end in this process. It does not poll its rings by default: its driver (the test)
+    runs on the same event loop, so a spin could never see a request, and kick counts stay exact."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "vhost.sock")
-        listener = VhostUserListener("vhost-user:" + path, path, tag, max_msize)
+        listener = VhostUserListener("vhost-user:" + path, path, tag, max_msize, poll_us)
         async with trio.open_nursery() as nursery:
             await nursery.start(listener.serve, handler)
             yield path, listener

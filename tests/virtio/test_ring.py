@@ -513,3 +513,81 @@ def test_uninitialised_objects_raise_instead_of_crashing() -> None:
     empty = MemTable.__new__(MemTable)
     with pytest.raises(VirtqError):
         VirtQueue(empty, 8, 0, 0x1000, 0x2000)
+
+
+def _offer_one(r: Ring) -> None:
+    r.chain((r.data, 8, False), (r.data + 0x1000, 8, True))
+    r.offer(0)
+
+
+def test_poll_sees_a_buffer_offered_while_it_spins_and_asks_for_no_kick() -> None:
+    """A back-end spinning on an empty ring finds a buffer the driver adds meanwhile, and tells
+    the driver (EVENT_IDX) that it need not kick for it."""
+    import threading
+    import time
+
+    r = Ring(event_idx=True)
+    seen_event: list[int] = []
+
+    def driver() -> None:
+        time.sleep(0.05)
+        seen_event.append(r.avail_event())  # what a driver adding a buffer now would read
+        _offer_one(r)
+
+    try:
+        t = threading.Thread(target=driver)
+        start = time.monotonic()
+        t.start()
+        assert r.queue.poll(5_000_000_000) is True
+        assert time.monotonic() - start < 4
+        t.join()
+        assert seen_event == [0xFFFF]  # last_avail - 1: adding buffer 0 needs no kick
+        # Still suppressed: the driver may read it only now, after publishing what was seen.
+        assert r.avail_event() == 0xFFFF
+        assert r.queue.pop() is not None
+        assert r.queue.pop() is None
+        assert r.avail_event() == 1  # the ring went empty: kick me at the next buffer
+    finally:
+        r.close()
+
+
+def test_poll_gives_up_after_its_budget() -> None:
+    import time
+
+    r = Ring(event_idx=True)
+    try:
+        start = time.monotonic()
+        assert r.queue.poll(20_000_000) is False
+        assert time.monotonic() - start >= 0.019
+        assert r.avail_event() == 0  # it asks for a kick at the next buffer, as an empty pop does
+        assert r.queue.pop() is None
+    finally:
+        r.close()
+
+
+def test_poll_returns_at_once_when_a_buffer_is_waiting(ring: Ring) -> None:
+    _offer_one(ring)
+    assert ring.queue.poll(0) is True
+    assert ring.queue.pop() is not None
+    assert ring.queue.poll(0) is False
+
+
+def test_poll_ends_early_when_the_event_loop_has_work(ring: Ring) -> None:
+    import time
+
+    fd = os.eventfd(1)  # readable: "another fd of the event loop is ready"
+    try:
+        start = time.monotonic()
+        assert ring.queue.poll(10_000_000_000, fd) is False
+        assert time.monotonic() - start < 5
+    finally:
+        os.close(fd)
+
+
+def test_poll_on_a_stopped_or_broken_queue_does_not_spin(ring: Ring) -> None:
+    import time
+
+    ring.queue.stop()
+    start = time.monotonic()
+    assert ring.queue.poll(10_000_000_000) is False
+    assert time.monotonic() - start < 5

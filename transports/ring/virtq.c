@@ -25,6 +25,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <poll.h>
+#include <time.h>
 
 #define VQ_MAX_REGIONS 64
 #define VQ_MAX_SIZE 32768
@@ -508,9 +510,18 @@ static int vq_walk(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr)
 static inline uint16_t *vq_avail_event(VirtQueueObject *q) { return (uint16_t *)(q->used + 4 + 8 * (size_t)q->num); }
 static inline uint16_t *vq_used_event(VirtQueueObject *q) { return (uint16_t *)(q->avail + 4 + 2 * (size_t)q->num); }
 
-/* pop() -> Chain | None: the next available chain, or None when the driver has queued nothing. */
-static PyObject *vq_pop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
+/* pop(arm=True) -> Chain | None: the next available chain, or None when the driver has queued
+ * nothing; then, with EVENT_IDX and `arm`, the driver is asked to kick at its next buffer (a caller
+ * about to poll() passes False: a kick it would not need costs the guest an exit). */
+static PyObject *vq_pop(VirtQueueObject *q, PyObject *const *args, Py_ssize_t nargs)
 {
+    int arm = 1;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "pop() takes at most one argument");
+        return NULL;
+    }
+    if (nargs == 1 && (arm = PyObject_IsTrue(args[0])) < 0)
+        return NULL;
     if (!vq_ready(q))
         return NULL;
     if (q->broken)
@@ -519,7 +530,7 @@ static PyObject *vq_pop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
         Py_RETURN_NONE;
     uint16_t avail_idx = le16toh(ring_load16(q->avail + 2));
     if (avail_idx == q->last_avail) {
-        if (!q->event_idx)
+        if (!q->event_idx || !arm)
             Py_RETURN_NONE;
         /* Ask for a kick at the next buffer, then look again so a racing add is not missed. */
         ring_store16(vq_avail_event(q), htole16(q->last_avail));
@@ -616,6 +627,67 @@ static int vq_push(VirtQueueObject *q, uint16_t head, uint32_t len)
     return !valid || (uint16_t)(new_ - event - 1) < (uint16_t)(new_ - old);
 }
 
+static uint64_t vq_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* poll(budget_ns, fd=-1) -> bool: whether the driver made a buffer available within budget_ns,
+ * watched by spinning on avail.idx with the GIL released, without a kick: while it spins the
+ * driver is asked not to kick (EVENT_IDX), and when it gives up the next buffer is asked to kick
+ * again, exactly as an empty pop() leaves it. A readable `fd` (the event loop's own epoll fd:
+ * other work is waiting) ends the spin early. Only the thread that pops may call it: the ring's
+ * mapping cannot change under it while the caller is busy here. */
+static PyObject *vq_poll(VirtQueueObject *q, PyObject *args)
+{
+    unsigned long long budget;
+    int fd = -1;
+    if (!PyArg_ParseTuple(args, "K|i", &budget, &fd))
+        return NULL;
+    if (!vq_ready(q))
+        return NULL;
+    if (q->broken || q->stopped)
+        Py_RETURN_FALSE;
+    uint16_t last = q->last_avail;
+    if (le16toh(ring_load16(q->avail + 2)) != last)
+        Py_RETURN_TRUE;
+    if (q->event_idx) {
+        ring_store16(vq_avail_event(q), htole16((uint16_t)(last - 1)));
+        ring_mb();
+    }
+    int found = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t start = vq_now_ns(), next_fd_check = start + 2000;
+    for (;;) {
+        if (le16toh(ring_load16(q->avail + 2)) != last) {
+            found = 1;
+            break;
+        }
+        __builtin_ia32_pause();
+        uint64_t now = vq_now_ns();
+        if (now - start >= budget)
+            break;
+        if (fd >= 0 && now >= next_fd_check) {
+            struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
+            if (poll(&p, 1, 0) > 0)
+                break;
+            next_fd_check = now + 2000;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    /* Found: the kick stays suppressed (the driver may be reading avail_event right now for the
+     * buffer just seen; the pops that follow keep it so, and the next empty pop arms it). Not
+     * found: ask for a kick at the next buffer, then look once more for one added meanwhile. */
+    if (!found && q->event_idx) {
+        ring_store16(vq_avail_event(q), htole16(last));
+        ring_mb();
+        found = le16toh(ring_load16(q->avail + 2)) != last;
+    }
+    return PyBool_FromLong(found);
+}
+
 /* stop(): no more pops; completions of chains still in flight are dropped. Returns last_avail. */
 static PyObject *vq_stop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
 {
@@ -666,9 +738,14 @@ static PyGetSetDef vq_getset[] = {
 };
 
 static PyMethodDef vq_methods[] = {
-    {"pop", (PyCFunction)vq_pop, METH_NOARGS, "Next available Chain, or None. Raises VirtqError if the ring is broken."},
+    {"pop", (PyCFunction)(void (*)(void))vq_pop, METH_FASTCALL,
+     "pop(arm=True): next available Chain, or None (with arm, the driver is asked to kick at its next "
+     "buffer). Raises VirtqError if the ring is broken."},
     {"remap", (PyCFunction)(void (*)(void))vq_remap, METH_VARARGS | METH_KEYWORDS,
      "Follow a memory-table change: remap(mem, desc, avail, used, by_uva=True)."},
+    {"poll", (PyCFunction)vq_poll, METH_VARARGS,
+     "poll(budget_ns, fd=-1) -> bool: spin (GIL released, kicks suppressed) until a buffer is available, "
+     "at most budget_ns, or until fd is readable."},
     {"stop", (PyCFunction)vq_stop, METH_NOARGS, "Stop the queue; returns last_avail (for GET_VRING_BASE)."},
     {"mark_broken", (PyCFunction)vq_mark_broken, METH_O, "Mark the queue broken and raise VirtqError(reason)."},
     {"set_split", (PyCFunction)vq_set_split, METH_VARARGS,

@@ -28,6 +28,7 @@ from transports.base import ChannelHandler
 from transports.virtio import vhost_user as vu
 from transports.virtio._ext import MemTable, VirtqError, VirtQueue, signal_eventfd
 from transports.virtio.channel import QueueChannel, split_args
+from transports.virtio.polling import AdaptivePoll, default_max_us
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,10 @@ class Device:
         handler: ChannelHandler,
         nursery: trio.Nursery,
         peer: str,
+        poll_max_us: int = 0,
     ) -> None:
         self.config = config_space(tag)
+        self.poll_max_ns = poll_max_us * 1000
         self.max_msize = max_msize
         self.handler = handler
         self.nursery = nursery
@@ -357,7 +360,7 @@ class Device:
         vr.queue = queue
         vr.channel = QueueChannel(
             f"vhost-user:{self.peer}#{self.starts}", self.max_msize, vr.notify, queue, vr,
-            lambda reason: self._stop(vr, broken=True),
+            lambda reason: self._stop(vr, broken=True), AdaptivePoll(self.poll_max_ns),
         )
         log.info("vhost-user %s: queue %d started (size %d)", self.peer, vr.index, vr.num)
         self.nursery.start_soon(self._run_handler, vr.channel)
@@ -393,11 +396,12 @@ class Device:
 class VhostUserListener:
     """`vhost-user:SOCK`: listens on a unix socket; every VMM connection is one device."""
 
-    def __init__(self, address: str, path: str, tag: str, max_msize: int) -> None:
+    def __init__(self, address: str, path: str, tag: str, max_msize: int, poll_us: int | None = None) -> None:
         self.address = address
         self.path = path
         self.tag = check_tag(tag)
         self.max_msize = max_msize
+        self.poll_us = default_max_us() if poll_us is None else poll_us
         self.devices: list[Device] = []
 
     async def serve(
@@ -432,7 +436,7 @@ class VhostUserListener:
         peer = f"{self.path}"
         with conn:
             async with trio.open_nursery() as nursery:
-                device = Device(self.tag, self.max_msize, handler, nursery, peer)
+                device = Device(self.tag, self.max_msize, handler, nursery, peer, self.poll_us)
                 self.devices.append(device)
                 log.info("vhost-user %s: VMM connected", peer)
                 try:

@@ -6,6 +6,10 @@ next available chain, and only when the ring is empty waits for the driver's kic
 
 Replies are matched to chains by the tag in the 7-byte header (tags are unique among a
 session's requests in flight; a duplicate is tolerated by answering chains of one tag in order).
+An empty ring is watched for a while before `receive` sleeps on the kick eventfd (adaptive
+polling, `transports.virtio.polling`): a driver that sends its next request soon after a reply
+finds us awake, and need not kick.
+
 Requests are handed out as soon as they are popped, so the server may process several at once
 and answer them in any order. `send_rread` reads a file straight into the chain's buffers; a large
 Twrite arrives with its data left in guest memory (`take_payload`, written to a file with pwritev).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ import trio
 
 from transports.base import Buffer
 from transports.virtio._ext import Chain, VirtqError, drain_eventfd
+from transports.virtio.polling import AdaptivePoll, event_loop_fd
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +110,7 @@ class QueueChannel:
         queue: Any,
         ring: Ring,
         broken: Callable[[str], object],
+        poll: AdaptivePoll | None = None,
     ) -> None:
         self.peer = peer
         self.max_message_size = max_message_size
@@ -122,6 +129,8 @@ class QueueChannel:
         self.zero_copy_reads = 0  # Rreads that went file -> guest buffers directly
         self.zero_copy_writes = 0  # Twrites handed out with their data left in guest memory
         self._nowait = True  # try preadv2(RWF_NOWAIT) on the loop before a worker thread
+        self._poll = poll or AdaptivePoll(0)
+        self._loop_fd = event_loop_fd() if self._poll.max_ns else -1
 
     # -- reading the ring ---------------------------------------------------------------------
     def _accept(self, chain: Chain) -> memoryview | None:
@@ -144,11 +153,11 @@ class QueueChannel:
         self._inflight.setdefault(tag, deque()).append(chain)
         return message
 
-    def _next(self) -> memoryview | None:
-        """The next request waiting in the ring, or None when it is empty (then, with EVENT_IDX,
-        the driver has been asked to kick at its next buffer). Raises VirtqError."""
+    def _next(self, arm: bool = True) -> memoryview | None:
+        """The next request waiting in the ring, or None when it is empty (then, with EVENT_IDX
+        and `arm`, the driver has been asked to kick at its next buffer). Raises VirtqError."""
         while self._ring.enabled and not self._closed:
-            chain = self._queue.pop()
+            chain = self._queue.pop(arm)
             if chain is None:
                 return None
             self.requests += 1
@@ -194,14 +203,20 @@ class QueueChannel:
 
     # -- Channel ------------------------------------------------------------------------------
     async def receive(self) -> memoryview:
+        idle_since = 0  # when the ring was found empty (ns), to adapt the polling window
         while not self._closed:
+            # About to spin on an empty ring: do not ask for a kick first (the spin asks for one
+            # when it gives up).
+            spin = not idle_since and self._poll.ns > 0
             try:
-                message = self._next()
+                message = self._next(arm=not spin)
             except VirtqError as exc:
                 log.warning("%s: queue broken: %s", self.peer, exc)
                 self._broken(str(exc))  # closes this channel
                 break
             if message is not None:
+                if idle_since:
+                    self._poll.update(time.perf_counter_ns() - idle_since)
                 # A ring kept full hands out requests without waiting; let the workers they
                 # started run now and then (an empty ring makes us wait anyway).
                 self._unyielded += 1
@@ -212,6 +227,10 @@ class QueueChannel:
                         break
                 return message
             self._unyielded = 0
+            if not idle_since and self._poll.max_ns:
+                idle_since = time.perf_counter_ns()
+                if spin and await self._spin():
+                    continue
             kick = self._ring.kick
             if kick is None:
                 break
@@ -226,6 +245,16 @@ class QueueChannel:
             finally:
                 self._waiting_on = None
         raise trio.EndOfChannel
+
+    async def _spin(self) -> bool:
+        """Whether a request arrived while spinning on the ring for the current window. Tasks
+        already runnable go first: the spin holds the event loop (it ends early only when the
+        loop's epoll fd has something)."""
+        await trio.lowlevel.checkpoint()
+        if self._closed or not self._ring.enabled:
+            return False
+        found: bool = self._queue.poll(self._poll.ns, self._loop_fd)
+        return found
 
     async def send(self, parts: Sequence[Buffer]) -> None:
         if self._closed:
