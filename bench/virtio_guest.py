@@ -1,7 +1,8 @@
 """In-guest speed of trans=virtio: ninep's vhost-user back-end against QEMU's own virtio-9p server
 (`-fsdev local`), both mounted in the same guest with the same msize and cache mode, one run.
 
-Measures sequential 1 MiB write and read MB/s, 4 KiB random-read IOPS and create/stat/unlink
+Measures sequential 1 MiB write (into a new file, and over the same file again: no allocation)
+and read MB/s, 4 KiB random-read IOPS and create/stat/unlink
 ops/s on each mount. Under TCG (no usable KVM here) the guest's own cost dominates, so compare
 the two columns with each other, not with host numbers.
 
@@ -35,6 +36,7 @@ one() {  # one() NAME MOUNT METRIC
 	name=$1; M=$2
 	case $3 in
 	seq_write_MBps) mark b-$3; t0=$(t9tool now); dd if=/dev/zero of=$M/seq bs=1M count=$SIZE_MB 2>/dev/null; t1=$(t9tool now); mark e-$3; n=$SIZE_MB;;
+	seq_overwrite_MBps) mark b-$3; t0=$(t9tool now); dd if=/dev/zero of=$M/seq bs=1M count=$SIZE_MB conv=notrunc 2>/dev/null; t1=$(t9tool now); mark e-$3; n=$SIZE_MB;;
 	seq_read_MBps) mark b-$3; t0=$(t9tool now); dd if=$M/seq of=/dev/null bs=1M 2>/dev/null; t1=$(t9tool now); mark e-$3; n=$SIZE_MB;;
 	randread_4k_iops) mark b-$3; t0=$(t9tool now); t9tool randread $M/seq $READS 4096; t1=$(t9tool now); mark e-$3; n=$READS;;
 	*_per_s) op=${3%_per_s}; mkdir -p $M/meta
@@ -56,12 +58,12 @@ echo "ok bench"
 
 #: Metric groups `--only` selects; each in the order the job needs (reads need the written file,
 #: stat and unlink the created files).
-GROUPS = {"io": ["seq_write_MBps", "seq_read_MBps", "randread_4k_iops"],
+GROUPS = {"io": ["seq_write_MBps", "seq_overwrite_MBps", "seq_read_MBps", "randread_4k_iops"],
           "meta": ["create_per_s", "stat_per_s", "unlink_per_s"]}
 GROUPS["all"] = GROUPS["io"] + GROUPS["meta"]
 
 #: Operations per phase, to turn a phase's server CPU time into CPU per operation.
-UNITS = {"seq_write_MBps": "MiB", "seq_read_MBps": "MiB", "randread_4k_iops": "read",
+UNITS = {"seq_write_MBps": "MiB", "seq_overwrite_MBps": "MiB", "seq_read_MBps": "MiB", "randread_4k_iops": "read",
          "create_per_s": "file", "stat_per_s": "file", "unlink_per_s": "file"}
 
 
@@ -182,7 +184,8 @@ def main() -> None:
         parts = line.split()
         if parts[:2] == ["info", "bench"]:
             samples.setdefault(parts[3], {}).setdefault(parts[2], []).append(float(parts[4]))
-    counts = {"seq_write_MBps": args.size_mb, "seq_read_MBps": args.size_mb, "randread_4k_iops": args.reads}
+    counts = {"seq_write_MBps": args.size_mb, "seq_overwrite_MBps": args.size_mb, "seq_read_MBps": args.size_mb,
+              "randread_4k_iops": args.reads}
     counts |= {m: args.files for m in ("create_per_s", "stat_per_s", "unlink_per_s")}
     cpu = cpu_per_op(seen, counts)
     print(f"accel {run.accel}, msize {args.msize}, cache=none, model {args.model}, {args.reps} reps (medians), "

@@ -70,9 +70,12 @@ def test_spin_can_see_the_event_loops_own_fd() -> None:
 
 
 @pytest.mark.parametrize("poll_us", [0, 20_000])
-def test_back_to_back_requests_need_no_kicks_while_the_server_polls(tmp_path: Path, poll_us: int) -> None:
+@pytest.mark.parametrize("op", ["getattr", "write"])
+def test_back_to_back_requests_need_no_kicks_while_the_server_polls(tmp_path: Path, poll_us: int, op: str) -> None:
     """A driver sending request after request (one in flight) kicks for each of them when the
-    server sleeps on an empty ring; a polling server sees them without kicks."""
+    server sleeps on an empty ring; a polling server sees them without kicks — also after a
+    request it answered from a worker thread (a 32 KiB write), when the reader had gone to sleep
+    meanwhile."""
     sock = tmp_path / "vu.sock"
     log = tmp_path / "server.log"
     with log.open("wb") as out:
@@ -88,10 +91,16 @@ def test_back_to_back_requests_need_no_kicks_while_the_server_polls(tmp_path: Pa
             channel = await fe.connect()
             async with Client.connect(channel, msize=65536) as c:
                 root = await c.attach()
+                f, _ = await c.walk(root, [])
+                await c.lcreate(f, "data", os.O_WRONLY, 0o644, 0)
+                chunk = b"x" * 32768
                 before = fe.kicks
                 with trio.fail_after(60):
-                    for _ in range(requests):
-                        await c.getattr(root)
+                    for i in range(requests):
+                        if op == "getattr":
+                            await c.getattr(root)
+                        else:
+                            assert await c.write(f, i * len(chunk), chunk) == len(chunk)
                 return fe.kicks - before
 
         kicks = trio.run(main)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import trio
 
 from transports.base import Buffer
-from transports.virtio._ext import Chain, VirtqError, drain_eventfd
+from transports.virtio._ext import Chain, VirtqError, drain_eventfd, signal_eventfd
 from transports.virtio.polling import AdaptivePoll, event_loop_fd
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ class QueueChannel:
         self._nowait = True  # try preadv2(RWF_NOWAIT) on the loop before a worker thread
         self._poll = poll or AdaptivePoll(0)
         self._loop_fd = event_loop_fd() if self._poll.max_ns else -1
+        self._idle_since = 0  # when the device last went idle (ns), for the polling window
 
     # -- reading the ring ---------------------------------------------------------------------
     def _accept(self, chain: Chain) -> memoryview | None:
@@ -191,6 +192,14 @@ class QueueChannel:
     def _complete(self, chain: Chain, length: int) -> None:
         if chain.complete(length):
             self._notify()
+        if not self._inflight and self._poll.max_ns:
+            # The device went idle: the polling window counts from here. A reader asleep on the
+            # kick (it went there while this request was in a worker thread) is woken to spin,
+            # so the driver's next request finds it awake — the wake-up costs nothing across
+            # threads, the reader being a task of this same loop.
+            self._idle_since = time.perf_counter_ns()
+            if self._waiting_on is not None and self._poll.ns:
+                signal_eventfd(self._waiting_on)
 
     def _take(self, tag: int) -> Chain | None:
         chains = self._inflight.get(tag)
@@ -203,11 +212,12 @@ class QueueChannel:
 
     # -- Channel ------------------------------------------------------------------------------
     async def receive(self) -> memoryview:
-        idle_since = 0  # when the ring was found empty (ns), to adapt the polling window
+        spun = False  # since the last wake-up
         while not self._closed:
-            # About to spin on an empty ring: do not ask for a kick first (the spin asks for one
-            # when it gives up).
-            spin = not idle_since and self._poll.ns > 0
+            # Idle (nothing in flight) and about to spin on the ring: do not ask for a kick first
+            # (the spin asks for one when it gives up). While requests are in flight the reader
+            # sleeps; the last reply wakes it to spin (`_complete`).
+            spin = not spun and self._poll.ns > 0 and not self._inflight
             try:
                 message = self._next(arm=not spin)
             except VirtqError as exc:
@@ -215,8 +225,9 @@ class QueueChannel:
                 self._broken(str(exc))  # closes this channel
                 break
             if message is not None:
-                if idle_since:
-                    self._poll.update(time.perf_counter_ns() - idle_since)
+                if self._idle_since:
+                    self._poll.update(time.perf_counter_ns() - self._idle_since)
+                    self._idle_since = 0
                 # A ring kept full hands out requests without waiting; let the workers they
                 # started run now and then (an empty ring makes us wait anyway).
                 self._unyielded += 1
@@ -227,9 +238,11 @@ class QueueChannel:
                         break
                 return message
             self._unyielded = 0
-            if not idle_since and self._poll.max_ns:
-                idle_since = time.perf_counter_ns()
-                if spin and await self._spin():
+            if self._poll.max_ns and not self._inflight and not self._idle_since:
+                self._idle_since = time.perf_counter_ns()
+            if spin:
+                spun = True
+                if await self._spin():
                     continue
             kick = self._ring.kick
             if kick is None:
@@ -244,6 +257,7 @@ class QueueChannel:
                 pass
             finally:
                 self._waiting_on = None
+            spun = False
         raise trio.EndOfChannel
 
     async def _spin(self) -> bool:
