@@ -136,11 +136,10 @@ def _setup_logging(verbose: int, trace: bool) -> None:
 
 
 async def _serve(server: Server, addresses: Sequence[str], args: argparse.Namespace, *,
-                 names: Sequence[str] | None = None, lopts: ListenOptions | None = None,
+                 lopts: ListenOptions, names: Sequence[str] | None = None,
                  reload: Callable[[], Awaitable[None]] | None = None, inherited: Sequence[Listener] = ()) -> None:
     """`inherited`: listeners on sockets from systemd (transports.activation), served first and
     named by their address (systemd:NAME) for the exports' listener rules."""
-    lopts = lopts or ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure, poll_us=args.poll_us)
     listeners = [*inherited, *(listener_from_address(a, lopts) for a in addresses)]
     if names is not None:
         names = [*(x.address for x in inherited), *names]
@@ -213,11 +212,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Before the backend: a proxy helper forked by make_backend must not inherit the sockets.
         from transports.activation import listeners_from_sockets, take_inherited_sockets
 
-        inherited = listeners_from_sockets(take_inherited_sockets(), _listen_options(args))
+        lopts = _listen_options(args)
+        inherited = listeners_from_sockets(take_inherited_sockets(), lopts)
         backend = make_backend(args.export, args)
         addresses = args.listen or ([] if inherited else ["tcp:127.0.0.1:5640"])
         for a in addresses:
-            listener_from_address(a, _listen_options(args))  # validate early (and load certificates)
+            listener_from_address(a, lopts)  # validate early (and load certificates)
         stats_cli.check_serve_arguments(args)
     except AddressError as e:
         print(f"ninep: {e}", file=sys.stderr)
@@ -230,7 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = SessionOptions(policy=policy_from_args(args), max_msize=args.msize, trace=args.trace,
                              tls_identities=dict(args.tls_map),
                              **{name: getattr(args, name) for name in LIMITS})
-    trio.run(lambda: _serve(Server(backend, options), addresses, args, lopts=_listen_options(args),
+    trio.run(lambda: _serve(Server(backend, options), addresses, args, lopts=lopts,
                             inherited=inherited))
     return 0
 
