@@ -510,6 +510,15 @@ static int vq_walk(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr)
 static inline uint16_t *vq_avail_event(VirtQueueObject *q) { return (uint16_t *)(q->used + 4 + 8 * (size_t)q->num); }
 static inline uint16_t *vq_used_event(VirtQueueObject *q) { return (uint16_t *)(q->avail + 4 + 2 * (size_t)q->num); }
 
+/* Asks the driver (EVENT_IDX) to kick at its next buffer, then looks again so a buffer added
+ * meanwhile is not missed; returns avail.idx as read after that. */
+static uint16_t vq_arm_kick(VirtQueueObject *q)
+{
+    ring_store16(vq_avail_event(q), htole16(q->last_avail));
+    ring_mb();
+    return le16toh(ring_load16(q->avail + 2));
+}
+
 /* pop(arm=True) -> Chain | None: the next available chain, or None when the driver has queued
  * nothing; then, with EVENT_IDX and `arm`, the driver is asked to kick at its next buffer (a caller
  * about to poll() passes False: a kick it would not need costs the guest an exit). */
@@ -532,10 +541,7 @@ static PyObject *vq_pop(VirtQueueObject *q, PyObject *const *args, Py_ssize_t na
     if (avail_idx == q->last_avail) {
         if (!q->event_idx || !arm)
             Py_RETURN_NONE;
-        /* Ask for a kick at the next buffer, then look again so a racing add is not missed. */
-        ring_store16(vq_avail_event(q), htole16(q->last_avail));
-        ring_mb();
-        avail_idx = le16toh(ring_load16(q->avail + 2));
+        avail_idx = vq_arm_kick(q);
         if (avail_idx == q->last_avail)
             Py_RETURN_NONE;
     }
@@ -680,11 +686,8 @@ static PyObject *vq_poll(VirtQueueObject *q, PyObject *args)
     /* Found: the kick stays suppressed (the driver may be reading avail_event right now for the
      * buffer just seen; the pops that follow keep it so, and the next empty pop arms it). Not
      * found: ask for a kick at the next buffer, then look once more for one added meanwhile. */
-    if (!found && q->event_idx) {
-        ring_store16(vq_avail_event(q), htole16(last));
-        ring_mb();
-        found = le16toh(ring_load16(q->avail + 2)) != last;
-    }
+    if (!found && q->event_idx)
+        found = vq_arm_kick(q) != last;
     return PyBool_FromLong(found);
 }
 
