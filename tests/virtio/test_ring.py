@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -523,9 +525,6 @@ def _offer_one(r: Ring) -> None:
 def test_poll_sees_a_buffer_offered_while_it_spins_and_asks_for_no_kick() -> None:
     """A back-end spinning on an empty ring finds a buffer the driver adds meanwhile, and tells
     the driver (EVENT_IDX) that it need not kick for it."""
-    import threading
-    import time
-
     r = Ring(event_idx=True)
     seen_event: list[int] = []
 
@@ -552,8 +551,6 @@ def test_poll_sees_a_buffer_offered_while_it_spins_and_asks_for_no_kick() -> Non
 
 
 def test_poll_gives_up_after_its_budget() -> None:
-    import time
-
     r = Ring(event_idx=True)
     try:
         start = time.monotonic()
@@ -573,8 +570,6 @@ def test_poll_returns_at_once_when_a_buffer_is_waiting(ring: Ring) -> None:
 
 
 def test_poll_ends_early_when_the_event_loop_has_work(ring: Ring) -> None:
-    import time
-
     fd = os.eventfd(1)  # readable: "another fd of the event loop is ready"
     try:
         start = time.monotonic()
@@ -585,8 +580,6 @@ def test_poll_ends_early_when_the_event_loop_has_work(ring: Ring) -> None:
 
 
 def test_poll_on_a_stopped_or_broken_queue_does_not_spin(ring: Ring) -> None:
-    import time
-
     ring.queue.stop()
     start = time.monotonic()
     assert ring.queue.poll(10_000_000_000) is False
