@@ -61,6 +61,7 @@ echo "ok bench"
 GROUPS = {"io": ["seq_write_MBps", "seq_overwrite_MBps", "seq_read_MBps", "randread_4k_iops"],
           "meta": ["create_per_s", "stat_per_s", "unlink_per_s"]}
 GROUPS["all"] = GROUPS["io"] + GROUPS["meta"]
+GROUPS["write"] = GROUPS["io"][:2]
 
 #: Operations per phase, to turn a phase's server CPU time into CPU per operation.
 UNITS = {"seq_write_MBps": "MiB", "seq_overwrite_MBps": "MiB", "seq_read_MBps": "MiB", "randread_4k_iops": "read",
@@ -113,7 +114,8 @@ def main() -> None:
     ap.add_argument("--model", default="passthrough")
     ap.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")
     ap.add_argument("--only", choices=sorted(GROUPS), default="all",
-                    help="run one group of metrics (io: write, read, random read; meta: create, stat, unlink)")
+                    help="run one group of metrics (io: write, read, random read; meta: create, stat, unlink; "
+                         "write: new-file write and overwrite)")
     ap.add_argument("--pyspy", type=Path, help="sample the server with py-spy into this raw file")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",

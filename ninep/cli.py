@@ -51,8 +51,8 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multidevs", choices=("remap", "forbid", "warn"), default="remap",
                    help="what to do when the export spans several host filesystems")
     p.add_argument("--inline-metadata", action=argparse.BooleanOptionalAction, default=None,
-                   help="run metadata syscalls on the event loop while they do not block (saves a thread "
-                        "handoff per request); default: on for exports on local filesystems (ext4, xfs, "
+                   help="run metadata syscalls and writes on the event loop while they do not block (saves "
+                        "a thread handoff per request); default: on for exports on local filesystems (ext4, xfs, "
                         "btrfs, tmpfs...), off for network and FUSE ones")
     p.add_argument("--fmode", type=_octal, default=None,
                    help="host mode of new files in the mapped models (octal, default 0600)")

@@ -798,6 +798,52 @@ def test_inline_metadata_skips_the_worker_hop_until_a_call_is_slow(tmp_path: Pat
     assert len(hops) == 2
 
 
+def test_writes_run_inline_until_one_sleeps(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Writes into the page cache take no worker hop (a guest's sequential 1 MiB writes made two
+    thread handoffs per 496 KiB Twrite), and a write the kernel made wait sends them back."""
+    from fs_backends import offload
+
+    hops: list[object] = []
+    real = offload.run_sync
+
+    async def counting(fn):  # noqa: ANN001, ANN202
+        hops.append(fn)
+        return await real(fn)
+
+    monkeypatch.setattr(offload, "run_sync", counting)
+    (tmp_path / "f").write_bytes(b"")
+    b = Sync(LocalBackend(str(tmp_path), inline_metadata=True))
+    (f_node,) = b.walk(b.attach("", ROOT), ["f"])
+    f = b.open(f_node, P.L_O_RDWR, ROOT)
+    hops.clear()
+    assert b.write(f, 0, b"abc") == 3
+    written: list[int] = []
+
+    def pwrite(fd: int, offset: int) -> int:  # what a transport's zero-copy write does
+        written.append(threading.get_ident())
+        return os.pwrite(fd, b"defg", offset)
+
+    assert b.write_from(f, 3, pwrite) == 4
+    assert hops == [] and written == [threading.get_ident()]  # both on the trio thread
+    assert (tmp_path / "f").read_bytes() == b"abcdefg"
+
+    def throttled(fd: int, offset: int) -> int:  # balance_dirty_pages put the writer to sleep
+        time.sleep(0.005)
+        return os.pwrite(fd, b"h", offset)
+
+    assert b.write_from(f, 7, throttled) == 1
+    assert hops == []
+    assert b.write(f, 8, b"i") == 1
+    assert len(hops) == 1  # the next write went to a worker thread
+    assert (tmp_path / "f").read_bytes() == b"abcdefghi"
+    plain = Sync(LocalBackend(str(tmp_path), inline_metadata=False))
+    (g_node,) = plain.walk(plain.attach("", ROOT), ["f"])
+    g = plain.open(g_node, P.L_O_RDWR, ROOT)
+    hops.clear()
+    plain.write(g, 0, b"A")
+    assert len(hops) == 1
+
+
 def test_inline_metadata_by_default_only_on_local_filesystems(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     from fs_backends import _linux
 
