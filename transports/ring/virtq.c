@@ -26,6 +26,7 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <poll.h>
+#include <sched.h>
 #include <time.h>
 
 #define VQ_MAX_REGIONS 64
@@ -644,7 +645,7 @@ static uint64_t vq_now_ns(void)
  * watched by spinning on avail.idx with the GIL released, without a kick: while it spins the
  * driver is asked not to kick (EVENT_IDX), and when it gives up the next buffer is asked to kick
  * again, exactly as an empty pop() leaves it. A readable `fd` (the event loop's own epoll fd:
- * other work is waiting) ends the spin early. Only the thread that pops may call it: the ring's
+ * other work is waiting) ends the spin early; other threads of this CPU get it every 2 µs. Only the thread that pops may call it: the ring's
  * mapping cannot change under it while the caller is busy here. */
 static PyObject *vq_poll(VirtQueueObject *q, PyObject *args)
 {
@@ -665,7 +666,7 @@ static PyObject *vq_poll(VirtQueueObject *q, PyObject *args)
     }
     int found = 0;
     Py_BEGIN_ALLOW_THREADS
-    uint64_t start = vq_now_ns(), next_fd_check = start + 2000;
+    uint64_t start = vq_now_ns(), next_check = start + 2000;
     for (;;) {
         if (le16toh(ring_load16(q->avail + 2)) != last) {
             found = 1;
@@ -675,11 +676,17 @@ static PyObject *vq_poll(VirtQueueObject *q, PyObject *args)
         uint64_t now = vq_now_ns();
         if (now - start >= budget)
             break;
-        if (fd >= 0 && now >= next_fd_check) {
-            struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
-            if (poll(&p, 1, 0) > 0)
-                break;
-            next_fd_check = now + 2000;
+        if (now >= next_check) {
+            if (fd >= 0) {
+                struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
+                if (poll(&p, 1, 0) > 0)
+                    break;
+            }
+            /* A thread woken on this CPU runs now, not when the scheduler preempts the spin: it
+             * is often the VMM's thread that must deliver our last reply's interrupt (measured:
+             * it waited 33 µs on average behind the spin). Returns at once when none is waiting. */
+            sched_yield();
+            next_check = now + 2000;
         }
     }
     Py_END_ALLOW_THREADS

@@ -100,6 +100,10 @@ class Vring:
         if self.call is not None:
             signal_eventfd(self.call)
             self.stats["notifications"] += 1
+            # The VMM thread that turns the call into an interrupt may have been woken on this
+            # CPU: let it run now rather than after the rest of this request's bookkeeping and
+            # the next spin (measured: ~50 µs of the guest's wait per request otherwise).
+            os.sched_yield()
 
 
 class Device:
