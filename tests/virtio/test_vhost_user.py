@@ -259,7 +259,28 @@ def test_memory_table_change_with_request_in_flight() -> None:
             await ch.send([HDR.pack(7, 100, 6)])
             with trio.fail_after(5):
                 await trio.lowlevel.wait_readable(fe.err_fd)
+                # Tag 6 will never be answered: the driver side fails it rather than wait.
+                with pytest.raises(trio.EndOfChannel):
+                    await ch.receive()
+            assert fe.broken == "the back-end reported the queue broken"
             await fe.aclose()
+
+    run(main)
+
+
+def test_requests_in_flight_fail_when_the_back_end_goes_away() -> None:
+    async def main() -> None:
+        echo = Echo(hold={5})
+        async with serving(echo) as (path, _):
+            fe = Frontend(path, msize=65536)
+            ch = await fe.connect()
+            await ch.send([HDR.pack(12, 100, 5), b"hello"])
+            await trio.sleep(0.02)
+        # The back-end is gone, tag 5 unanswered: the reader learns it from the socket's hang-up.
+        with trio.fail_after(5), pytest.raises(trio.EndOfChannel):
+            await ch.receive()
+        assert fe.broken == "the back-end closed the vhost-user connection"
+        await fe.aclose()
 
     run(main)
 

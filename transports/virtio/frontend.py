@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
@@ -125,6 +126,14 @@ class Frontend:
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.err_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # What `wait_used` sleeps on, as one fd: the call eventfd, the err eventfd (the back-end
+        # broke the queue) and the socket's hang-up (the back-end is gone). Either of the last
+        # two fails the requests in flight, which would otherwise wait for ever.
+        self._watch = select.epoll()
+        self._watch.register(self.call_fd, select.EPOLLIN)
+        self._watch.register(self.err_fd, select.EPOLLIN)
+        #: Why the queue can no longer answer, once it cannot.
+        self.broken: str | None = None
         self.sock: trio.socket.SocketType | None = None
         self.features = 0
         self.protocol = 0
@@ -202,9 +211,19 @@ class Frontend:
                 return got
             if self._closed:
                 raise trio.ClosedResourceError("frontend closed")
-            await trio.lowlevel.wait_readable(self.call_fd)
-            if drain_eventfd(self.call_fd):
-                self.interrupts += 1
+            if self.broken is not None:
+                raise FrontendError(self.broken)
+            await trio.lowlevel.wait_readable(self._watch.fileno())
+            for fd, _ in self._watch.poll(0):
+                if fd == self.call_fd:
+                    if drain_eventfd(self.call_fd):
+                        self.interrupts += 1
+                elif fd == self.err_fd:
+                    self.broken = "the back-end reported the queue broken"
+                else:  # the socket: only its hang-up is watched
+                    self.broken = "the back-end closed the vhost-user connection"
+            if self.broken is not None:
+                log.warning("vhost-user:%s: %s; requests in flight fail", self.path, self.broken)
 
     # -- vhost-user (the VMM part) ----------------------------------------------------------
     async def request(self, req: int, payload: bytes = b"", fds: list[int] | None = None, *, ack: bool = True) -> bytes | None:
@@ -246,6 +265,7 @@ class Frontend:
             sock.close()
             raise
         self.sock = sock
+        self._watch.register(sock.fileno(), select.EPOLLRDHUP)
         await self.handshake()
         return self.channel
 
@@ -335,6 +355,8 @@ class Frontend:
                 pass
             self.sock.close()
             self.sock = None
+        trio.lowlevel.notify_closing(self._watch.fileno())
+        self._watch.close()
         for fd in (self.kick_fd, self.call_fd, self.err_fd):
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
@@ -466,7 +488,7 @@ class FrontendChannel:
             async with fe._receive_lock:
                 try:
                     head, length = await fe.wait_used()
-                except (trio.ClosedResourceError, OSError):
+                except (trio.ClosedResourceError, OSError, FrontendError):
                     raise trio.EndOfChannel from None
             slot = fe.slot_of_head(head)
             data = fe.collect(slot, length)
