@@ -32,12 +32,13 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import trio
 
-from fs_backends import _linux
+from fs_backends import _linux, offload
 from fs_backends._locktable import (
     LockTable,
     check_getlock_request,
@@ -62,6 +63,8 @@ from fs_backends.proxy.spawn import Spawner
 from ninep import protocol as P
 
 log = logging.getLogger("ninep.proxy")
+
+T = TypeVar("T")
 
 HELLO_TIMEOUT = 20.0
 
@@ -369,6 +372,7 @@ class ProxyOpenFile:
     ident: tuple[int, int]
     lock_owners: set[Hashable] = field(default_factory=set)
     closed: bool = False
+    busy: int = 0  # calls using `fd` right now (`hold_fd`); a close waits for the last one
 
 
 class ProxyBackend:
@@ -571,7 +575,7 @@ class ProxyBackend:
             self._release_locks_sync(f, None)
         except OSError:
             log.exception("dropping locks on close failed")
-        if f.fd is not None:
+        if f.fd is not None and not f.busy:
             with contextlib.suppress(OSError):
                 os.close(f.fd)
             f.fd = None
@@ -586,28 +590,48 @@ class ProxyBackend:
             raise FsError(errno.EBADF)
         return f.fd
 
-    async def read(self, f: ProxyOpenFile, offset: int, count: int) -> bytes:
+    @contextlib.asynccontextmanager
+    async def hold_fd(self, f: ProxyOpenFile) -> AsyncIterator[int]:
+        """f's fd, kept open until the block ends even if the file is closed meanwhile (a Tclunk
+        racing a Twrite): closed at once, its number could be reused by the next open and the
+        write land in another file."""
         fd = self._fd(f)
+        f.busy += 1
+        try:
+            yield fd
+        finally:
+            f.busy -= 1
+            if f.closed and not f.busy and f.fd is not None:
+                f.fd = None
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    async def _infile(self, f: ProxyOpenFile, fn: Callable[..., T], *args: Any) -> T:
+        """fn(fd, *args) on a worker thread, f's fd held open meanwhile."""
+        async with self.hold_fd(f) as fd:
+            return await offload.run_sync(lambda: fn(fd, *args))
+
+    async def read(self, f: ProxyOpenFile, offset: int, count: int) -> bytes:
+        self._fd(f)
         if offset < 0 or count < 0:
             raise FsError(errno.EINVAL)
-        return await trio.to_thread.run_sync(os.pread, fd, count, offset)
+        return await self._infile(f, os.pread, count, offset)
 
     async def write(self, f: ProxyOpenFile, offset: int, data: bytes | memoryview) -> int:
-        fd = self._fd(f)
+        self._fd(f)
         if offset < 0:
             raise FsError(errno.EINVAL)
-        return await trio.to_thread.run_sync(os.pwrite, fd, data, offset)
+        return await self._infile(f, os.pwrite, data, offset)
 
     async def write_from(self, f: ProxyOpenFile, offset: int, pwrite: Callable[[int, int], int]) -> int:
         """`write` whose data `pwrite(fd, offset)` writes itself (zero-copy from guest memory)."""
-        fd = self._fd(f)
+        self._fd(f)
         if offset < 0:
             raise FsError(errno.EINVAL)
-        return await trio.to_thread.run_sync(pwrite, fd, offset)
+        return await self._infile(f, pwrite, offset)
 
     async def fsync(self, f: ProxyOpenFile, datasync: bool) -> None:
-        fd = self._fd(f)
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        await self._infile(f, os.fdatasync if datasync else os.fsync)
 
     async def readdir(self, f: ProxyOpenFile, offset: int, max_entries: int) -> list[DirEntry]:
         self._fd(f)
