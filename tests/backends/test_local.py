@@ -742,17 +742,23 @@ def test_fd_reclaim_bounds_fds_and_keeps_nodes_working(layout: tuple[Path, Path]
     assert count_fds() == before
 
 
-def test_inline_metadata_skips_the_worker_hop_until_a_call_is_slow(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The calls that hopped to a worker thread (`fs_backends.offload`), in order."""
     from fs_backends import offload
 
-    hops: list[object] = []
+    seen: list[object] = []
     real = offload.run_sync
 
     async def counting(fn):  # noqa: ANN001, ANN202
-        hops.append(fn)
+        seen.append(fn)
         return await real(fn)
 
     monkeypatch.setattr(offload, "run_sync", counting)
+    return seen
+
+
+def test_inline_metadata_skips_the_worker_hop_until_a_call_is_slow(tmp_path: Path, monkeypatch, hops: list[object]) -> None:  # noqa: ANN001
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_bytes(b"x" * 10)
     b = Sync(LocalBackend(str(tmp_path), inline_metadata=True))
@@ -798,19 +804,9 @@ def test_inline_metadata_skips_the_worker_hop_until_a_call_is_slow(tmp_path: Pat
     assert len(hops) == 2
 
 
-def test_writes_run_inline_until_one_sleeps(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_writes_run_inline_until_one_sleeps(tmp_path: Path, hops: list[object]) -> None:
     """Writes into the page cache take no worker hop (a guest's sequential 1 MiB writes made two
     thread handoffs per 496 KiB Twrite), and a write the kernel made wait sends them back."""
-    from fs_backends import offload
-
-    hops: list[object] = []
-    real = offload.run_sync
-
-    async def counting(fn):  # noqa: ANN001, ANN202
-        hops.append(fn)
-        return await real(fn)
-
-    monkeypatch.setattr(offload, "run_sync", counting)
     (tmp_path / "f").write_bytes(b"")
     b = Sync(LocalBackend(str(tmp_path), inline_metadata=True))
     (f_node,) = b.walk(b.attach("", ROOT), ["f"])

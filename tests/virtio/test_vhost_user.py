@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tests.virtio.kit import HDR, Echo, RawPeer, open_fds, serving
 from transports.virtio import vhost_user as vu
-from transports.virtio.frontend import F_WRITE, Frontend
+from transports.virtio.frontend import F_WRITE, Frontend, FrontendChannel
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -241,14 +241,20 @@ def test_declared_size_larger_than_chain_is_answered_emsgsize() -> None:
     run(main)
 
 
+async def held_hello(path: str) -> tuple[Frontend, FrontendChannel]:
+    """A Frontend on `path` with "hello" sent as tag 5 (which the test's Echo holds)."""
+    fe = Frontend(path, msize=65536)
+    ch = await fe.connect()
+    await ch.send([HDR.pack(12, 100, 5), b"hello"])
+    await trio.sleep(0.02)
+    return fe, ch
+
+
 def test_memory_table_change_with_request_in_flight() -> None:
     async def main() -> None:
         echo = Echo(hold={5})
         async with serving(echo) as (path, listener):
-            fe = Frontend(path, msize=65536)
-            ch = await fe.connect()
-            await ch.send([HDR.pack(12, 100, 5), b"hello"])
-            await trio.sleep(0.02)
+            fe, ch = await held_hello(path)
             # Memory is unplugged: the buffer region disappears while tag 5 is being served.
             only_rings = vu.MEM_HEADER.pack(1, 0) + vu.MEM_REGION.pack(*fe.regions[0])
             await fe.request(vu.Req.SET_MEM_TABLE, only_rings, [fe.mem_fd])
@@ -272,10 +278,7 @@ def test_requests_in_flight_fail_when_the_back_end_goes_away() -> None:
     async def main() -> None:
         echo = Echo(hold={5})
         async with serving(echo) as (path, _):
-            fe = Frontend(path, msize=65536)
-            ch = await fe.connect()
-            await ch.send([HDR.pack(12, 100, 5), b"hello"])
-            await trio.sleep(0.02)
+            fe, ch = await held_hello(path)
         # The back-end is gone, tag 5 unanswered: the reader learns it from the socket's hang-up.
         with trio.fail_after(5), pytest.raises(trio.EndOfChannel):
             await ch.receive()
