@@ -698,19 +698,14 @@ class LocalBackend:
                 log.info("%s blocked the event loop for %.1f ms; worker threads for %.0f s",
                          getattr(fn, "__name__", "a call"), took * 1000, self.INLINE_BACKOFF)
 
-    async def _infile(self, f: LocalOpenFile, fn: Callable[..., T], *args: Any) -> T:
+    async def _infile(self, f: LocalOpenFile, fn: Callable[..., T], *args: Any, quick: bool = False) -> T:
         """Run fn(fd, *args) in a worker thread with f's fd kept open meanwhile; a close
-        arriving in between is carried out when the last such call finishes."""
+        arriving in between is carried out when the last such call finishes. `quick` (writes:
+        they only copy into the page cache unless the kernel makes them wait — dirty throttling,
+        reclaim) runs it as a metadata call instead (`_quick`): at one request in flight, a
+        guest's sequential writes, the worker hop was a third of a 496 KiB overwrite's time."""
         async with self.hold_fd(f) as fd:
-            return await self._run(fn, fd, *args)
-
-    async def _write_infile(self, f: LocalOpenFile, fn: Callable[..., int], *args: Any) -> int:
-        """`_infile` for a write: it only copies into the page cache unless the kernel makes it
-        wait (dirty throttling, reclaim), so it runs as a metadata call does (`_quick`). At one
-        request in flight (a guest's sequential writes) the worker hop was a third of a 496 KiB
-        overwrite's service time."""
-        async with self.hold_fd(f) as fd:
-            return await self._quick(fn, fd, *args)
+            return await (self._quick if quick else self._run)(fn, fd, *args)
 
     @contextlib.asynccontextmanager
     async def hold_fd(self, f: LocalOpenFile) -> AsyncIterator[int]:
@@ -1306,14 +1301,14 @@ class LocalBackend:
         self._fd(f)
         if offset < 0:
             raise FsError(errno.EINVAL)
-        return await self._write_infile(f, os.pwrite, data, offset)
+        return await self._infile(f, os.pwrite, data, offset, quick=True)
 
     async def write_from(self, f: LocalOpenFile, offset: int, pwrite: Callable[[int, int], int]) -> int:
         """`write` whose data `pwrite(fd, offset)` writes itself (zero-copy from guest memory)."""
         self._fd(f)
         if offset < 0:
             raise FsError(errno.EINVAL)
-        return await self._write_infile(f, pwrite, offset)
+        return await self._infile(f, pwrite, offset, quick=True)
 
     async def fsync(self, f: LocalOpenFile, datasync: bool) -> None:
         await self._infile(f, os.fdatasync if datasync else os.fsync)

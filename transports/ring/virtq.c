@@ -645,8 +645,9 @@ static uint64_t vq_now_ns(void)
  * watched by spinning on avail.idx with the GIL released, without a kick: while it spins the
  * driver is asked not to kick (EVENT_IDX), and when it gives up the next buffer is asked to kick
  * again, exactly as an empty pop() leaves it. A readable `fd` (the event loop's own epoll fd:
- * other work is waiting) ends the spin early; other threads of this CPU get it every 2 µs. Only the thread that pops may call it: the ring's
- * mapping cannot change under it while the caller is busy here. */
+ * other work is waiting) ends the spin early; other threads of this CPU get it every 2 µs. Only
+ * the thread that pops may call it: the ring's mapping cannot change under it while the caller is
+ * busy here. */
 static PyObject *vq_poll(VirtQueueObject *q, PyObject *args)
 {
     unsigned long long budget;
