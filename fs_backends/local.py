@@ -707,6 +707,21 @@ class LocalBackend:
         async with self.hold_fd(f) as fd:
             return await (self._quick if quick else self._run)(fn, fd, *args)
 
+    def direct_fd(self, f: LocalOpenFile) -> tuple[int, bool] | None:
+        """A new fd on f's open file, for a transport to read and write through directly (it
+        owns the fd), and whether writes may run on the event loop's thread as this backend's
+        own do (`inline_metadata`); None for a directory, or while f is closed or its fd parked
+        (the transport then leaves f's I/O to this backend). Such fds are not counted against
+        `max_path_fds`: transports keep few (64 per virtqueue)."""
+        with self._mu:  # parking closes f.fd under it
+            if f.closed or f.fd is None or f.is_dir:
+                return None
+            try:
+                fd = os.dup(f.fd)
+            except OSError:
+                return None
+        return fd, self.inline_metadata
+
     @contextlib.asynccontextmanager
     async def hold_fd(self, f: LocalOpenFile) -> AsyncIterator[int]:
         """f's host fd, reopened if it was parked, kept open (never parked, never closed) until

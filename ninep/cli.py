@@ -228,7 +228,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("serving %s (%s) on %s", args.export, backend.info.name,
              ", ".join([*(x.address for x in inherited), *addresses]))
     options = SessionOptions(policy=policy_from_args(args), max_msize=args.msize, trace=args.trace,
-                             tls_identities=dict(args.tls_map),
+                             direct_io=args.direct_io, tls_identities=dict(args.tls_map),
                              **{name: getattr(args, name) for name in LIMITS})
     trio.run(lambda: _serve(Server(backend, options), addresses, args, lopts=lopts,
                             inherited=inherited))
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="force the uid of clients whose certificate subject is SUBJECT, as logged "
                         "(e.g. 'CN=alice,O=ninep=1000'; repeatable)")
     s.add_argument("--trace", action="store_true", help="log every request and reply with its latency")
+    s.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=True,
+                   help="let virtqueues answer reads and writes on open files themselves, in C "
+                        "(default: on; --no-direct-io sends every request through the session)")
     s.add_argument("-v", "--verbose", action="count", default=0)
     add_backend_arguments(s)
     stats_cli.add_serve_arguments(s)

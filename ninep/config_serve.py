@@ -166,6 +166,7 @@ def serve_config(args: argparse.Namespace) -> int:
         cfg = load(args.config)
         msize = min(_size(str(args.msize or cfg.msize or DEFAULT_MSIZE)), MAX_MSIZE)
         options = session_options(cfg, msize, bool(args.trace or cfg.trace))
+        options.direct_io = getattr(args, "direct_io", True)
         lopts = listen_options(cfg, msize, args)
         # Before the backends: a proxy helper they fork must not inherit the sockets.
         inherited = listeners_from_sockets(take_inherited_sockets(), lopts)

@@ -44,6 +44,9 @@ class Fid:
     dir_pending: bytes = b""
     #: Lock owners that took locks through this fid (released on clunk).
     lock_owners: list[LockOwner] = field(default_factory=list)
+    #: The fid number this open fid is registered under with the channel's direct I/O
+    #: (transports.base.DirectIO), if it is.
+    direct: int | None = None
     #: The export the attach chose; every request on this fid (and fids walked from it) uses its
     #: backend and policy, whatever reloads happen meanwhile.
     export: Export = field(kw_only=True)

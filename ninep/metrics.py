@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +104,7 @@ class OpStats:
 class ConnStats:
     """The counters of one connection. `done` is the only thing the request path calls."""
 
-    __slots__ = ("ops", "export", "attached_once", "conn_id", "peer", "since")
+    __slots__ = ("ops", "export", "attached_once", "conn_id", "peer", "since", "_absorbed")
 
     def __init__(self, conn_id: int = 0, peer: str = "", export: str = "") -> None:
         #: msgtype -> OpStats, created the first time an operation is seen on this connection.
@@ -114,6 +114,8 @@ class ConnStats:
         self.conn_id = conn_id
         self.peer = peer
         self.since = time.time()
+        #: The running totals `absorb` last saw, by msgtype.
+        self._absorbed: dict[int, OpStats] = {}
 
     def done(self, msgtype: int, err: int, reply: object, started: float) -> None:
         """One request finished: `err` 0 for success, `reply` what was answered (for the
@@ -138,6 +140,23 @@ class ConnStats:
                 op.nbytes += len(reply.data)  # type: ignore[attr-defined]  # Rread, Rreaddir
             else:
                 op.nbytes += reply.nbytes  # type: ignore[attr-defined]  # a zero-copy read's Sent
+
+    def absorb(self, totals: Mapping[int, tuple[int, int, int, Sequence[int]]]) -> None:
+        """Counts requests answered without the session (a channel's direct I/O), given as
+        running totals by msgtype — (count, payload bytes, nanoseconds, latency buckets) — of
+        which only what is new since the last call is added. They all succeeded."""
+        for msgtype, (count, nbytes, ns, buckets) in totals.items():
+            now = OpStats(count, {}, nbytes, ns / 1e9, list(buckets[:NBUCKETS]))
+            before = self._absorbed.get(msgtype, OpStats())
+            self._absorbed[msgtype] = now
+            op = self.ops.get(msgtype)
+            if op is None:
+                op = self.ops[msgtype] = OpStats()
+            op.count += now.count - before.count
+            op.nbytes += now.nbytes - before.nbytes
+            op.seconds += now.seconds - before.seconds
+            for i, (a, b) in enumerate(zip(now.buckets, before.buckets, strict=False)):
+                op.buckets[i] += a - b
 
     def attached(self, export: str) -> None:
         """The connection's first successful attach names its export; later attaches do not
@@ -213,7 +232,7 @@ class Metrics:
     def disconnect(self, session: Session) -> None:
         if self._live.pop(session.conn_id, None) is None:
             return
-        st = session.stats
+        st = session.sync_stats()
         export = st.export
         if export not in self._retired and len(self._retired) >= MAX_EXPORTS:
             # Clients choose anames: never let them grow the table (and Prometheus' label
@@ -230,6 +249,8 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         """Everything, as plain JSON-able data (the format of the control socket)."""
         live = list(self._live.values())
+        for s in live:
+            s.sync_stats()
         exports: dict[str, dict[str, Any]] = {}
         # The default export is always listed, so an idle server shows what it serves.
         names = {s.stats.export for s in live} | set(self._retired) | {self.default_export}

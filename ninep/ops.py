@@ -81,6 +81,7 @@ def check_walk_name(name: str) -> None:
 
 async def release_fid(s: Session, fid: Fid) -> int:
     """Everything clunk does, never raising; returns an errno to report (0 if none)."""
+    s.withdraw_direct(fid)
     err = 0
     backend = fid.export.backend
     try:
@@ -257,6 +258,7 @@ async def clunk(s: Session, msg: m.Tclunk) -> m.Message:
 async def remove(s: Session, msg: m.Tremove) -> m.Message:
     fid = s.fid(msg.fid)
     del s.fids[msg.fid]
+    s.withdraw_direct(fid)
     fid.remove_on_clunk = False
     try:
         gate(s, fid).writable(fid.name)
@@ -284,6 +286,7 @@ async def lopen(s: Session, msg: m.Tlopen) -> m.Message:
         gate(s, fid).writable(fid.name)
     fid.open = await fid.export.backend.open(fid.node, msg.flags & ~(L_O_CREAT | L_O_EXCL), fid.cred)
     fid.open_flags = msg.flags
+    s.offer_direct(msg.fid, fid)
     return m.Rlopen(fid.node.qid, s.iounit(fid))
 
 
@@ -299,6 +302,7 @@ async def lcreate(s: Session, msg: m.Tlcreate) -> m.Message:
     node, f = await backend.create(fid.node, msg.name, msg.flags, msg.mode, s.cred_for(fid, msg.gid))
     old = fid.node
     fid.node, fid.open, fid.open_flags, fid.name = node, f, msg.flags, msg.name
+    s.offer_direct(msg.fid, fid)
     await backend.release(old)
     return m.Rlcreate(node.qid, s.iounit(fid))
 

@@ -42,10 +42,15 @@ from ninep.fids import Fid
 from ninep.identity import IdentityRule
 from ninep.limits import MemoryBudget, request_cost
 from ninep.metrics import ConnStats
-from ninep.policy import DEFAULT_POLICY, OperationPolicy, Refused
+from ninep.policy import DEFAULT_POLICY, OperationPolicy, Refused, policy_of
 from ninep.protocol import (
     IOHDRSZ,
+    L_O_ACCMODE,
+    L_O_RDONLY,
+    L_O_RDWR,
+    L_O_WRONLY,
     MIN_MSIZE,
+    QTDIR,
     V9P2000,
     V9P2000_L,
     V9P2000_U,
@@ -53,7 +58,7 @@ from ninep.protocol import (
     T,
 )
 from ninep.suspension import await_noting_suspension
-from transports.base import Buffer, Channel, FramingError, Payload
+from transports.base import Buffer, Channel, DirectIO, FramingError, Payload
 
 log = logging.getLogger("ninep.session")
 trace_log = logging.getLogger("ninep.trace")
@@ -94,6 +99,9 @@ class SessionOptions:
     #: Connections the server serves at once; more are refused (EUSERS to their Tversion).
     max_connections: int = 1024
     trace: bool = False
+    #: Let a channel that can (virtqueues: transports.base.DirectIO) answer Tread/Twrite on open
+    #: files itself. Off with trace (every request must reach the session to be logged).
+    direct_io: bool = True
     #: Grace period for in-flight requests at shutdown.
     drain_seconds: float = 3.0
     #: TLS client subject (RFC 4514) → the export and uid it is held to (ninep.identity).
@@ -168,6 +176,8 @@ class Session:
         self._closing = False
         #: `ZeroCopyWrites` channels: large Twrite data stays in the peer's memory.
         self._take_payload: Callable[[int], Payload | None] | None = getattr(channel, "take_payload", None)
+        #: `DirectIO` channels answer Tread/Twrite on registered open fids themselves.
+        self._direct_io: DirectIO | None = channel if hasattr(channel, "direct_open") else None  # type: ignore[assignment]
         self.stats = ConnStats(self.conn_id, channel.peer)
 
     # --- public --------------------------------------------------------------------------------
@@ -203,6 +213,8 @@ class Session:
         """Graceful shutdown: stop taking requests, let in-flight ones finish for a while, then
         cancel them."""
         self._closing = True
+        for fid in self.fids.values():  # the channel must not go on serving reads and writes
+            self.withdraw_direct(fid)
         with trio.move_on_after(self.options.drain_seconds):
             for req in list(self.inflight.values()):
                 await req.done.wait()
@@ -274,6 +286,45 @@ class Session:
         req = self.inflight.get(tag)
         if req is not None:
             req.answered = True
+
+    def offer_direct(self, number: int, fid: Fid) -> None:
+        """Lets a DirectIO channel answer Tread/Twrite on the fid `number`, just opened, itself,
+        with the access its open granted. Nothing happens when the channel or the backend cannot
+        (the backend has no `direct_fd`, or the file's fd is parked), for directories, or when
+        every request must reach the session (trace)."""
+        channel, f = self._direct_io, fid.open
+        if channel is None or f is None or not self.options.direct_io or self.options.trace:
+            return
+        if self.fids.get(number) is not fid or fid.direct is not None or fid.node.qid.type & QTDIR:
+            return
+        backend = fid.export.backend
+        lend = getattr(backend, "direct_fd", None)
+        got = lend(f) if lend is not None else None
+        if got is None:
+            return
+        fd, inline_writes = got
+        access = fid.open_flags & L_O_ACCMODE
+        readable = access in (L_O_RDONLY, L_O_RDWR)
+        # Direct writes run on the event loop's thread: only where the backend runs its own there.
+        writable = (access in (L_O_WRONLY, L_O_RDWR) and inline_writes
+                    and not (policy_of(self, fid).readonly or backend.info.readonly))
+        if channel.direct_open(number, fd, readable, writable):
+            fid.direct = number
+        else:
+            os.close(fd)
+
+    def withdraw_direct(self, fid: Fid) -> None:
+        """The channel stops answering requests on `fid` itself: call it before anything that
+        ends the fid, with no checkpoint in between."""
+        if fid.direct is not None and self._direct_io is not None:
+            self._direct_io.direct_close(fid.direct)
+        fid.direct = None
+
+    def sync_stats(self) -> ConnStats:
+        """`stats` with the requests a DirectIO channel answered itself counted in."""
+        if self._direct_io is not None:
+            self.stats.absorb(self._direct_io.direct_stats())
+        return self.stats
 
     def write_payload(self, msg: m.Twrite) -> Payload | None:
         """The data of a Twrite that the channel left in the peer's memory (it arrived with count

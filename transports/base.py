@@ -112,3 +112,29 @@ class ZeroCopyWrites(Protocol):
     reply for the tag is sent."""
 
     def take_payload(self, tag: int) -> Payload | None: ...
+
+
+#: Running totals of the requests of one type a channel served itself: (count, payload bytes,
+#: nanoseconds, latency buckets as in ninep.metrics).
+DirectTotals = tuple[int, int, int, list[int]]
+
+
+class DirectIO(Protocol):
+    """Optional Channel capability (virtqueues): the channel answers Tread and Twrite on an open
+    fid itself, from the file straight to the peer's buffers and back, and the session never sees
+    those requests (transports/ring/direct.c). For a peer that sends one request at a time, that
+    is most of a read's or write's turnaround.
+
+    The session decides what is allowed: `direct_open` registers an open fid with a new fd on its
+    open file (the channel owns it from then on, and closes it; False: not taken, the caller still
+    owns it) and the access granted. Before it handles anything that ends the fid (Tclunk,
+    Tremove, Tversion...) the session calls `direct_close`, with no checkpoint in between, so a
+    request received after that is the session's again. Only requests that succeed are answered by
+    the channel; any other (an error, a read that would wait for storage) reaches the session as
+    usual. `direct_stats` gives running totals by message type, for the metrics."""
+
+    def direct_open(self, fid: int, fd: int, readable: bool, writable: bool) -> bool: ...
+
+    def direct_close(self, fid: int) -> None: ...
+
+    def direct_stats(self) -> dict[int, DirectTotals]: ...

@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ninep.client import Client
+from ninep.server import Server
+from ninep.session import SessionOptions
+from transports.address import ConnectOptions
+from transports.virtio import connect_address
 from transports.virtio import vhost_user as vu
 from transports.virtio.backend import VhostUserListener
 
@@ -70,6 +75,21 @@ async def serving(
             await nursery.start(listener.serve, handler)
             yield path, listener
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def local_client(
+    export: str | os.PathLike[str], options: SessionOptions | None = None
+) -> AsyncIterator[tuple[Client, int, VhostUserListener, Server]]:
+    """Our client attached to a local-backend server over the vhost-user front-end (msize 512K):
+    (client, root fid, the vhost-user listener, the server)."""
+    from fs_backends.local import LocalBackend
+
+    server = Server(LocalBackend(str(export)), options)
+    async with serving(server.handle, max_msize=512 * 1024) as (path, listener):
+        channel = await connect_address("vhost-user:" + path, ConnectOptions(max_msize=512 * 1024))
+        async with Client.connect(channel, msize=512 * 1024) as c:
+            yield c, await c.attach(), listener, server
 
 
 class RawPeer:

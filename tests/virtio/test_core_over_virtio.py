@@ -5,11 +5,8 @@ the virtio suite's own check that the pieces fit, including the zero-copy read l
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -18,7 +15,7 @@ from fs_backends.memory import MemoryBackend
 from ninep.client import Client
 from ninep.server import Server
 from tests.processes import wait_for_socket
-from tests.virtio.kit import serving
+from tests.virtio.kit import local_client, serving
 from transports.address import ConnectOptions
 from transports.virtio import connect_address
 
@@ -50,25 +47,12 @@ def test_server_and_client_over_vhost_user() -> None:
     trio.run(main)
 
 
-@contextlib.asynccontextmanager
-async def local_client_over_vhost_user(export: Path) -> AsyncIterator[tuple[Client, int, Any]]:
-    """Our client attached to a local-backend server over the vhost-user front-end (msize 512K):
-    (client, root fid, the vhost-user listener)."""
-    from fs_backends.local import LocalBackend
-
-    server = Server(LocalBackend(str(export)))
-    async with serving(server.handle, max_msize=512 * 1024) as (path, listener):
-        channel = await connect_address("vhost-user:" + path, ConnectOptions(max_msize=512 * 1024))
-        async with Client.connect(channel, msize=512 * 1024) as c:
-            yield c, await c.attach(), listener
-
-
 def test_local_backend_reads_go_straight_into_guest_buffers(tmp_path) -> None:  # noqa: ANN001
     data = os.urandom(700_000)
     (tmp_path / "f").write_bytes(data)
 
     async def main() -> None:
-        async with local_client_over_vhost_user(tmp_path) as (c, root, listener):
+        async with local_client(tmp_path) as (c, root, listener, _):
             assert await c.read_file(root, "f") == data
             queue_channel = listener.devices[0].vrings[0].channel
             assert queue_channel is not None and queue_channel.zero_copy_reads >= 2
@@ -81,7 +65,7 @@ def test_local_backend_writes_come_straight_from_guest_buffers(tmp_path) -> None
     value = os.urandom(3000)
 
     async def main() -> None:
-        async with local_client_over_vhost_user(tmp_path) as (c, root, listener):
+        async with local_client(tmp_path) as (c, root, listener, _):
             await c.write_file(root, "f", data)
             queue_channel = listener.devices[0].vrings[0].channel
             assert queue_channel is not None and queue_channel.zero_copy_writes >= 3

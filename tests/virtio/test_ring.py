@@ -429,12 +429,21 @@ def test_pread_error_is_oserror(ring: Ring) -> None:
     heads=st.lists(st.integers(0, 10), min_size=1, max_size=10),
     idx=st.integers(0, 0xFFFF) | st.integers(1, 10),
     split=st.booleans(),
+    direct=st.booleans(),
 )
-def test_random_driver_never_crashes(descs, heads, idx, split: bool) -> None:
+def test_random_driver_never_crashes(descs, heads, idx, split: bool, direct: bool) -> None:
     r = Ring()
+    file = os.memfd_create("direct")
     try:
         if split:  # guest memory is zeros: every readable part over 8 bytes gets split
             r.queue.set_split(0, 7, 8)
+        if direct:
+            # Guest memory full of Twrite and Tread headers for fid 0, which the queue serves
+            # itself (transports/ring/direct.c): buffers starting on one are answered there.
+            pattern = struct.pack("<IBHIQI", 27, 118, 1, 0, 0, 4) + b"abcd" + struct.pack("<IBHIQI", 23, 116, 2, 0, 0, 4096)
+            start = r.off(r.data)
+            r.mem[start:] = (pattern * (MEM_SIZE // len(pattern) + 1))[: MEM_SIZE - start]
+            assert r.queue.direct_open(0, os.dup(file), 3)
         for i, (addr, length, flags, nxt) in enumerate(descs):
             r.put(i, addr, length, flags, nxt)
         for h in heads:
@@ -468,7 +477,9 @@ def test_random_driver_never_crashes(descs, heads, idx, split: bool) -> None:
                 expected[lo - GPA_BASE : hi - GPA_BASE] = after[lo - GPA_BASE : hi - GPA_BASE]
         assert expected == after, "the device wrote outside the used ring and writable buffers"
     finally:
+        r.queue.stop()
         r.close()
+        os.close(file)
 
 
 def test_driver_writing_the_used_index_does_not_move_the_device(ring: Ring) -> None:

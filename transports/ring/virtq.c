@@ -16,7 +16,7 @@
  * jumps larger than the queue mark the queue broken (VirtqError) instead of being served.
  * This file must never write a device-readable buffer or any memory outside a mapped region.
  */
-#include "ring.h"
+#include "virtq.h"
 
 #include <endian.h>
 #include <stdarg.h>
@@ -29,32 +29,12 @@
 #include <sched.h>
 #include <time.h>
 
-#define VQ_MAX_REGIONS 64
-#define VQ_MAX_SIZE 32768
-#define VQ_MAX_INDIRECT 4096
-
-#define VRING_DESC_F_NEXT 1
-#define VRING_DESC_F_WRITE 2
-#define VRING_DESC_F_INDIRECT 4
-#define VRING_AVAIL_F_NO_INTERRUPT 1
 
 static PyObject *VirtqError;
 
 /* ------------------------------------------------------------------------------------------ */
 /* MemTable                                                                                    */
 
-typedef struct {
-    uint64_t gpa, size, uva;
-    uint8_t *host;     /* first byte of the region (map_base + mmap_offset) */
-    void *map_base;
-    size_t map_len;
-} vq_region;
-
-typedef struct {
-    PyObject_HEAD
-    int nregions;
-    vq_region regions[VQ_MAX_REGIONS];
-} MemTableObject;
 
 static void memtable_dealloc(MemTableObject *self)
 {
@@ -175,21 +155,6 @@ static PyTypeObject MemTableType = {
 /* ------------------------------------------------------------------------------------------ */
 /* VirtQueue                                                                                   */
 
-typedef struct {
-    PyObject_HEAD
-    MemTableObject *mem;
-    uint8_t *desc, *avail, *used;
-    uint32_t num;
-    uint16_t last_avail, used_idx, signalled_used;
-    uint8_t signalled_valid, event_idx, indirect, broken, stopped;
-    uint64_t max_request;
-    uint64_t inflight;
-    /* Zero-copy writes (set_split): a request whose first byte-stream byte 4 is `split_type`
-     * and whose readable part exceeds `split_min` bytes is copied only up to `split_head`
-     * bytes; the rest stays in guest memory for Chain.pwrite / Chain.read. */
-    int split_type; /* -1: never split */
-    uint32_t split_head, split_min;
-} VirtQueueObject;
 
 static PyTypeObject VirtQueueType;
 
@@ -211,6 +176,23 @@ static PyObject *vq_fail(VirtQueueObject *q, const char *fmt, ...)
     PyErr_FormatV(VirtqError, fmt, ap);
     va_end(ap);
     return NULL;
+}
+
+/* Records why a GIL-free walk failed; the caller turns it into VirtqError (vq_walk_failed). */
+__attribute__((format(printf, 2, 3))) static void vq_why(VirtQueueObject *q, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(q->why, sizeof(q->why), fmt, ap);
+    va_end(ap);
+}
+
+/* The exception for a failed vq_walk (rc -1: the ring is broken; -2: out of memory). */
+static PyObject *vq_walk_failed(VirtQueueObject *q, int rc)
+{
+    if (rc == -2)
+        return PyErr_NoMemory();
+    return vq_fail(q, "%s", q->why);
 }
 
 /* Translates the three ring areas of `q` through `mem`; 0 on success, -1 with VirtqError. */
@@ -266,6 +248,7 @@ static int vq_init(VirtQueueObject *self, PyObject *args, PyObject *kwds)
     self->last_avail = (uint16_t)last_avail;
     self->max_request = max_request;
     self->split_type = -1;
+    vq_direct_init(self);
     if (vq_map(self, mem, desc, avail, used, by_uva) < 0)
         return -1;
     /* The used index continues from wherever the ring is (it survives a back-end restart). */
@@ -275,6 +258,10 @@ static int vq_init(VirtQueueObject *self, PyObject *args, PyObject *kwds)
 
 static void vq_dealloc(VirtQueueObject *self)
 {
+    vq_direct_clear(self);
+    PyMem_RawFree(self->drd.v);
+    PyMem_RawFree(self->dwr.v);
+    PyMem_RawFree(self->diov);
     Py_XDECREF(self->mem);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -298,6 +285,7 @@ static PyObject *vq_remap(VirtQueueObject *self, PyObject *args, PyObject *kwds)
     Py_RETURN_NONE;
 }
 
+
 typedef struct {
     uint64_t addr;
     uint32_t len;
@@ -313,21 +301,14 @@ static inline void vq_read_desc(const uint8_t *table, uint32_t i, vq_desc *d)
     d->next = le16toh(ring_load16(p + 14));
 }
 
-typedef struct {
-    struct iovec *v;
-    int n, cap;
-    uint64_t total;
-} vq_segs;
 
 static int segs_push(vq_segs *s, uint8_t *p, uint64_t len)
 {
     if (s->n == s->cap) {
         int cap = s->cap ? s->cap * 2 : 16;
-        struct iovec *v = PyMem_Realloc(s->v, sizeof(*v) * (size_t)cap);
-        if (v == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
+        struct iovec *v = PyMem_RawRealloc(s->v, sizeof(*v) * (size_t)cap);
+        if (v == NULL)
+            return -2;
         s->v = v;
         s->cap = cap;
     }
@@ -343,64 +324,27 @@ static int segs_add(VirtQueueObject *q, vq_segs *s, uint64_t addr, uint32_t len)
 {
     uint64_t left = len;
     if (addr + left < addr) {
-        vq_fail(q, "descriptor address wraps around");
+        vq_why(q, "descriptor address wraps around");
         return -1;
     }
     while (left) {
         uint64_t room;
         uint8_t *p = mem_at(q->mem, addr, &room);
         if (p == NULL) {
-            vq_fail(q, "descriptor buffer 0x%llx+%u outside guest memory", (unsigned long long)addr, len);
+            vq_why(q, "descriptor buffer 0x%llx+%u outside guest memory", (unsigned long long)addr, len);
             return -1;
         }
         uint64_t take = left < room ? left : room;
-        if (segs_push(s, p, take) < 0)
-            return -1;
+        int rc = segs_push(s, p, take);
+        if (rc < 0)
+            return rc;
         addr += take;
         left -= take;
     }
     return 0;
 }
 
-/* Copies bytes [pos, pos+len) of the segment stream into `dst`; the caller checked the bounds. */
-static void segs_copy(const vq_segs *s, uint64_t pos, uint8_t *dst, uint64_t len)
-{
-    for (int k = 0; k < s->n && len; k++) {
-        uint64_t seg = s->v[k].iov_len;
-        if (pos >= seg) {
-            pos -= seg;
-            continue;
-        }
-        uint64_t take = seg - pos < len ? seg - pos : len;
-        memcpy(dst, (uint8_t *)s->v[k].iov_base + pos, (size_t)take);
-        dst += take;
-        len -= take;
-        pos = 0;
-    }
-}
 
-/*
- * Fills `iov` (room for `n` entries) with the pieces of bytes [pos, pos+len) of the segment
- * array `v`; returns how many entries were used. The caller checked the bounds.
- */
-static int segs_slice(const struct iovec *v, int n, uint64_t pos, uint64_t len, struct iovec *iov)
-{
-    int cnt = 0;
-    for (int k = 0; k < n && len; k++) {
-        uint64_t seg = v[k].iov_len;
-        if (pos >= seg) {
-            pos -= seg;
-            continue;
-        }
-        uint64_t take = seg - pos < len ? seg - pos : len;
-        iov[cnt].iov_base = (uint8_t *)v[k].iov_base + pos;
-        iov[cnt].iov_len = (size_t)take;
-        cnt++;
-        len -= take;
-        pos = 0;
-    }
-    return cnt;
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Chain                                                                                       */
@@ -429,39 +373,39 @@ static void chain_dealloc(ChainObject *self)
     Py_XDECREF(self->queue);
     Py_XDECREF(self->mem);
     Py_XDECREF(self->request);
-    PyMem_Free(self->w);
-    PyMem_Free(self->r);
+    PyMem_RawFree(self->w);
+    PyMem_RawFree(self->r);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Walks the chain starting at `head`; fills readable/writable segments or fails the queue. */
-static int vq_walk(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr)
+/* Walks the chain starting at `head` (see virtq.h: GIL-free, errors in q->why). */
+int vq_walk(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr)
 {
     const uint8_t *table = q->desc;
     uint32_t limit = q->num, count = 0, i = head;
     int in_indirect = 0;
     vq_desc d;
     if (i >= q->num) {
-        vq_fail(q, "head index %u out of range", i);
+        vq_why(q, "head index %u out of range", i);
         return -1;
     }
     vq_read_desc(table, i, &d);
     if (d.flags & VRING_DESC_F_INDIRECT) {
         if (!q->indirect) {
-            vq_fail(q, "INDIRECT descriptor without the feature");
+            vq_why(q, "INDIRECT descriptor without the feature");
             return -1;
         }
         if (d.flags & VRING_DESC_F_NEXT) {
-            vq_fail(q, "INDIRECT descriptor with NEXT");
+            vq_why(q, "INDIRECT descriptor with NEXT");
             return -1;
         }
         if (d.len == 0 || d.len % 16 || d.len / 16 > VQ_MAX_INDIRECT || (d.addr & 7)) {
-            vq_fail(q, "bad indirect table (len %u)", d.len);
+            vq_why(q, "bad indirect table (len %u)", d.len);
             return -1;
         }
         table = mem_contig(q->mem, d.addr, d.len, 0);
         if (table == NULL) {
-            vq_fail(q, "indirect table outside guest memory");
+            vq_why(q, "indirect table outside guest memory");
             return -1;
         }
         limit = d.len / 16;
@@ -471,29 +415,31 @@ static int vq_walk(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr)
     }
     for (;;) {
         if (++count > limit) {
-            vq_fail(q, "descriptor chain loops or is longer than its table");
+            vq_why(q, "descriptor chain loops or is longer than its table");
             return -1;
         }
         if (d.flags & VRING_DESC_F_INDIRECT) {
-            vq_fail(q, in_indirect ? "INDIRECT inside an indirect table" : "INDIRECT in the middle of a chain");
+            vq_why(q, in_indirect ? "INDIRECT inside an indirect table" : "INDIRECT in the middle of a chain");
             return -1;
         }
         if (d.flags & VRING_DESC_F_WRITE) {
-            if (segs_add(q, wr, d.addr, d.len) < 0)
-                return -1;
+            int rc = segs_add(q, wr, d.addr, d.len);
+            if (rc < 0)
+                return rc;
             if (wr->total > UINT32_MAX) {
-                vq_fail(q, "writable part larger than 4 GiB");
+                vq_why(q, "writable part larger than 4 GiB");
                 return -1;
             }
         } else {
             if (wr->n > 0 || wr->total > 0) {
-                vq_fail(q, "device-readable descriptor after a writable one");
+                vq_why(q, "device-readable descriptor after a writable one");
                 return -1;
             }
-            if (segs_add(q, rd, d.addr, d.len) < 0)
-                return -1;
+            int rc = segs_add(q, rd, d.addr, d.len);
+            if (rc < 0)
+                return rc;
             if (rd->total > q->max_request) {
-                vq_fail(q, "request larger than %llu bytes", (unsigned long long)q->max_request);
+                vq_why(q, "request larger than %llu bytes", (unsigned long long)q->max_request);
                 return -1;
             }
         }
@@ -501,7 +447,7 @@ static int vq_walk(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr)
             return 0;
         i = d.next;
         if (i >= limit) {
-            vq_fail(q, "next index %u out of range", i);
+            vq_why(q, "next index %u out of range", i);
             return -1;
         }
         vq_read_desc(table, i, &d);
@@ -538,6 +484,10 @@ static PyObject *vq_pop(VirtQueueObject *q, PyObject *const *args, Py_ssize_t na
         return vq_fail(q, "queue is broken");
     if (q->stopped)
         Py_RETURN_NONE;
+    if (q->ndirect > 0) {
+        int more;
+        vq_direct_serve(q, 1, VQ_DIRECT_BATCH, &more);
+    }
     uint16_t avail_idx = le16toh(ring_load16(q->avail + 2));
     if (avail_idx == q->last_avail) {
         if (!q->event_idx || !arm)
@@ -554,8 +504,11 @@ static PyObject *vq_pop(VirtQueueObject *q, PyObject *const *args, Py_ssize_t na
 
     vq_segs rd = {0}, wr = {0};
     ChainObject *c = NULL;
-    if (vq_walk(q, head, &rd, &wr) < 0)
+    int rc = vq_walk(q, head, &rd, &wr);
+    if (rc < 0) {
+        vq_walk_failed(q, rc);
         goto fail;
+    }
     c = PyObject_New(ChainObject, &ChainType);
     if (c == NULL)
         goto fail;
@@ -591,7 +544,7 @@ static PyObject *vq_pop(VirtQueueObject *q, PyObject *const *args, Py_ssize_t na
         segs_copy(&rd, 0, (uint8_t *)PyBytes_AS_STRING(c->request), rd.total);
     }
     /* ---- end zero-copy writes ---- */
-    PyMem_Free(rd.v);
+    PyMem_RawFree(rd.v);
     c->w = wr.v;
     c->nw = wr.n;
     Py_INCREF(q);
@@ -600,22 +553,23 @@ static PyObject *vq_pop(VirtQueueObject *q, PyObject *const *args, Py_ssize_t na
     c->mem = q->mem;
     q->inflight++;
     q->last_avail++;
+    q->declined = -1;
     /* avail_event is left where the last empty pop put it: while the device keeps popping, the
      * driver need not kick (a kick per request costs the guest an exit and us a wakeup). The pop
      * that finds the ring empty asks for the next kick and looks again, so none is missed. */
     return (PyObject *)c;
 fail:
-    PyMem_Free(rd.v);
+    PyMem_RawFree(rd.v);
     if (c != NULL) {
         c->w = NULL;
         Py_DECREF(c);
     }
-    PyMem_Free(wr.v);
+    PyMem_RawFree(wr.v);
     return NULL;
 }
 
-/* Publishes one used element; returns whether the driver wants an interrupt. */
-static int vq_push(VirtQueueObject *q, uint16_t head, uint32_t len)
+/* Publishes one used element (virtq.h). */
+int vq_push(VirtQueueObject *q, uint16_t head, uint32_t len)
 {
     uint8_t *elem = q->used + 4 + 8 * (size_t)(q->used_idx % q->num);
     ring_store32(elem, htole32(head));
@@ -634,7 +588,7 @@ static int vq_push(VirtQueueObject *q, uint16_t head, uint32_t len)
     return !valid || (uint16_t)(new_ - event - 1) < (uint16_t)(new_ - old);
 }
 
-static uint64_t vq_now_ns(void)
+uint64_t vq_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -668,14 +622,26 @@ static PyObject *vq_poll(VirtQueueObject *q, PyObject *args)
     int found = 0;
     Py_BEGIN_ALLOW_THREADS
     uint64_t start = vq_now_ns(), next_check = start + 2000;
+    /* Direct I/O restarts the window, but the event loop gets control back at least this often:
+     * its timers do not make its epoll fd readable. */
+    uint64_t end = start + (budget > VQ_POLL_MAX_NS ? budget : VQ_POLL_MAX_NS);
     for (;;) {
         if (le16toh(ring_load16(q->avail + 2)) != last) {
+            int more = 1;
+            if (q->ndirect > 0 && vq_direct_serve(q, 0, VQ_DIRECT_BATCH, &more) > 0 && !more) {
+                /* Served here, and the device is idle again: the window starts over. */
+                last = q->last_avail;
+                start = vq_now_ns();
+                if (start < end)
+                    continue;
+                break;
+            }
             found = 1;
             break;
         }
         __builtin_ia32_pause();
         uint64_t now = vq_now_ns();
-        if (now - start >= budget)
+        if (now - start >= budget || now >= end)
             break;
         if (now >= next_check) {
             if (fd >= 0) {
@@ -705,6 +671,7 @@ static PyObject *vq_stop(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
     if (!vq_ready(q))
         return NULL;
     q->stopped = 1;
+    vq_direct_clear(q);
     return PyLong_FromUnsignedLong(q->last_avail);
 }
 
@@ -745,19 +712,39 @@ static PyGetSetDef vq_getset[] = {
     {"broken", (getter)vq_get_broken, NULL, "the driver broke the ring rules; needs a reset", NULL},
     {"num", (getter)vq_get_num, NULL, "queue size", NULL},
     {"inflight", (getter)vq_get_inflight, NULL, "chains popped and not completed", NULL},
+    {"direct_served", (getter)vq_get_direct_served, NULL, "requests served by direct I/O so far", NULL},
+    {"direct_last_ns", (getter)vq_get_direct_last_ns, NULL,
+     "CLOCK_MONOTONIC ns (time.perf_counter_ns) when direct I/O last completed a request", NULL},
+    {"direct_notified", (getter)vq_get_direct_notified, NULL, "interrupts sent by direct I/O so far", NULL},
+    {"direct_fids", (getter)vq_get_direct_fids, NULL, "fids registered for direct I/O", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyMethodDef vq_methods[] = {
     {"pop", (PyCFunction)(void (*)(void))vq_pop, METH_FASTCALL,
      "pop(arm=True): next available Chain, or None (with arm, the driver is asked to kick at its next "
-     "buffer). Raises VirtqError if the ring is broken."},
+     "buffer); Tread/Twrite on direct fids before it are served here. Raises VirtqError if the ring is broken."},
     {"remap", (PyCFunction)(void (*)(void))vq_remap, METH_VARARGS | METH_KEYWORDS,
      "Follow a memory-table change: remap(mem, desc, avail, used, by_uva=True)."},
     {"poll", (PyCFunction)vq_poll, METH_VARARGS,
      "poll(budget_ns, fd=-1) -> bool: spin (GIL released, kicks suppressed) until a buffer is available, "
-     "at most budget_ns, or until fd is readable."},
+     "at most budget_ns, or until fd is readable. Direct I/O requests are served meanwhile, each restarting the "
+     "budget."},
     {"stop", (PyCFunction)vq_stop, METH_NOARGS, "Stop the queue; returns last_avail (for GET_VRING_BASE)."},
+    {"direct_open", (PyCFunction)vq_direct_open, METH_VARARGS,
+     "direct_open(fid, fd, flags) -> bool: serve Tread (flags & 1) / Twrite (flags & 2) on `fid` here, on `fd`, "
+     "which the queue now owns (closes); False (fd not taken) when the table is full."},
+    {"direct_close", (PyCFunction)vq_direct_close, METH_O,
+     "direct_close(fid) -> bool: stop serving `fid` here and close its fd."},
+    {"direct_clear", (PyCFunction)vq_direct_clear_py, METH_NOARGS, "direct_close every fid."},
+    {"direct_stats", (PyCFunction)vq_direct_stats_py, METH_NOARGS,
+     "direct_stats() -> {msgtype: (count, bytes, ns, buckets)}: the requests direct I/O served, so far."},
+    {"set_call", (PyCFunction)vq_set_call, METH_O,
+     "set_call(fd): the call eventfd direct I/O interrupts the driver with (-1: none). Stays the caller's."},
+    {"set_msize", (PyCFunction)vq_set_msize, METH_O, "set_msize(msize): the negotiated 9P msize, for direct I/O."},
+    {"set_write_guard", (PyCFunction)vq_set_write_guard, METH_VARARGS,
+     "set_write_guard(slow_ns, backoff_ns): a direct write that slept and took longer than slow_ns turns "
+     "direct writes off for backoff_ns."},
     {"mark_broken", (PyCFunction)vq_mark_broken, METH_O, "Mark the queue broken and raise VirtqError(reason)."},
     {"set_split", (PyCFunction)vq_set_split, METH_VARARGS,
      "set_split(msgtype, head, minimum): requests of that type (byte 4) longer than `minimum` keep all but "

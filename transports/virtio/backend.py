@@ -312,6 +312,8 @@ class Device:
     def _set_vring_call(self, msg: vu.Message) -> None:
         vr, fd = self._vring_fd(msg)
         old, vr.call = vr.call, fd
+        if vr.queue is not None:
+            vr.queue.set_call(-1 if fd is None else fd)  # direct I/O interrupts through it too
         _close(old)
 
     def _set_vring_err(self, msg: vu.Message) -> None:
@@ -360,6 +362,7 @@ class Device:
             self._signal_error(vr)
             return
         queue.set_split(*split_args())  # large Twrite data stays in guest memory (zero-copy)
+        queue.set_call(-1 if vr.call is None else vr.call)
         self.starts += 1
         vr.queue = queue
         vr.channel = QueueChannel(

@@ -13,6 +13,8 @@ finds us awake, and need not kick.
 Requests are handed out as soon as they are popped, so the server may process several at once
 and answer them in any order. `send_rread` reads a file straight into the chain's buffers; a large
 Twrite arrives with its data left in guest memory (`take_payload`, written to a file with pwritev).
+Tread and Twrite on fids the session registered (`direct_open`, transports.base.DirectIO) never
+reach it: the queue serves them itself while popping or spinning (transports/ring/direct.c).
 
 This module must never parse a 9P message beyond its header, except Tflush's oldtag (to return a
 flushed request's buffers to the driver) and the fixed Twrite header (to leave its data in place).
@@ -30,7 +32,7 @@ from typing import Any, Protocol
 
 import trio
 
-from transports.base import Buffer
+from transports.base import Buffer, DirectTotals
 from transports.virtio._ext import Chain, VirtqError, drain_eventfd, signal_eventfd
 from transports.virtio.polling import AdaptivePoll, event_loop_fd
 
@@ -41,7 +43,7 @@ RREAD_HEADER = struct.Struct("<IBHI")
 RLERROR = struct.Struct("<IBHI")
 #: size[4] type[1] tag[2] fid[4] offset[8] count[4], the same in every dialect.
 TWRITE_HEADER = struct.Struct("<IBHIQI")
-TFLUSH, RFLUSH, RREAD, TWRITE, RLERROR_TYPE = 108, 109, 117, 118, 7
+TFLUSH, RFLUSH, TREAD, RREAD, TWRITE, RLERROR_TYPE = 108, 109, 116, 117, 118, 7
 #: Twrites with more data than this keep it in guest memory (Linux's own zero-copy threshold).
 ZERO_COPY_WRITE_MIN = 1024
 EINVAL, EMSGSIZE, EOPNOTSUPP = 22, 90, 95
@@ -126,8 +128,8 @@ class QueueChannel:
         self._flushes: dict[int, int] = {}  # tag of a Tflush -> the tag it flushes
         self._payloads: dict[int, GuestPayload] = {}  # tag of a split Twrite -> its data
         self._closed = False
-        self.zero_copy_reads = 0  # Rreads that went file -> guest buffers directly
-        self.zero_copy_writes = 0  # Twrites handed out with their data left in guest memory
+        self._zero_copy_reads = 0  # Rreads that went file -> guest buffers directly
+        self._zero_copy_writes = 0  # Twrites handed out with their data left in guest memory
         self._nowait = True  # try preadv2(RWF_NOWAIT) on the loop before a worker thread
         self._poll = poll or AdaptivePoll(0)
         self._loop_fd = event_loop_fd() if self._poll.max_ns else -1
@@ -175,7 +177,7 @@ class QueueChannel:
         if size != TWRITE_HEADER.size + count:
             return memoryview(head + chain.read(len(head), size - len(head)))
         self._payloads[tag] = GuestPayload(chain, TWRITE_HEADER.size, count)
-        self.zero_copy_writes += 1
+        self._zero_copy_writes += 1
         return memoryview(TWRITE_HEADER.pack(TWRITE_HEADER.size, TWRITE, tag, fid, offset, 0))
 
     def take_payload(self, tag: int) -> GuestPayload | None:
@@ -218,16 +220,27 @@ class QueueChannel:
             # (the spin asks for one when it gives up). While requests are in flight the reader
             # sleeps; the last reply wakes it to spin (`_complete`).
             spin = not spun and self._poll.ns > 0 and not self._inflight
+            served = self._queue.direct_served
             try:
                 message = self._next(arm=not spin)
             except VirtqError as exc:
                 log.warning("%s: queue broken: %s", self.peer, exc)
                 self._broken(str(exc))  # closes this channel
                 break
+            if self._queue.direct_served != served:
+                # Requests came and were answered by direct I/O: they end an idle period like
+                # any request, and the device has been idle again since the last of them.
+                self._arrived()
+                if not self._inflight and self._poll.max_ns:
+                    self._idle_since = self._queue.direct_last_ns
+                spun = False
+                if message is None:
+                    # Spin for the next one (above), letting other tasks run first: a driver that
+                    # keeps the ring full of such requests must not keep the loop to itself.
+                    await trio.lowlevel.checkpoint()
+                    continue
             if message is not None:
-                if self._idle_since:
-                    self._poll.update(time.perf_counter_ns() - self._idle_since)
-                    self._idle_since = 0
+                self._arrived()
                 # A ring kept full hands out requests without waiting; let the workers they
                 # started run now and then (an empty ring makes us wait anyway).
                 self._unyielded += 1
@@ -260,14 +273,24 @@ class QueueChannel:
             spun = False
         raise trio.EndOfChannel
 
+    def _arrived(self) -> None:
+        """A request arrived: the idle period it ends tunes the polling window."""
+        if self._idle_since:
+            self._poll.update(time.perf_counter_ns() - self._idle_since)
+            self._idle_since = 0
+
     async def _spin(self) -> bool:
-        """Whether a request arrived while spinning on the ring for the current window. Tasks
-        already runnable go first: the spin holds the event loop (it ends early only when the
-        loop's epoll fd has something)."""
+        """Whether a request for the session arrived while spinning on the ring for the current
+        window. Tasks already runnable go first: the spin holds the event loop (it ends early only
+        when the loop's epoll fd has something). Direct I/O requests are answered during the spin,
+        each one starting the window again."""
         await trio.lowlevel.checkpoint()
         if self._closed or not self._ring.enabled:
             return False
+        served = self._queue.direct_served
         found: bool = self._queue.poll(self._poll.ns, self._loop_fd)
+        if self._queue.direct_served != served:
+            self._idle_since = self._queue.direct_last_ns  # each was caught by the window
         return found
 
     async def send(self, parts: Sequence[Buffer]) -> None:
@@ -314,7 +337,7 @@ class QueueChannel:
             if not self._closed:
                 self._inflight.setdefault(tag, deque()).appendleft(chain)
             raise
-        self.zero_copy_reads += 1
+        self._zero_copy_reads += 1
         if not self._closed:
             chain.write([RREAD_HEADER.pack(RREAD_HEADER.size + n, RREAD, tag, n)])
             self._complete(chain, RREAD_HEADER.size + n)
@@ -338,6 +361,35 @@ class QueueChannel:
 
     def set_msize(self, msize: int) -> None:
         self._msize = min(msize, self.max_message_size)
+        self._queue.set_msize(self._msize)
+
+    # -- DirectIO -----------------------------------------------------------------------------
+    def direct_open(self, fid: int, fd: int, readable: bool, writable: bool) -> bool:
+        flags = (1 if readable else 0) | (2 if writable else 0)
+        if self._closed or not flags:
+            return False
+        taken: bool = self._queue.direct_open(fid, fd, flags)
+        return taken
+
+    def direct_close(self, fid: int) -> None:
+        self._queue.direct_close(fid)
+
+    def direct_stats(self) -> dict[int, DirectTotals]:
+        stats: dict[int, DirectTotals] = self._queue.direct_stats()
+        return stats
+
+    @property
+    def zero_copy_reads(self) -> int:
+        """Rreads that went from a file straight into guest buffers (here or by direct I/O)."""
+        direct = self._queue.direct_stats().get(TREAD)
+        return self._zero_copy_reads + (direct[0] if direct else 0)
+
+    @property
+    def zero_copy_writes(self) -> int:
+        """Twrites whose data went from guest buffers straight to a file, or was handed out in
+        guest memory (`take_payload`)."""
+        direct = self._queue.direct_stats().get(TWRITE)
+        return self._zero_copy_writes + (direct[0] if direct else 0)
 
     async def aclose(self) -> None:
         self.close()

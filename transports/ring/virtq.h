@@ -1,0 +1,191 @@
+/*
+ * Internals of the virtqueue part of the ring extension, shared by virtq.c (the queue, its
+ * chains, the Python types) and direct.c (requests served in C without reaching Python).
+ *
+ * Everything declared here that takes a VirtQueueObject runs on the one thread that pops the
+ * queue. Functions marked GIL-free neither need the GIL nor touch any Python object, so the spin
+ * in VirtQueue.poll may call them with the GIL released.
+ */
+#ifndef NINEP_VIRTQ_H
+#define NINEP_VIRTQ_H
+
+#include "ring.h"
+
+#include <string.h>
+
+#define VQ_MAX_REGIONS 64
+#define VQ_MAX_SIZE 32768
+#define VQ_MAX_INDIRECT 4096
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+
+typedef struct {
+    uint64_t gpa, size, uva;
+    uint8_t *host;     /* first byte of the region (map_base + mmap_offset) */
+    void *map_base;
+    size_t map_len;
+} vq_region;
+
+typedef struct {
+    PyObject_HEAD
+    int nregions;
+    vq_region regions[VQ_MAX_REGIONS];
+} MemTableObject;
+
+typedef struct {
+    struct iovec *v;
+    int n, cap;
+    uint64_t total;
+} vq_segs;
+
+/* ---- direct I/O (direct.c) ---- */
+
+/* Open fids whose Tread/Twrite the queue serves itself, at most this many per queue (each holds
+ * a dup of its file's fd). */
+#define VQ_DIRECT_MAX 64
+/* Requests served per pop() or per arrival seen by poll() before Python gets the loop back. */
+#define VQ_DIRECT_BATCH 32
+/* The longest poll() when direct I/O keeps restarting its window (ns). */
+#define VQ_POLL_MAX_NS 1000000
+/* Latency histogram buckets: bucket i counts requests whose microseconds have bit length i (the
+ * last bucket takes the rest), as ninep.metrics does. */
+#define VQ_DIRECT_BUCKETS 25
+#define VQ_DIRECT_READ 1
+#define VQ_DIRECT_WRITE 2
+
+typedef struct {
+    uint32_t fid;
+    int fd;           /* owned by the queue */
+    uint8_t flags;    /* VQ_DIRECT_READ | VQ_DIRECT_WRITE */
+} vq_direct_fid;
+
+typedef struct {
+    uint64_t count, bytes, ns;
+    uint64_t buckets[VQ_DIRECT_BUCKETS];
+} vq_direct_stats;
+
+typedef struct {
+    PyObject_HEAD
+    MemTableObject *mem;
+    uint8_t *desc, *avail, *used;
+    uint32_t num;
+    uint16_t last_avail, used_idx, signalled_used;
+    uint8_t signalled_valid, event_idx, indirect, broken, stopped;
+    uint64_t max_request;
+    uint64_t inflight;
+    /* Zero-copy writes (set_split): a request whose first byte-stream byte 4 is `split_type`
+     * and whose readable part exceeds `split_min` bytes is copied only up to `split_head`
+     * bytes; the rest stays in guest memory for Chain.pwrite / Chain.read. */
+    int split_type; /* -1: never split */
+    uint32_t split_head, split_min;
+    /* Why the last vq_walk failed (it runs without the GIL, so cannot raise). */
+    char why[160];
+    /* Direct I/O: see direct.c. */
+    vq_direct_fid direct[VQ_DIRECT_MAX];
+    int ndirect;
+    int call_fd;                    /* -1: no interrupt can be sent */
+    uint32_t msize;                 /* negotiated 9P msize */
+    uint64_t write_slow_ns, write_backoff_ns, writes_off_until;
+    vq_direct_stats dstats[2];      /* [0] Tread, [1] Twrite; read by direct_stats() */
+    uint64_t direct_served, direct_last_ns, direct_notified;
+    int32_t declined;               /* avail index of a chain direct I/O gave up on; -1: none */
+    vq_segs drd, dwr;               /* scratch segment lists, reused */
+    struct iovec *diov;
+    int diov_cap;
+} VirtQueueObject;
+
+/* GIL-free. Walks the chain at `head` into readable/writable host segments (appended to rd and
+ * wr, allocated with PyMem_Raw*). 0 on success; -1 when the driver broke the ring rules (q->why
+ * says how; the caller marks the queue broken); -2 when out of memory. */
+int vq_walk(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr);
+/* GIL-free. Publishes one used element; returns whether the driver wants an interrupt. */
+int vq_push(VirtQueueObject *q, uint16_t head, uint32_t len);
+/* GIL-free. CLOCK_MONOTONIC in ns (the clock of Python's time.perf_counter_ns on Linux). */
+uint64_t vq_now_ns(void);
+
+/* GIL-free (gil=0) or called with the GIL held (gil=1: released around file I/O). Serves the
+ * available chains that are Tread/Twrite on direct fids, in ring order, at most `max`; stops at
+ * the first other chain, leaving it (and any chain it could not walk) for pop(). Returns how many
+ * it served; *more is 1 when a chain is still available. */
+int vq_direct_serve(VirtQueueObject *q, int gil, unsigned max, int *more);
+/* Closes every direct fid's fd (stop, dealloc, direct_clear). */
+void vq_direct_clear(VirtQueueObject *q);
+/* Sets the defaults of the direct-I/O fields (vq_init). */
+void vq_direct_init(VirtQueueObject *q);
+
+/* VirtQueue methods and attributes defined in direct.c (listed in virtq.c's tables). */
+PyObject *vq_direct_open(VirtQueueObject *q, PyObject *args);
+PyObject *vq_direct_close(VirtQueueObject *q, PyObject *arg);
+PyObject *vq_direct_clear_py(VirtQueueObject *q, PyObject *ignored);
+PyObject *vq_direct_stats_py(VirtQueueObject *q, PyObject *ignored);
+PyObject *vq_set_call(VirtQueueObject *q, PyObject *arg);
+PyObject *vq_set_msize(VirtQueueObject *q, PyObject *arg);
+PyObject *vq_set_write_guard(VirtQueueObject *q, PyObject *args);
+PyObject *vq_get_direct_served(VirtQueueObject *q, void *closure);
+PyObject *vq_get_direct_last_ns(VirtQueueObject *q, void *closure);
+PyObject *vq_get_direct_notified(VirtQueueObject *q, void *closure);
+PyObject *vq_get_direct_fids(VirtQueueObject *q, void *closure);
+
+/* ---- segment streams ---- */
+
+/* Copies bytes [pos, pos+len) of the segment stream into `dst`; the caller checked the bounds. */
+static inline void segs_copy(const vq_segs *s, uint64_t pos, uint8_t *dst, uint64_t len)
+{
+    for (int k = 0; k < s->n && len; k++) {
+        uint64_t seg = s->v[k].iov_len;
+        if (pos >= seg) {
+            pos -= seg;
+            continue;
+        }
+        uint64_t take = seg - pos < len ? seg - pos : len;
+        memcpy(dst, (uint8_t *)s->v[k].iov_base + pos, (size_t)take);
+        dst += take;
+        len -= take;
+        pos = 0;
+    }
+}
+
+/* Copies `len` bytes from `src` into the segment stream at `pos`; the caller checked the bounds. */
+static inline void segs_put(const vq_segs *s, uint64_t pos, const uint8_t *src, uint64_t len)
+{
+    for (int k = 0; k < s->n && len; k++) {
+        uint64_t seg = s->v[k].iov_len;
+        if (pos >= seg) {
+            pos -= seg;
+            continue;
+        }
+        uint64_t take = seg - pos < len ? seg - pos : len;
+        memcpy((uint8_t *)s->v[k].iov_base + pos, src, (size_t)take);
+        src += take;
+        len -= take;
+        pos = 0;
+    }
+}
+
+/*
+ * Fills `iov` (room for `n` entries) with the pieces of bytes [pos, pos+len) of the segment
+ * array `v`; returns how many entries were used. The caller checked the bounds.
+ */
+static inline int segs_slice(const struct iovec *v, int n, uint64_t pos, uint64_t len, struct iovec *iov)
+{
+    int cnt = 0;
+    for (int k = 0; k < n && len; k++) {
+        uint64_t seg = v[k].iov_len;
+        if (pos >= seg) {
+            pos -= seg;
+            continue;
+        }
+        uint64_t take = seg - pos < len ? seg - pos : len;
+        iov[cnt].iov_base = (uint8_t *)v[k].iov_base + pos;
+        iov[cnt].iov_len = (size_t)take;
+        cnt++;
+        len -= take;
+        pos = 0;
+    }
+    return cnt;
+}
+
+#endif
