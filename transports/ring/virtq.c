@@ -782,23 +782,6 @@ static int chain_check(ChainObject *c)
     return 0;
 }
 
-/* Copies `len` bytes from `src` into the writable stream at `pos`. Caller checked the bounds. */
-static void chain_put(ChainObject *c, uint64_t pos, const uint8_t *src, uint64_t len)
-{
-    for (int k = 0; k < c->nw && len; k++) {
-        uint64_t seg = c->w[k].iov_len;
-        if (pos >= seg) {
-            pos -= seg;
-            continue;
-        }
-        uint64_t take = seg - pos < len ? seg - pos : len;
-        memcpy((uint8_t *)c->w[k].iov_base + pos, src, (size_t)take);
-        src += take;
-        len -= take;
-        pos = 0;
-    }
-}
-
 /* write(parts, offset=0) -> int: scatter the buffers, in order, into the writable part. */
 static PyObject *chain_write(ChainObject *c, PyObject *args, PyObject *kwds)
 {
@@ -832,8 +815,9 @@ static PyObject *chain_write(ChainObject *c, PyObject *args, PyObject *kwds)
         goto out;
     }
     uint64_t pos = offset;
+    vq_segs out = {c->w, c->nw, c->nw, c->capacity};
     for (Py_ssize_t k = 0; k < n; k++) {
-        chain_put(c, pos, views[k].buf, (uint64_t)views[k].len);
+        segs_put(&out, pos, views[k].buf, (uint64_t)views[k].len);
         pos += (uint64_t)views[k].len;
     }
     result = PyLong_FromUnsignedLongLong(total);

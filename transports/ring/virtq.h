@@ -131,8 +131,9 @@ PyObject *vq_get_direct_fids(VirtQueueObject *q, void *closure);
 
 /* ---- segment streams ---- */
 
-/* Copies bytes [pos, pos+len) of the segment stream into `dst`; the caller checked the bounds. */
-static inline void segs_copy(const vq_segs *s, uint64_t pos, uint8_t *dst, uint64_t len)
+/* Moves bytes between [pos, pos+len) of the segment stream and `buf`: out of the stream, or into
+ * it when `into`. The caller checked the bounds. */
+static inline void segs_move(const vq_segs *s, uint64_t pos, uint8_t *buf, uint64_t len, int into)
 {
     for (int k = 0; k < s->n && len; k++) {
         uint64_t seg = s->v[k].iov_len;
@@ -141,28 +142,25 @@ static inline void segs_copy(const vq_segs *s, uint64_t pos, uint8_t *dst, uint6
             continue;
         }
         uint64_t take = seg - pos < len ? seg - pos : len;
-        memcpy(dst, (uint8_t *)s->v[k].iov_base + pos, (size_t)take);
-        dst += take;
+        uint8_t *at = (uint8_t *)s->v[k].iov_base + pos;
+        if (into)
+            memcpy(at, buf, (size_t)take);
+        else
+            memcpy(buf, at, (size_t)take);
+        buf += take;
         len -= take;
         pos = 0;
     }
 }
 
-/* Copies `len` bytes from `src` into the segment stream at `pos`; the caller checked the bounds. */
+static inline void segs_copy(const vq_segs *s, uint64_t pos, uint8_t *dst, uint64_t len)
+{
+    segs_move(s, pos, dst, len, 0);
+}
+
 static inline void segs_put(const vq_segs *s, uint64_t pos, const uint8_t *src, uint64_t len)
 {
-    for (int k = 0; k < s->n && len; k++) {
-        uint64_t seg = s->v[k].iov_len;
-        if (pos >= seg) {
-            pos -= seg;
-            continue;
-        }
-        uint64_t take = seg - pos < len ? seg - pos : len;
-        memcpy((uint8_t *)s->v[k].iov_base + pos, src, (size_t)take);
-        src += take;
-        len -= take;
-        pos = 0;
-    }
+    segs_move(s, pos, (uint8_t *)src, len, 1);
 }
 
 /*
