@@ -43,6 +43,21 @@ def test_window_halves_and_vanishes_when_the_ring_stays_idle() -> None:
     assert p.ns == 0  # an idle guest costs no spinning
 
 
+def test_window_survives_pauses_after_bursts_it_served() -> None:
+    """A guest's dd: 1 MiB writes ~1 ms apart, each three 9P writes ~200 µs apart. The pause
+    between writes must not cost the window the next write's requests."""
+    p = AdaptivePoll(max_ns=400 * US, ns=256 * US)
+    p.caught()
+    for _ in range(10):
+        p.update(1_100 * US)  # the pause before a write...
+        assert p.ns == 256 * US
+        p.update(200 * US)  # ...whose next two requests the window catches
+        p.caught()  # (one of them answered inside the spin)
+    p.update(1_100 * US)  # a pause after the last burst: kept once...
+    p.update(5_000 * US)
+    assert p.ns == 128 * US  # ...then an idle guest's window shrinks as before
+
+
 def test_no_window_when_polling_is_off() -> None:
     p = AdaptivePoll(max_ns=0)
     for idle in (1, 10 * US, 10_000 * US):

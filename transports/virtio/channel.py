@@ -291,6 +291,7 @@ class QueueChannel:
         found: bool = self._queue.poll(self._poll.ns, self._loop_fd)
         if self._queue.direct_served != served:
             self._idle_since = self._queue.direct_last_ns  # each was caught by the window
+            self._poll.caught()
         return found
 
     async def send(self, parts: Sequence[Buffer]) -> None:

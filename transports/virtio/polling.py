@@ -7,9 +7,12 @@ times the CPU of the request itself. A driver that sends its next request soon a
 reply (Linux sends one `stat()` as seven requests in a row) is better served by spinning on the
 ring for a little while, kicks suppressed, as QEMU's iothreads and vhost do. How long is learnt
 the way QEMU's adaptive polling does: the window doubles while requests arrive a little too late
-for it and halves whenever the ring stays idle past the longest window, so an idle or sparse
-guest soon costs no CPU. (QEMU drops the window to nothing at once; Linux's `stat()` loop pauses
-between files just long enough that regrowing from nothing cost most of the next file.)
+for it and halves when the ring stays idle past the longest window, so an idle or sparse guest
+soon costs no CPU. (QEMU drops the window to nothing at once; Linux's `stat()` loop pauses
+between files just long enough that regrowing from nothing cost most of the next file.) A long
+pause after a burst the window served does not halve it: a guest's `dd` pauses ~1 ms between its
+1 MiB writes, each three 9P writes ~200 µs apart, and halving at every pause lost a third of
+those in-between requests to kicks.
 
 This module must never spin itself: the spin is `VirtQueue.poll` (GIL released, bounded, ended
 early by any other work for the event loop).
@@ -45,15 +48,26 @@ class AdaptivePoll:
 
     max_ns: int
     ns: int = 0
+    #: The window caught a request since the last pause longer than any window.
+    useful: bool = False
+
+    def caught(self) -> None:
+        """The spin caught a request that `update` does not see (answered inside the spin)."""
+        self.useful = True
 
     def update(self, idle_ns: int) -> None:
         """Learns from one idle period: `idle_ns` from the ring going empty to the next request
         (spin included)."""
         if idle_ns <= self.ns:
-            return  # the window caught it
+            self.useful = True  # the window caught it
+            return
         if idle_ns > self.max_ns:
-            # Idle longer than any window: halve it (a guest pausing between bursts keeps most of
-            # it; one that stays idle, or whose requests come too sparsely, soon spins no more).
+            if self.useful:
+                self.useful = False  # a pause after a burst it served: keep it for the next
+                return
+            # Idle longer than any window, and the window caught nothing since the last such
+            # pause: halve it (a guest whose requests come too sparsely, or that stays idle,
+            # soon spins no more).
             self.ns = self.ns // 2 if self.ns > START_NS else 0
         elif self.ns < self.max_ns:
             self.ns = min(self.max_ns, max(START_NS, self.ns * 2))
