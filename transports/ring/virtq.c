@@ -853,21 +853,7 @@ static PyObject *chain_pread(ChainObject *c, PyObject *args, PyObject *kwds)
     struct iovec *iov = PyMem_Malloc(sizeof(*iov) * (size_t)(c->nw ? c->nw : 1));
     if (iov == NULL)
         return PyErr_NoMemory();
-    int cnt = 0;
-    uint64_t pos = skip, want = count;
-    for (int k = 0; k < c->nw && want; k++) {
-        uint64_t seg = c->w[k].iov_len;
-        if (pos >= seg) {
-            pos -= seg;
-            continue;
-        }
-        uint64_t take = seg - pos < want ? seg - pos : want;
-        iov[cnt].iov_base = (uint8_t *)c->w[k].iov_base + pos;
-        iov[cnt].iov_len = (size_t)take;
-        cnt++;
-        want -= take;
-        pos = 0;
-    }
+    int cnt = segs_slice(c->w, c->nw, skip, count, iov);
     ssize_t n;
     c->busy = 1;
     if (nowait) {
