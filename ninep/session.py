@@ -310,8 +310,6 @@ class Session:
                     and not (policy_of(self, fid).readonly or backend.info.readonly))
         if channel.direct_open(number, fd, readable, writable):
             fid.direct = number
-        else:
-            os.close(fd)
 
     def withdraw_direct(self, fid: Fid) -> None:
         """The channel stops answering requests on `fid` itself: call it before anything that

@@ -126,8 +126,8 @@ class DirectIO(Protocol):
     is most of a read's or write's turnaround.
 
     The session decides what is allowed: `direct_open` registers an open fid with a new fd on its
-    open file (the channel owns it from then on, and closes it; False: not taken, the caller still
-    owns it) and the access granted. Before it handles anything that ends the fid (Tclunk,
+    open file, which the channel owns from then on (it closes it at once when it cannot take the
+    fid: False), and the access granted. Before it handles anything that ends the fid (Tclunk,
     Tremove, Tversion...) the session calls `direct_close`, with no checkpoint in between, so a
     request received after that is the session's again. Only requests that succeed are answered by
     the channel; any other (an error, a read that would wait for storage) reaches the session as

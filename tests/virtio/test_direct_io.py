@@ -168,3 +168,26 @@ def test_a_connection_that_ends_with_files_open_leaks_no_fd(tmp_path: Path) -> N
             assert _files_open_on(tmp_path) == []
 
     trio.run(main)
+
+
+def test_past_64_open_files_the_rest_go_through_the_session_and_nothing_leaks(tmp_path: Path) -> None:
+    for i in range(70):
+        (tmp_path / f"f{i}").write_bytes(b"%d" % i)
+
+    async def main() -> None:
+        async with local_client(tmp_path) as (c, root, listener, _):
+            fids = []
+            for i in range(70):
+                fid, _ = await c.walk(root, [f"f{i}"])
+                await c.lopen(fid, L_O_RDONLY)
+                fids.append(fid)
+            for i, fid in enumerate(fids):
+                assert await c.read(fid, 0, 10) == b"%d" % i
+            q = _queue(listener)
+            assert q.direct_fids == 64 and q.direct_served == 64
+            for fid in fids:
+                await c.clunk(fid)
+            assert q.direct_fids == 0
+            assert _files_open_on(tmp_path) == []  # the six fds the queue could not take too
+
+    trio.run(main)

@@ -23,6 +23,7 @@ flushed request's buffers to the driver) and the fixed Twrite header (to leave i
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import time
 from collections import deque
@@ -367,9 +368,9 @@ class QueueChannel:
     # -- DirectIO -----------------------------------------------------------------------------
     def direct_open(self, fid: int, fd: int, readable: bool, writable: bool) -> bool:
         flags = (1 if readable else 0) | (2 if writable else 0)
-        if self._closed or not flags:
-            return False
-        taken: bool = self._queue.direct_open(fid, fd, flags)
+        taken = bool(flags) and not self._closed and bool(self._queue.direct_open(fid, fd, flags))
+        if not taken:
+            os.close(fd)  # the fd is ours either way
         return taken
 
     def direct_close(self, fid: int) -> None:
