@@ -32,6 +32,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <sched.h>
+#include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -64,6 +65,14 @@ void vq_direct_clear(VirtQueueObject *q)
     q->ndirect = 0;
 }
 
+void vq_direct_free(VirtQueueObject *q)
+{
+    vq_direct_clear(q);
+    PyMem_RawFree(q->drd.v);
+    PyMem_RawFree(q->dwr.v);
+    PyMem_RawFree(q->diov);
+}
+
 static vq_direct_fid *direct_find(VirtQueueObject *q, uint32_t fid)
 {
     for (int i = 0; i < q->ndirect; i++)
@@ -88,11 +97,7 @@ static void direct_notify(VirtQueueObject *q)
 {
     if (q->call_fd < 0)
         return;
-    uint64_t one = 1;
-    ssize_t rc;
-    do
-        rc = write(q->call_fd, &one, sizeof(one));
-    while (rc < 0 && errno == EINTR);
+    eventfd_write(q->call_fd, 1); /* EAGAIN (a counter near overflow) still leaves it signalled */
     q->direct_notified++;
     /* As Vring.notify does: the VMM thread that turns the call into an interrupt may have been
      * woken on this CPU; let it run now rather than after our next spin. */
@@ -161,10 +166,9 @@ static int direct_one(VirtQueueObject *q, int gil)
     uint16_t avail_idx = le16toh(ring_load16(q->avail + 2));
     if (avail_idx == q->last_avail)
         return DIRECT_EMPTY;
-    if ((uint16_t)(avail_idx - q->last_avail) > q->num || q->declined == q->last_avail)
-        return DIRECT_OTHER; /* pop() fails the queue / hands it to the session */
-    ring_rmb(); /* read ring entries only after seeing the index that published them */
-    uint16_t head = le16toh(ring_load16(q->avail + 4 + 2 * (size_t)(q->last_avail % q->num)));
+    uint16_t head;
+    if (q->declined == q->last_avail || vq_next_head(q, avail_idx, &head) < 0)
+        return DIRECT_OTHER; /* pop() hands it to the session / fails the queue */
     uint64_t t0 = vq_now_ns();
     q->drd.n = q->dwr.n = 0;
     q->drd.total = q->dwr.total = 0;

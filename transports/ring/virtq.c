@@ -29,12 +29,10 @@
 #include <sched.h>
 #include <time.h>
 
-
 static PyObject *VirtqError;
 
 /* ------------------------------------------------------------------------------------------ */
 /* MemTable                                                                                    */
-
 
 static void memtable_dealloc(MemTableObject *self)
 {
@@ -155,7 +153,6 @@ static PyTypeObject MemTableType = {
 /* ------------------------------------------------------------------------------------------ */
 /* VirtQueue                                                                                   */
 
-
 static PyTypeObject VirtQueueType;
 
 static int vq_ready(VirtQueueObject *q)
@@ -166,7 +163,6 @@ static int vq_ready(VirtQueueObject *q)
     }
     return 1;
 }
-
 
 static PyObject *vq_fail(VirtQueueObject *q, const char *fmt, ...)
 {
@@ -258,10 +254,7 @@ static int vq_init(VirtQueueObject *self, PyObject *args, PyObject *kwds)
 
 static void vq_dealloc(VirtQueueObject *self)
 {
-    vq_direct_clear(self);
-    PyMem_RawFree(self->drd.v);
-    PyMem_RawFree(self->dwr.v);
-    PyMem_RawFree(self->diov);
+    vq_direct_free(self);
     Py_XDECREF(self->mem);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -285,7 +278,6 @@ static PyObject *vq_remap(VirtQueueObject *self, PyObject *args, PyObject *kwds)
     Py_RETURN_NONE;
 }
 
-
 typedef struct {
     uint64_t addr;
     uint32_t len;
@@ -300,7 +292,6 @@ static inline void vq_read_desc(const uint8_t *table, uint32_t i, vq_desc *d)
     d->flags = le16toh(ring_load16(p + 12));
     d->next = le16toh(ring_load16(p + 14));
 }
-
 
 static int segs_push(vq_segs *s, uint8_t *p, uint64_t len)
 {
@@ -343,8 +334,6 @@ static int segs_add(VirtQueueObject *q, vq_segs *s, uint64_t addr, uint32_t len)
     }
     return 0;
 }
-
-
 
 /* ------------------------------------------------------------------------------------------ */
 /* Chain                                                                                       */
@@ -496,11 +485,10 @@ static PyObject *vq_pop(VirtQueueObject *q, PyObject *const *args, Py_ssize_t na
         if (avail_idx == q->last_avail)
             Py_RETURN_NONE;
     }
-    if ((uint16_t)(avail_idx - q->last_avail) > q->num)
+    uint16_t head;
+    if (vq_next_head(q, avail_idx, &head) < 0)
         return vq_fail(q, "avail.idx moved by %u, more than the queue size %u",
                        (unsigned)(uint16_t)(avail_idx - q->last_avail), q->num);
-    ring_rmb(); /* read ring entries only after seeing the index that published them */
-    uint16_t head = le16toh(ring_load16(q->avail + 4 + 2 * (size_t)(q->last_avail % q->num)));
 
     vq_segs rd = {0}, wr = {0};
     ChainObject *c = NULL;

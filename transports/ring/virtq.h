@@ -11,6 +11,7 @@
 
 #include "ring.h"
 
+#include <endian.h>
 #include <string.h>
 
 #define VQ_MAX_REGIONS 64
@@ -111,8 +112,10 @@ uint64_t vq_now_ns(void);
  * the first other chain, leaving it (and any chain it could not walk) for pop(). Returns how many
  * it served; *more is 1 when a chain is still available. */
 int vq_direct_serve(VirtQueueObject *q, int gil, unsigned max, int *more);
-/* Closes every direct fid's fd (stop, dealloc, direct_clear). */
+/* Closes every direct fid's fd (stop, direct_clear). */
 void vq_direct_clear(VirtQueueObject *q);
+/* vq_direct_clear, and frees the scratch buffers (dealloc). */
+void vq_direct_free(VirtQueueObject *q);
 /* Sets the defaults of the direct-I/O fields (vq_init). */
 void vq_direct_init(VirtQueueObject *q);
 
@@ -128,6 +131,20 @@ PyObject *vq_get_direct_served(VirtQueueObject *q, void *closure);
 PyObject *vq_get_direct_last_ns(VirtQueueObject *q, void *closure);
 PyObject *vq_get_direct_notified(VirtQueueObject *q, void *closure);
 PyObject *vq_get_direct_fids(VirtQueueObject *q, void *closure);
+
+/*
+ * GIL-free. The head of the chain at last_avail, given avail.idx as the caller read it (once):
+ * 0 and *head set; -1 when avail.idx moved by more than the queue size (the driver broke the
+ * ring; the caller that can raise marks the queue broken).
+ */
+static inline int vq_next_head(const VirtQueueObject *q, uint16_t avail_idx, uint16_t *head)
+{
+    if ((uint16_t)(avail_idx - q->last_avail) > q->num)
+        return -1;
+    ring_rmb(); /* read ring entries only after seeing the index that published them */
+    *head = le16toh(ring_load16(q->avail + 4 + 2 * (size_t)(q->last_avail % q->num)));
+    return 0;
+}
 
 /* ---- segment streams ---- */
 
