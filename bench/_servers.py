@@ -129,7 +129,7 @@ def ensure_diod() -> str | None:
 #: (start) and SIGUSR2 (stop and write the profile to argv[1]).
 _PROFILED_SERVER = """
 import cProfile, signal, sys, time
-from ninep.cli import main
+from ninep.cli.main import main
 out = sys.argv[1]
 prof = cProfile.Profile(time.thread_time)
 signal.signal(signal.SIGUSR1, lambda *_: prof.enable())

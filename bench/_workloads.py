@@ -122,8 +122,8 @@ async def populate_9p(target: Target, big_size: int, dir_entries: int) -> None:
     """The same data set made through 9P (a ninep server with the in-memory backend)."""
     import trio
 
-    from ninep import messages as m
-    from ninep.protocol import L_O_WRONLY
+    from ninep.protocol import messages as m
+    from ninep.protocol.numbers import L_O_WRONLY
 
     async with _connect(target, 512 * KiB) as c:
         await _attach(c, target)
@@ -176,15 +176,15 @@ async def _connect(target: Target, msize: int) -> AsyncIterator[Any]:
 
 
 async def _attach(c: Any, target: Target) -> None:
-    from ninep import messages as m
-    from ninep.protocol import NOFID
+    from ninep.protocol import messages as m
+    from ninep.protocol.numbers import NOFID
 
     await c.rpc(m.Tattach(ROOT, NOFID, "root", target.aname, 0))
 
 
 async def _walk_fresh(c: Any, fid: int, newfid: int, names: list[str]) -> None:
     """Twalk to `newfid`, clunking it first: setups repeat on one connection (one per repetition)."""
-    from ninep import messages as m
+    from ninep.protocol import messages as m
 
     with contextlib.suppress(OSError):
         await c.rpc(m.Tclunk(newfid))
@@ -197,9 +197,9 @@ TaskFn = Callable[[Any, int, float, Counters], Awaitable[None]]
 async def _setup_9p(cell: Cell, clients: list[Any]) -> tuple[TaskFn, list[tuple[Any, int]]]:
     """The task function of the cell's workload and its (client, task index) pairs; opens what the
     tasks need (untimed)."""
-    from ninep import messages as m
-    from ninep.codec import unpack_dirents
-    from ninep.protocol import GETATTR_BASIC, IOHDRSZ, L_O_RDONLY, L_O_WRONLY, NOFID
+    from ninep.protocol import messages as m
+    from ninep.protocol.codec import unpack_dirents
+    from ninep.protocol.numbers import GETATTR_BASIC, IOHDRSZ, L_O_RDONLY, L_O_WRONLY, NOFID
 
     wl = WORKLOADS[cell.workload]
     ntasks = max(1, cell.depth // cell.procs) if wl.connections == "one" else 1
@@ -584,7 +584,7 @@ async def rss_hold(target: Target, start: Callable[[], None], done: Any, dir_ent
     holds them until `done` (a multiprocessing Event) is set."""
     import trio
 
-    from ninep import messages as m
+    from ninep.protocol import messages as m
 
     per = -(-RSS_FIDS // RSS_CONNECTIONS)
     opened = 0

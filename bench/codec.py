@@ -5,7 +5,7 @@
 
 For each hot message (Twalk/Rwalk, Tgetattr/Rgetattr, Tlopen/Rlopen, Tread/Rread, Twrite/Rwrite,
 Tclunk/Rclunk) it times one decode of the wire bytes plus one encode of the decoded object, with
-the generated fast codec (`ninep.codec.Codec`) and the construct reference codec
+the generated fast codec (`ninep.protocol.codec.Codec`) and the construct reference codec
 (`reference_decode`/`reference_encode`), prints a table against the 2 µs target and writes
 bench/results/codec-<date>-<host>.json.
 
@@ -25,10 +25,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS, host, machine, stamp, write_json  # noqa: E402
-from fs_backends.base import Qid  # noqa: E402
-from ninep import messages as m  # noqa: E402
-from ninep.codec import codec_for, reference_decode, reference_encode  # noqa: E402
-from ninep.protocol import GETATTR_ALL, V9P2000_L  # noqa: E402
+from ninep.protocol import messages as m  # noqa: E402
+from ninep.protocol.codec import codec_for, reference_decode, reference_encode  # noqa: E402
+from ninep.protocol.numbers import GETATTR_ALL, V9P2000_L  # noqa: E402
+from ninep.protocol.types import Qid  # noqa: E402
 
 TARGET_US = 2.0
 PAYLOAD = 4096  # Tread/Rread/Twrite payload of the samples: a page, the common small-I/O size

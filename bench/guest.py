@@ -85,7 +85,7 @@ def vhost_user_qemu(mode: str) -> list[str] | None:
     try:
         import transports._ring  # noqa: F401  (the vhost-user back-end needs the extension)
 
-        from tests.virtio.sidqemu import ensure_sid_qemu, qemu_command
+        from tests.kits.sidqemu import ensure_sid_qemu, qemu_command
 
         return qemu_command(ensure_sid_qemu())
     except Exception as e:

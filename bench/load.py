@@ -111,7 +111,7 @@ async def _client_main(sock: str, conns: list[int], depth: int, start_at: float,
     import trio
 
     from ninep.client import Client
-    from ninep.protocol import L_O_CREAT, L_O_DIRECTORY, L_O_RDONLY, L_O_WRONLY
+    from ninep.protocol.numbers import L_O_CREAT, L_O_DIRECTORY, L_O_RDONLY, L_O_WRONLY
 
     stats = Stats()
     ops, weights = zip(*MIX, strict=True)
@@ -301,7 +301,7 @@ def _populate_memory(sock: str, connections: int, depth: int) -> None:
     import trio
 
     from ninep.client import Client
-    from ninep.protocol import L_O_CREAT, L_O_WRONLY
+    from ninep.protocol.numbers import L_O_CREAT, L_O_WRONLY
 
     async def main() -> None:
         async with Client.connect(f"unix:{sock}") as c:

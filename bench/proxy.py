@@ -25,7 +25,7 @@ import trio
 from fs_backends.base import Cred, SetAttr
 from fs_backends.local import LocalBackend
 from fs_backends.proxy import proxy_backend
-from ninep import protocol as P
+from ninep.protocol import numbers as P
 
 ROOT = Cred(0, 0, "root")
 MiB = 1 << 20

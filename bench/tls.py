@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ninep.client import Client  # noqa: E402
-from ninep.protocol import L_O_RDONLY  # noqa: E402
+from ninep.protocol.numbers import L_O_RDONLY  # noqa: E402
 from transports.address import ConnectOptions  # noqa: E402
 
 MiB = 1024 * 1024

@@ -13,7 +13,7 @@ the two columns with each other, not with host numbers.
 
     PYTHONPATH=. python bench/virtio_guest.py [--size-mb 64] [--files 300] [--reps 3] [--pyspy OUT]
 
-Needs the guest harness (tests/guest) and sid's QEMU (tests/virtio/sidqemu.py, downloaded into
+Needs the guest harness (tests/guest) and sid's QEMU (tests/transports/virtio/sidqemu.py, downloaded into
 the cache on first use). This script must never run as part of the test suite.
 """
 
@@ -129,7 +129,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from bench._common import RESULTS, machine, stamp, write_json
     guestvm = importlib.import_module("tests.guest.guestvm")  # the guest harness (tests/guest)
-    from tests.virtio.sidqemu import ensure_sid_qemu, qemu_command
+    from tests.kits.sidqemu import ensure_sid_qemu, qemu_command
 
     guestvm.ensure_host_tools()
     image = guestvm.build_image()

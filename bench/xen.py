@@ -1,5 +1,5 @@
 """Xen 9pfs ring vs unix socket, in one run: 1 MiB sequential read and write throughput and Tgetattr
-round trips, through the real server (`ninep.server`), client (`ninep.client`) and local backend.
+round trips, through the real server (`ninep.server.server`), client (`ninep.client`) and local backend.
 
     PYTHONPATH=. python bench/xen.py [--size-mib 64] [--rounds 3] [--getattrs 5000] [--msize 524288]
 
@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fs_backends.local import LocalBackend  # noqa: E402
 from ninep.client import Client  # noqa: E402
-from ninep.protocol import L_O_CREAT, L_O_RDONLY, L_O_WRONLY  # noqa: E402
-from ninep.server import Server  # noqa: E402
-from ninep.session import SessionOptions  # noqa: E402
+from ninep.protocol.numbers import L_O_CREAT, L_O_RDONLY, L_O_WRONLY  # noqa: E402
+from ninep.server.server import Server  # noqa: E402
+from ninep.server.session import SessionOptions  # noqa: E402
 from transports.address import ConnectOptions, ListenOptions, connect_address, listener_from_address  # noqa: E402
 from transports.xen.emu import serve_xenstore  # noqa: E402
 

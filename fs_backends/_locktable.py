@@ -13,7 +13,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from fs_backends.base import FsError, Lock, LockOwner
-from ninep.protocol import (
+from ninep.protocol.numbers import (
     L_O_ACCMODE,
     L_O_RDONLY,
     L_O_WRONLY,

@@ -22,7 +22,9 @@ from __future__ import annotations
 import errno as _errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
+
+from ninep.protocol.types import Qid
 
 
 class FsError(OSError):
@@ -30,18 +32,6 @@ class FsError(OSError):
 
     def __init__(self, err: int, message: str | None = None) -> None:
         super().__init__(err, message or _errno.errorcode.get(err, "error"))
-
-
-class Qid(NamedTuple):
-    """The server's unique identity of a file: type (QT* bits), version, path (unique per file).
-
-    A NamedTuple rather than a frozen dataclass because the codec creates one per decoded qid and
-    per reply, and tuple construction is several times cheaper; it is immutable and hashable all
-    the same."""
-
-    type: int = 0
-    version: int = 0
-    path: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +186,7 @@ class Backend(Protocol, Generic[NodeT, FileT]):
     async def setattr(self, node: NodeT, attr: SetAttr, cred: Cred) -> None: ...
 
     async def open(self, node: NodeT, flags: int, cred: Cred) -> FileT:
-        """Open with Linux O_* flags (L_O_* in ninep.protocol). Only regular files and
+        """Open with Linux O_* flags (L_O_* in ninep.protocol.numbers). Only regular files and
         directories may be opened; anything else answers an error, never blocks."""
         ...
 

@@ -71,7 +71,8 @@ from fs_backends.base import (
     StatFs,
 )
 from fs_backends.security import Credentials, credentials_for_model, default_credentials
-from ninep import protocol as P
+from ninep.protocol import numbers as P
+from ninep.protocol.openflags import dotl_to_host
 
 log = logging.getLogger(__name__)
 
@@ -87,32 +88,6 @@ _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_DEPTH = 4096
 _INO_BITS = 48
 _FULLMAP_PREFIX = 0xFFFF
-
-# Tlopen/Tlcreate flags (Linux x86 numbers) to this host's O_* values. O_NOCTTY, O_FASYNC,
-# O_CREAT, O_EXCL, O_DIRECT, O_NOFOLLOW and O_CLOEXEC are dropped, as QEMU does.
-_FLAG_MAP = (
-    (P.L_O_TRUNC, os.O_TRUNC),
-    (P.L_O_APPEND, os.O_APPEND),
-    (P.L_O_NONBLOCK, os.O_NONBLOCK),
-    (P.L_O_DSYNC, os.O_DSYNC),
-    (P.L_O_DIRECTORY, os.O_DIRECTORY),
-    (P.L_O_NOATIME, os.O_NOATIME),
-    (P.L_O_SYNC, os.O_SYNC),
-    (P.L_O_LARGEFILE, getattr(os, "O_LARGEFILE", 0)),
-)
-_ACC_MAP = {P.L_O_RDONLY: os.O_RDONLY, P.L_O_WRONLY: os.O_WRONLY, P.L_O_RDWR: os.O_RDWR}
-
-
-def translate_open_flags(flags: int) -> int:
-    try:
-        out = _ACC_MAP[flags & P.L_O_ACCMODE]
-    except KeyError:
-        raise FsError(errno.EINVAL) from None
-    for lbit, hbit in _FLAG_MAP:
-        if flags & lbit:
-            out |= hbit
-    return out
-
 
 def _writes(flags: int) -> bool:
     return flags & P.L_O_ACCMODE in (P.L_O_WRONLY, P.L_O_RDWR) or bool(
@@ -1193,7 +1168,7 @@ class LocalBackend:
         self._check_openable(fmt, flags)
         if cfmt != fmt:
             self._check_openable(cfmt, flags)
-        oflags = translate_open_flags(flags) | os.O_CLOEXEC | os.O_NOCTTY
+        oflags = dotl_to_host(flags) | os.O_CLOEXEC | os.O_NOCTTY
         if fmt == stat.S_IFDIR:
             oflags |= os.O_DIRECTORY
         try:
@@ -1232,7 +1207,7 @@ class LocalBackend:
     ) -> tuple[LocalNode, LocalOpenFile]:
         if flags & P.L_O_DIRECTORY:
             raise FsError(errno.EINVAL)
-        oflags = translate_open_flags(flags & ~P.L_O_NOATIME)
+        oflags = dotl_to_host(flags & ~P.L_O_NOATIME)
         try:
             fd = self.creds.create_file(dh.fd, bname, oflags, mode, cred)
         except FileExistsError:
@@ -1730,7 +1705,7 @@ class LocalBackend:
                     raise PermissionError(errno.EROFS, "readonly")
                 lfd = os.open(_proc(fd), os.O_RDWR | base)
             except PermissionError:
-                lfd = os.open(_proc(fd), _ACC_MAP[f.flags & P.L_O_ACCMODE] | base)
+                lfd = os.open(_proc(fd), dotl_to_host(f.flags & P.L_O_ACCMODE) | base)
         fl.fds[key] = lfd
         return lfd
 
@@ -1883,5 +1858,4 @@ __all__ = [
     "LocalNode",
     "LocalOpenFile",
     "backend_for_model",
-    "translate_open_flags",
 ]

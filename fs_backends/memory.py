@@ -35,7 +35,7 @@ from fs_backends.base import (
     SetAttr,
     StatFs,
 )
-from ninep import protocol as P
+from ninep.protocol import numbers as P
 
 _DOT_COOKIE = 1
 _DOTDOT_COOKIE = 2

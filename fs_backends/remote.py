@@ -34,10 +34,10 @@ from fs_backends.base import (
     SetAttr,
     StatFs,
 )
-from ninep import messages as m
-from ninep import protocol as P
 from ninep.client import Client, ClientError
-from ninep.codec import unpack_dirents
+from ninep.protocol import messages as m
+from ninep.protocol import numbers as P
+from ninep.protocol.codec import unpack_dirents
 from transports.address import ConnectOptions
 from transports.tls import ClientTLS
 

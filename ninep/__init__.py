@@ -1,7 +1,9 @@
 """ninep: a 9P file server (9P2000.L, 9P2000.u, 9P2000) for virtual machines and developers.
 
-The request path is transport → codec → session → backend → host filesystem; each stage lives in
-its own package or module (see ../shared/DESIGN.md).
+A request passes transport (`transports/`) → wire (`ninep.protocol`) → server (`ninep.server`:
+session, fid table, handlers) → backend (`fs_backends/`) → host filesystem. `ninep.cli` is the
+only place those parts are put together; `ninep.fuse` is the other frontend, `ninep.client` the
+9P client, `ninep.metrics` the counters and their endpoints.
 """
 
 __version__ = "0.1.0"

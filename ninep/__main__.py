@@ -1,5 +1,5 @@
 """`python -m ninep` is the `ninep` command."""
 
-from ninep.cli import main
+from ninep.cli.main import main
 
 raise SystemExit(main())

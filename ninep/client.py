@@ -21,10 +21,9 @@ from typing import TypeVar
 
 import trio
 
-from fs_backends.base import Qid
-from ninep import messages as m
-from ninep.codec import HEADER, Codec, codec_for, unpack_dirents
-from ninep.protocol import (
+from ninep.protocol import messages as m
+from ninep.protocol.codec import HEADER, Codec, codec_for, unpack_dirents
+from ninep.protocol.numbers import (
     GETATTR_ALL,
     IOHDRSZ,
     L_O_CREAT,
@@ -40,6 +39,7 @@ from ninep.protocol import (
     V9P2000_L,
     VERSION_UNKNOWN,
 )
+from ninep.protocol.types import Qid
 from transports.address import ConnectOptions, connect_address
 from transports.base import Channel
 
@@ -431,7 +431,7 @@ class Client:
             return await f.read()
 
     async def write_file(self, root: int, path: str, data: bytes, mode: int = 0o644) -> None:
-        from ninep.protocol import L_O_TRUNC
+        from ninep.protocol.numbers import L_O_TRUNC
 
         async with await self.open_file(root, path, L_O_WRONLY | L_O_CREAT | L_O_TRUNC, mode) as f:
             await f.write(data)

@@ -115,7 +115,7 @@ class ZeroCopyWrites(Protocol):
 
 
 #: Running totals of the requests of one type a channel served itself: (count, payload bytes,
-#: nanoseconds, latency buckets as in ninep.metrics).
+#: nanoseconds, latency buckets as in ninep.metrics.counters).
 DirectTotals = tuple[int, int, int, list[int]]
 
 

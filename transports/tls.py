@@ -6,14 +6,14 @@ limit. A failed handshake (no client certificate, a certificate from another CA,
 plain 9P sent to the TLS port, a client that never speaks) is one log line with the peer and the
 reason, and only that connection closes. The Channel of a good handshake carries `identity`: the
 verified client certificate's subject as an RFC 4514 string ("CN=alice,O=ninep"), which
-`ninep.identity` maps to an export and a uid, and the session's log lines show next to the peer.
+`ninep.server.identity` maps to an export and a uid, and the session's log lines show next to the peer.
 
 Client side: `ClientTLS` (CA to trust, optional client certificate and key) wraps a connected TCP
 socket; the server's certificate must be valid for the host named in the address (or
 `server_name`). A refused handshake raises the `ssl.SSLError` that says why.
 
 This module must never interpret 9P messages (framing is `transports.stream`'s) or map
-identities to users (that is `ninep.identity`).
+identities to users (that is `ninep.server.identity`).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class TLSChannel(StreamChannel):
 
     def __init__(self, stream: trio.SSLStream[trio.SocketStream], peer: str, identity: str | None,
                  max_message_size: int = STREAM_MAX_MESSAGE) -> None:
-        # The session's log lines add the identity to the peer (ninep.session.Session.identity).
+        # The session's log lines add the identity to the peer (ninep.server.session.Session.identity).
         super().__init__(stream, stream, peer, max_message_size)
         self.identity = identity
         self._stream = stream

@@ -60,7 +60,7 @@ from fs_backends.base import (
 )
 from fs_backends.proxy import wire as W
 from fs_backends.proxy.spawn import Spawner
-from ninep import protocol as P
+from ninep.protocol import numbers as P
 
 log = logging.getLogger("ninep.proxy")
 
@@ -398,7 +398,7 @@ class ProxyBackend:
 
     def listening(self) -> None:
         """Called by the server once its listeners are bound (`ninep serve` replaces this with
-        the server's own confinement, see fs_backends.proxy.serve)."""
+        the server's own confinement, see ninep.cli.proxy_serve)."""
 
     # -- helper lifecycle ------------------------------------------------------------------------
 

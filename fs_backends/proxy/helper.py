@@ -37,7 +37,7 @@ from fs_backends.base import FsError
 from fs_backends.proxy import confine as C
 from fs_backends.proxy import wire as W
 from fs_backends.proxy.models import make_local_backend
-from ninep import protocol as P
+from ninep.protocol import numbers as P
 
 log = logging.getLogger("ninep.proxy.helper")
 

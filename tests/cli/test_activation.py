@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from ninep.client import Client
-from tests.tls.conftest import PKI, make_pki, subject_of
+from tests.transports.tls.conftest import PKI, make_pki, subject_of
 from transports.activation import take_inherited_sockets
 from transports.address import ConnectOptions
 

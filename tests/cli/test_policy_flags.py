@@ -1,7 +1,7 @@
 """The operation-policy flags of `ninep serve` and `ninep mount` as a user runs them: a device
 node or a setuid bit refused by default (with its log line on stderr / in the log file) and
 allowed with --allow-devices / --allow-setid. The refusals themselves, per model, are in
-tests/proxy/test_hostile_clients.py."""
+tests/fs_backends/proxy/test_hostile_clients.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import trio
 
 from ninep.client import Client, ClientError
 from tests.cli.test_serve import REPO, _serve
-from tests.processes import wait_for_socket
+from tests.kits.processes import wait_for_socket
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real device nodes need root")
 

@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from ninep.client import Client, ClientError
-from ninep.protocol import L_O_RDONLY, L_O_WRONLY
-from tests.processes import wait_for_socket
+from ninep.protocol.numbers import L_O_RDONLY, L_O_WRONLY
+from tests.kits.processes import wait_for_socket
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ import sys
 import trio
 
 from ninep.client import Client
-from ninep.protocol import L_O_RDWR, LOCK_SUCCESS, LOCK_TYPE_WRLCK, T
+from ninep.protocol.numbers import L_O_RDWR, LOCK_SUCCESS, LOCK_TYPE_WRLCK, T
 
 
 async def main(sock: str, mode: str, nfiles: int) -> None:

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from ninep.client import Client
-from ninep.protocol import (
+from ninep.protocol.numbers import (
     GETATTR_ALL,
     L_O_RDWR,
     LOCK_FLAGS_BLOCK,
@@ -25,7 +25,7 @@ from ninep.protocol import (
     LOCK_TYPE_UNLCK,
     LOCK_TYPE_WRLCK,
 )
-from tests.faults.util import REPO, fd_count, serve
+from tests.kits.faults import REPO, fd_count, serve
 
 NFILES = 64
 #: What the tests check; the issue asks for one second, the machine is shared and loaded.

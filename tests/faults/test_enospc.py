@@ -14,8 +14,8 @@ import trio
 
 from fs_backends.local import LocalBackend
 from ninep.client import ClientError
-from ninep.protocol import L_O_CREAT, L_O_RDWR, L_O_WRONLY
-from tests.e2e.harness import client_for, served
+from ninep.protocol.numbers import L_O_CREAT, L_O_RDWR, L_O_WRONLY
+from tests.kits.harness import client_for, served
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from ninep.client import Client
-from ninep.protocol import L_O_DIRECTORY, L_O_RDONLY, L_O_RDWR
-from tests.faults.util import REPO, fd_count, wait_for_socket
+from ninep.protocol.numbers import L_O_DIRECTORY, L_O_RDONLY, L_O_RDWR
+from tests.kits.faults import REPO, fd_count, wait_for_socket
 
 LIMIT = 64
 NFIDS = 10_000

@@ -17,11 +17,11 @@ import trio
 
 from fs_backends.memory import MemoryBackend
 from ninep.client import Client
-from ninep.protocol import GETATTR_ALL, L_O_RDONLY
-from ninep.session import SessionOptions
-from tests.e2e.harness import client_for, served
-from tests.e2e.util import fails, make_file
-from tests.faults.util import REPO, version_error, wait_for_socket
+from ninep.protocol.numbers import GETATTR_ALL, L_O_RDONLY
+from ninep.server.session import SessionOptions
+from tests.kits.e2e import fails, make_file
+from tests.kits.faults import REPO, version_error, wait_for_socket
+from tests.kits.harness import client_for, served
 from transports.address import ConnectOptions, connect_address
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import trio
 
 from ninep.client import Client
-from ninep.protocol import L_O_CREAT, L_O_RDONLY, L_O_RDWR
-from tests.faults.util import serve
+from ninep.protocol.numbers import L_O_CREAT, L_O_RDONLY, L_O_RDWR
+from tests.kits.faults import serve
 
 BLOCK = 64 * 1024
 WRITERS = 4

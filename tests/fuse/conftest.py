@@ -175,7 +175,7 @@ def start_mount(
     cmd = [
         PY,
         "-m",
-        "ninep.fuse_cli",
+        "ninep.cli.mount",
         source,
         str(mnt),
         "--log-file",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fs_backends.base import Qid
-from ninep import protocol as P
-from ninep.fuse import ALT_INODE_BASE, ROOT_INODE, InodeTable, open_flags_to_dotl
+from ninep.fuse.operations import ALT_INODE_BASE, ROOT_INODE, InodeTable
+from ninep.protocol import numbers as P
+from ninep.protocol.openflags import host_to_dotl
+from ninep.protocol.types import Qid
 
 
 @dataclass(eq=False)
@@ -79,12 +80,12 @@ def test_a_new_file_type_under_a_reused_number_takes_the_entry_over() -> None:
 def test_open_flags_translate_to_linux_values() -> None:
     import os
 
-    assert open_flags_to_dotl(os.O_RDWR | os.O_APPEND) == P.L_O_RDWR | P.L_O_APPEND
-    assert open_flags_to_dotl(os.O_WRONLY | os.O_CREAT | os.O_EXCL) == P.L_O_WRONLY
-    assert open_flags_to_dotl(os.O_WRONLY | os.O_CREAT | os.O_EXCL, create=True) == (
+    assert host_to_dotl(os.O_RDWR | os.O_APPEND) == P.L_O_RDWR | P.L_O_APPEND
+    assert host_to_dotl(os.O_WRONLY | os.O_CREAT | os.O_EXCL) == P.L_O_WRONLY
+    assert host_to_dotl(os.O_WRONLY | os.O_CREAT | os.O_EXCL, create=True) == (
         P.L_O_WRONLY | P.L_O_CREAT | P.L_O_EXCL
     )
-    assert open_flags_to_dotl(os.O_WRONLY | os.O_DSYNC) == P.L_O_WRONLY | P.L_O_DSYNC
-    assert open_flags_to_dotl(os.O_WRONLY | os.O_SYNC) == P.L_O_WRONLY | P.L_O_DSYNC | P.L_O_SYNC
+    assert host_to_dotl(os.O_WRONLY | os.O_DSYNC) == P.L_O_WRONLY | P.L_O_DSYNC
+    assert host_to_dotl(os.O_WRONLY | os.O_SYNC) == P.L_O_WRONLY | P.L_O_DSYNC | P.L_O_SYNC
     # O_DIRECT would make the backend read into unaligned buffers: never passed on
-    assert open_flags_to_dotl(os.O_RDONLY | os.O_DIRECT) == P.L_O_RDONLY
+    assert host_to_dotl(os.O_RDONLY | os.O_DIRECT) == P.L_O_RDONLY

@@ -14,9 +14,9 @@ import trio
 from fs_backends.base import Cred, Lock, LockOwner, SetAttr
 from fs_backends.memory import MemoryBackend
 from fs_backends.remote import RemoteBackend
-from ninep import protocol as P
 from ninep.client import Client
-from tests.e2e.harness import served
+from ninep.protocol import numbers as P
+from tests.kits.harness import served
 
 ROOT = Cred(0, 0, "root")
 

@@ -7,7 +7,7 @@ TARGET is one of:
   codec    raw bytes (first byte picks the dialect) through `check_decode` of test_codec_fuzz:
            only DecodeError, canonical re-encoding, agreement with the construct reference.
            An empty CORPUS_DIR is seeded with every message type of every dialect.
-  session  a script of frames against a fresh server (tests/fuzz/sessionkit.py), memory backend
+  session  a script of frames against a fresh server (tests/kits/session.py), memory backend
   session-local  the same against the local backend in a temporary directory
   virtq    a hostile driver of the compiled virtqueue (test_virtq_fuzz.drive)
   xen      a hostile frontend of the compiled Xen ring (test_xenring_fuzz.drive)
@@ -38,23 +38,23 @@ if str(ROOT) not in sys.path:
 with atheris.instrument_imports(include=["ninep", "fs_backends", "transports", "tests.fuzz"]):
     import fs_backends.local  # noqa: F401
     import fs_backends.memory  # noqa: F401
-    import ninep.codec
-    import ninep.ops  # noqa: F401
-    import ninep.session  # noqa: F401
-    import tests.fuzz.sessionkit  # noqa: F401
+    import ninep.protocol.codec
+    import ninep.server.handlers.dotl  # noqa: F401
+    import ninep.server.session  # noqa: F401
     import tests.fuzz.test_codec_fuzz  # noqa: F401
     import tests.fuzz.test_virtq_fuzz  # noqa: F401
     import tests.fuzz.test_xenring_fuzz  # noqa: F401
+    import tests.kits.session  # noqa: F401
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 
 def _instrument_generated_codec() -> None:
     """The fast codec is compiled from a string at run time, so import hooks never see it."""
-    from ninep.protocol import DIALECTS
+    from ninep.protocol.numbers import DIALECTS
 
     for dialect in DIALECTS:
-        c = ninep.codec.codec_for(dialect)
+        c = ninep.protocol.codec.codec_for(dialect)
         for table in (c._decoders, c._encoders):
             for fn in table.values():
                 atheris.instrument_func(fn)
@@ -63,9 +63,9 @@ _settings = settings(database=None, deadline=None, suppress_health_check=list(He
 
 
 def _seed(corpus: Path) -> None:
-    from ninep import messages as m
-    from ninep.protocol import DIALECTS
-    from tests.codec.test_codec import _sample
+    from ninep.protocol import messages as m
+    from ninep.protocol.numbers import DIALECTS
+    from tests.protocol.test_codec import _sample
 
     corpus.mkdir(parents=True, exist_ok=True)
     if any(corpus.iterdir()):
@@ -73,12 +73,12 @@ def _seed(corpus: Path) -> None:
     for d, dialect in enumerate(DIALECTS):
         for _, cls in sorted(m.MESSAGES.items()):
             for big in (False, True):
-                wire = ninep.codec.codec_for(dialect).encode_bytes(_sample(cls, dialect, big))
+                wire = ninep.protocol.codec.codec_for(dialect).encode_bytes(_sample(cls, dialect, big))
                 (corpus / f"{dialect}-{cls.__name__}-{int(big)}").write_bytes(bytes([d]) + wire)
 
 
 def codec_target() -> object:
-    from ninep.protocol import DIALECTS
+    from ninep.protocol.numbers import DIALECTS
     from tests.fuzz.test_codec_fuzz import check_decode
 
     def one(data: bytes) -> None:
@@ -89,8 +89,8 @@ def codec_target() -> object:
 
 
 def session_target(kind: str) -> object:
-    from tests.fuzz.sessionkit import run_script
     from tests.fuzz.test_session_fuzz import backend_factory, scripts
+    from tests.kits.session import run_script
 
     @_settings
     @given(scripts)

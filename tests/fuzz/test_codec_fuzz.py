@@ -20,9 +20,8 @@ import struct
 import hypothesis.strategies as hs
 from hypothesis import given
 
-from fs_backends.base import Qid
-from ninep import messages as m
-from ninep.codec import (
+from ninep.protocol import messages as m
+from ninep.protocol.codec import (
     DecodeError,
     codec_for,
     pack_dirent,
@@ -30,10 +29,11 @@ from ninep.codec import (
     reference_encode,
     unpack_dirents,
 )
-from ninep.protocol import DIALECTS, V9P2000, V9P2000_U
-from tests.codec.test_codec import _any_message, _instance, _plain
+from ninep.protocol.numbers import DIALECTS, V9P2000, V9P2000_U
+from ninep.protocol.types import Qid
 from tests.fuzz.budget import fuzz_settings
 from tests.fuzz.mutate import apply, mutations
+from tests.protocol.test_codec import _any_message, _instance, _plain
 
 
 def check_decode(dialect: str, buf: bytes) -> m.Message | None:

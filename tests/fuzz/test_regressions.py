@@ -13,9 +13,9 @@ import trio
 from fs_backends.base import Backend
 from fs_backends.local import LocalBackend
 from fs_backends.memory import MemoryBackend
-from ninep import messages as m
-from ninep.codec import codec_for
-from ninep.protocol import (
+from ninep.protocol import messages as m
+from ninep.protocol.codec import codec_for
+from ninep.protocol.numbers import (
     L_O_CREAT,
     L_O_RDWR,
     LOCK_FLAGS_BLOCK,
@@ -26,9 +26,9 @@ from ninep.protocol import (
     SETATTR_SIZE,
     V9P2000_L,
 )
-from tests.e2e.harness import client_for, served
-from tests.e2e.util import fails
-from tests.fuzz.sessionkit import Frame, run_script
+from tests.kits.e2e import fails
+from tests.kits.harness import client_for, served
+from tests.kits.session import Frame, run_script
 
 
 def test_memory_backend_refuses_huge_sizes_and_offsets_with_efbig(tmp_path: Path) -> None:

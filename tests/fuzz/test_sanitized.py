@@ -73,8 +73,8 @@ def test_ring_fuzzers_under_asan_and_ubsan(sanitized_build: Path, tmp_path: Path
     tests = [
         str(ROOT / "tests/fuzz/test_virtq_fuzz.py"),
         str(ROOT / "tests/fuzz/test_xenring_fuzz.py"),
-        str(ROOT / "tests/virtio/test_ring.py"),
-        str(ROOT / "tests/xen/test_datapath.py") + "::test_fuzz_hostile_indices_and_bytes",
+        str(ROOT / "tests/transports/virtio/test_ring.py"),
+        str(ROOT / "tests/transports/xen/test_datapath.py") + "::test_fuzz_hostile_indices_and_bytes",
     ]
     # --capture=sys: a sanitizer writes its report to fd 2 and aborts; fd-level capture would
     # swallow the report with the process.

@@ -1,5 +1,5 @@
 """Fuzzing a whole Session: scripts of valid and mutated T-messages against the memory and local
-backends (see tests/fuzz/sessionkit.py for the peer and the invariants it checks).
+backends (see tests/kits/session.py for the peer and the invariants it checks).
 
 Messages are built from the codec's own declarations with every fid field drawn from a pool of
 five (so fids collide, get clunked and reused, and walks start from open fids), tags from a small
@@ -21,9 +21,9 @@ import pytest
 from hypothesis import given
 
 from fs_backends.base import Backend
-from ninep import messages as m
-from ninep.codec import codec_for, wire_fields
-from ninep.protocol import (
+from ninep.protocol import messages as m
+from ninep.protocol.codec import codec_for, wire_fields
+from ninep.protocol.numbers import (
     DIALECTS,
     MIN_MSIZE,
     NOFID,
@@ -33,10 +33,10 @@ from ninep.protocol import (
     V9P2000_L,
     V9P2000_U,
 )
-from tests.codec.test_codec import _MAX, _instance, _strategy
 from tests.fuzz.budget import fuzz_settings
 from tests.fuzz.mutate import apply, mutations
-from tests.fuzz.sessionkit import FLUSH_TAG_BASE, MAX_MSIZE, Batch, Frame, run_script
+from tests.kits.session import FLUSH_TAG_BASE, MAX_MSIZE, Batch, Frame, run_script
+from tests.protocol.test_codec import _MAX, _instance, _strategy
 
 FIDS = hs.sampled_from([0, 1, 2, 3, NOFID])
 # Mostly distinct tags, sometimes one of a few (duplicates in flight, flushes that hit).

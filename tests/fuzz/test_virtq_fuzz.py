@@ -1,6 +1,6 @@
 """Fuzzing the compiled split-virtqueue device side (transports/ring/virtq.c) as a hostile driver.
 
-tests/virtio/test_ring.py has the hand-written hostile cases and a small random driver (one
+tests/transports/virtio/test_ring.py has the hand-written hostile cases and a small random driver (one
 region, eight direct descriptors). This goes further: queue sizes 1..256, guest memory split in
 regions with and without holes, indirect tables full of random descriptors, avail and used
 indices starting anywhere (wrap-around), chains written, pread into, completed with any length,
@@ -25,7 +25,7 @@ import hypothesis.strategies as hs
 from hypothesis import given
 
 from tests.fuzz.budget import examples, fuzz_settings
-from tests.virtio.ringkit import DESC, GPA_BASE, INDIRECT, MEM_SIZE, NEXT, UVA_BASE, WRITE, Ring
+from tests.kits.ring import DESC, GPA_BASE, INDIRECT, MEM_SIZE, NEXT, UVA_BASE, WRITE, Ring
 from transports.virtio._ext import MemTable, VirtqError, VirtQueue
 
 HALF = MEM_SIZE // 2

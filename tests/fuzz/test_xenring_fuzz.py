@@ -1,7 +1,7 @@
 """Fuzzing the compiled Xen 9pfs data ring (transports/ring/xen.c) and grant mapping as a hostile
 frontend.
 
-tests/xen/test_datapath.py fuzzes take/put on an order-1 ring starting at index 0; tests/xen's
+tests/transports/xen/test_datapath.py fuzzes take/put on an order-1 ring starting at index 0; tests/xen's
 handshake and hostile suites cover ring orders and grant refs the backend must refuse. This adds:
 every ring order, indices that start near the 2^32 wrap, the whole API (take, put, put_pread
 staged or published, publish, free_space, has_input, peek) interleaved with hostile writes of

@@ -10,7 +10,7 @@ import stat
 import trio
 
 from ninep.client import Client, ClientError
-from ninep.protocol import (
+from ninep.protocol.numbers import (
     L_O_CREAT,
     L_O_DIRECTORY,
     L_O_RDONLY,

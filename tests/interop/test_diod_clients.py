@@ -70,7 +70,7 @@ def test_readonly_cli_serves_reads_and_refuses_writes(ninep_readonly_server: Ser
     import trio
 
     from ninep.client import Client, ClientError
-    from ninep.protocol import L_O_CREAT, L_O_WRONLY
+    from ninep.protocol.numbers import L_O_CREAT, L_O_WRONLY
 
     r = run("diodcat", "-s", ninep_readonly_server.address, "-a", "/", "hello.txt")
     assert r.returncode == 0 and r.stdout == b"hello, 9P world\n"

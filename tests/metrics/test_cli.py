@@ -20,6 +20,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from ninep.client import Client
+from tests.kits.processes import wait_for_socket
 from tests.metrics.workload import (
     EXPECTED_ERRORS,
     EXPECTED_OPS,
@@ -34,7 +35,6 @@ from tests.metrics.workload import (
     make_export,
     workload,
 )
-from tests.processes import wait_for_socket
 
 REPO = Path(__file__).resolve().parents[2]
 NINEP = [sys.executable, "-m", "ninep"]

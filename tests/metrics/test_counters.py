@@ -11,11 +11,11 @@ import pytest
 import trio
 
 from fs_backends.local import LocalBackend
-from ninep import messages as m
 from ninep.client import Client
-from ninep.metrics import BUCKET_BOUNDS, NBUCKETS, ConnStats, prometheus_text
-from ninep.protocol import L_O_RDWR, LOCK_FLAGS_BLOCK, LOCK_SUCCESS, LOCK_TYPE_WRLCK, T
-from tests.e2e.harness import client_for, served
+from ninep.metrics.counters import BUCKET_BOUNDS, NBUCKETS, ConnStats, prometheus_text
+from ninep.protocol import messages as m
+from ninep.protocol.numbers import L_O_RDWR, LOCK_FLAGS_BLOCK, LOCK_SUCCESS, LOCK_TYPE_WRLCK, T
+from tests.kits.harness import client_for, served
 from tests.metrics.workload import (
     EXPECTED_ERRORS,
     EXPECTED_REQUESTS,
@@ -124,11 +124,11 @@ def test_flushed_request_counts_as_eintr_and_inflight_while_it_waits(export: Pat
 
 
 def test_latency_lands_in_log2_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ninep.metrics
+    import ninep.metrics.counters
 
     st = ConnStats()
     clock = [0.0]
-    monkeypatch.setattr(ninep.metrics.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(ninep.metrics.counters.time, "perf_counter", lambda: clock[0])
     for seconds in (0.0000005, 0.0000015, 0.0003, 0.0003, 2.0, 100.0):
         clock[0] = seconds
         st.done(T.Tgetattr, 0, object(), 0.0)
@@ -152,10 +152,10 @@ def test_latency_lands_in_log2_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_export_names_from_clients_are_bounded() -> None:
     from types import SimpleNamespace
 
-    import ninep.metrics
+    import ninep.metrics.counters
 
-    reg = ninep.metrics.Metrics("/srv/export")
-    for i in range(ninep.metrics.MAX_EXPORTS + 10):
+    reg = ninep.metrics.counters.Metrics("/srv/export")
+    for i in range(ninep.metrics.counters.MAX_EXPORTS + 10):
         st = ConnStats(i + 1)
         st.attached(f"dir{i}")
         st.done(T.Tattach, 0, object(), 0.0)
@@ -165,7 +165,7 @@ def test_export_names_from_clients_are_bounded() -> None:
         reg.disconnect(session)
     snap = reg.snapshot()
     # The cap, plus "(other)", plus the server's own export (always listed).
-    assert len(snap["exports"]) == ninep.metrics.MAX_EXPORTS + 2
-    assert snap["exports"][ninep.metrics.OTHER_EXPORTS]["connections_total"] == 10
+    assert len(snap["exports"]) == ninep.metrics.counters.MAX_EXPORTS + 2
+    assert snap["exports"][ninep.metrics.counters.OTHER_EXPORTS]["connections_total"] == 10
     assert snap["exports"]["/srv/export"]["requests"] == 0
-    assert snap["server"]["requests"] == ninep.metrics.MAX_EXPORTS + 10
+    assert snap["server"]["requests"] == ninep.metrics.counters.MAX_EXPORTS + 10

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ninep.client import Client, ClientError
-from ninep.protocol import L_O_RDONLY, L_O_WRONLY
+from ninep.protocol.numbers import L_O_RDONLY, L_O_WRONLY
 
 #: Walks to a file that exists (each clunked again), walks to one that does not, reads of
 #: READ_SIZE bytes, and one write of WRITE_SIZE bytes.

@@ -512,7 +512,7 @@ async def toolstack_create_device(
 
 def main(argv: list[str] | None = None) -> int:
     """`ninep xenstore-emu [--socket PATH] [-v]`: run the emulated Xen platform daemon."""
-    from transports.xen import cli
+    from ninep.cli import xen as cli
 
     ap = argparse.ArgumentParser(prog="ninep")
     cli.add_parser(ap.add_subparsers(dest="command", required=True))

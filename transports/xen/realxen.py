@@ -1,7 +1,7 @@
 """`XenPlatform` on a real Xen host, over libxenstore / libxengnttab / libxenevtchn via ctypes.
 
 NOT USED BY DEFAULT AND NEVER RUN HERE: these machines have no hypervisor (/dev/xen/*), so only
-the argument marshalling is tested (against a fake library object, tests/xen/test_realxen.py).
+the argument marshalling is tested (against a fake library object, tests/transports/xen/test_realxen.py).
 Nothing imports this module unless asked: `RealXenPlatform.open(domid)` from code that knows it
 runs in a Xen control or driver domain (Debian packages libxenstore4, libxengnttab1,
 libxenevtchn1). The backend and frontend need no change to use it.
