@@ -104,7 +104,7 @@ def _thread_cpu(pid: int) -> dict[str, float]:
 
 
 def profile(args: argparse.Namespace) -> int:
-    from bench.run import populate, run_cell, value_of
+    from bench._cells import populate, run_cell, value_of
 
     wl = args.profile
     if wl not in WORKLOADS:

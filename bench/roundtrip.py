@@ -24,10 +24,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._cells import cost_of, populate, run_cell  # noqa: E402
 from bench._common import RESULTS, host, machine, stamp, summary, write_json  # noqa: E402
 from bench._servers import ServerPool, start  # noqa: E402
 from bench._workloads import Cell, MiB  # noqa: E402
-from bench.run import cost_of, populate, run_cell  # noqa: E402
 
 #: (name, workload of bench/_workloads.py, unit)
 TESTS = (("getattr", "getattr", "ops/s"), ("read-1MiB", "seqread-1m", "MiB/s"))
