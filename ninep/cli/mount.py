@@ -232,7 +232,8 @@ async def _mount(
 ) -> int:
     import pyfuse3
 
-    from ninep.fuse.operations import FuseOperations, mount_options
+    from ninep.fuse.operations import FuseOperations
+    from ninep.fuse.options import mount_options
     from ninep.server.policy import policy_from_args
 
     backend, root = await open_backend(args, stack, local)
