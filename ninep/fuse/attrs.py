@@ -75,13 +75,9 @@ def setattr_request(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
 def statvfs(s: StatFs) -> pyfuse3.StatvfsData:
     """The kernel's statfs answer for the backend's."""
     out = pyfuse3.StatvfsData()
-    out.f_bsize = s.bsize
-    out.f_frsize = s.bsize
-    out.f_blocks = s.blocks
-    out.f_bfree = s.bfree
-    out.f_bavail = s.bavail
-    out.f_files = s.files
-    out.f_ffree = s.ffree
-    out.f_favail = s.ffree
-    out.f_namemax = s.namelen
+    out.f_bsize = out.f_frsize = s.bsize
+    out.f_blocks, out.f_bfree, out.f_bavail = s.blocks, s.bfree, s.bavail
+    out.f_files, out.f_namemax = s.files, s.namelen
+    # The backend tells no separate count of inodes free to unprivileged users.
+    out.f_ffree = out.f_favail = s.ffree
     return out
