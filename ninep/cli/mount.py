@@ -26,13 +26,17 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import trio
 
 from fs_backends.base import Backend, Cred, Node
 from transports.tls import ClientTLS
+
+if TYPE_CHECKING:
+    from fs_backends.remote import RemoteBackend
+    from ninep.fuse.operations import FuseOperations
 
 log = logging.getLogger("ninep.mount")
 
@@ -79,11 +83,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="inodes to keep before asking the kernel to forget old ones (default: from the "
         "fd limit for a host directory, 40000 for a 9P server)",
     )
-    p.add_argument("--tls-ca", metavar="PEM", help="TLS to a tcp: server: the CA its certificate must chain to")
-    p.add_argument("--tls-cert", metavar="PEM", help="TLS client certificate (for servers that ask for one)")
-    p.add_argument("--tls-key", metavar="PEM", help="its private key (default: in the --tls-cert file)")
-    p.add_argument("--tls-server-name", metavar="NAME",
-                   help="name the server certificate must carry (default: the host of SOURCE)")
+    p.add_argument(
+        "--tls-ca", metavar="PEM", help="TLS to a tcp: server: the CA its certificate must chain to"
+    )
+    p.add_argument(
+        "--tls-cert", metavar="PEM", help="TLS client certificate (for servers that ask for one)"
+    )
+    p.add_argument(
+        "--tls-key", metavar="PEM", help="its private key (default: in the --tls-cert file)"
+    )
+    p.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name the server certificate must carry (default: the host of SOURCE)",
+    )
     p.add_argument("--debug", action="store_true", help="log every FUSE call")
     p.add_argument("--daemon", action="store_true", help="detach once the mount is up")
     p.add_argument("--log-file", default=None, help="log here (with --daemon: instead of nowhere)")
@@ -121,8 +134,12 @@ def client_tls(args: argparse.Namespace) -> ClientTLS | None:
         return None
     if args.tls_key and not args.tls_cert:
         raise ValueError("--tls-key needs --tls-cert")
-    return ClientTLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key or args.tls_cert,
-                     server_name=args.tls_server_name)
+    return ClientTLS(
+        ca=args.tls_ca,
+        cert=args.tls_cert,
+        key=args.tls_key or args.tls_cert,
+        server_name=args.tls_server_name,
+    )
 
 
 def raise_fd_limit() -> None:
@@ -163,14 +180,25 @@ def make_local_backend(args: argparse.Namespace) -> Backend | None:
     return make_backend(src.path if src.kind == "local" else "memory:", args)
 
 
+@dataclass(slots=True)
+class Opened:
+    """The backend SOURCE names, attached."""
+
+    backend: Backend
+    root: Node
+    #: The same backend when it is a 9P server's connection (the mount ends when it drops).
+    remote: RemoteBackend | None = None
+
+
 async def open_backend(
     args: argparse.Namespace, stack: contextlib.AsyncExitStack, local: Backend | None = None
-) -> tuple[Backend, Node]:
+) -> Opened:
     """The Backend SOURCE names (`local` when already made) and its attached root."""
     src = parse_source(args.source, args.aname)
     uname = args.uname or os.environ.get("USER") or "root"
     cred = Cred(uid=os.geteuid(), gid=os.getegid(), uname=uname)
     backend: Backend
+    remote: RemoteBackend | None = None
     if src.kind in ("local", "memory"):
         made = local if local is not None else make_local_backend(args)
         assert made is not None
@@ -179,9 +207,10 @@ async def open_backend(
     else:
         from fs_backends.remote import RemoteBackend
 
-        backend = await stack.enter_async_context(
+        remote = await stack.enter_async_context(
             RemoteBackend.connect(src.address, msize=args.msize, uname=uname, tls=client_tls(args))
         )
+        backend = remote
         aname = src.aname
     try:
         root = await backend.attach(aname, cred)
@@ -189,10 +218,10 @@ async def open_backend(
         with trio.CancelScope(shield=True):
             await backend.aclose()
         raise
-    return backend, root
+    return Opened(backend, root, remote)
 
 
-async def _signals(ops: Any, stopped: list[bool]) -> None:
+async def _signals(ops: FuseOperations, stopped: list[bool]) -> None:
     import pyfuse3
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as sigs:
@@ -205,11 +234,11 @@ async def _signals(ops: Any, stopped: list[bool]) -> None:
             pyfuse3.terminate()
 
 
-async def _watch_connection(backend: Any, stopped: list[bool]) -> None:
+async def _watch_connection(remote: RemoteBackend, stopped: list[bool]) -> None:
     """A mount of a 9P server ends when the server goes away (rather than failing every call)."""
     import pyfuse3
 
-    while getattr(backend, "connected", True):
+    while remote.connected:
         await trio.sleep(0.5)
     log.error("connection to the 9P server lost: unmounting")
     stopped.append(False)  # False: stopped because of a failure
@@ -232,10 +261,12 @@ async def _mount(
 ) -> int:
     import pyfuse3
 
-    from ninep.fuse.operations import FuseOperations, mount_options
+    from ninep.fuse.operations import FuseOperations
+    from ninep.fuse.options import mount_options
     from ninep.server.policy import policy_from_args
 
-    backend, root = await open_backend(args, stack, local)
+    opened = await open_backend(args, stack, local)
+    backend, root = opened.backend, opened.root
     ops = FuseOperations(
         backend,
         root,
@@ -263,8 +294,8 @@ async def _mount(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_signals, ops, stopped)
-            if hasattr(backend, "connected"):
-                nursery.start_soon(_watch_connection, backend, stopped)
+            if opened.remote is not None:
+                nursery.start_soon(_watch_connection, opened.remote, stopped)
             await pyfuse3.main()
             unmounted = not stopped
             nursery.cancel_scope.cancel()
@@ -305,7 +336,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         src = parse_source(args.source, args.aname)
-        if client_tls(args) is not None and not (src.kind == "remote" and src.address.startswith("tcp:")):
+        if client_tls(args) is not None and not (
+            src.kind == "remote" and src.address.startswith("tcp:")
+        ):
             raise ValueError("--tls-* apply to a 9P server over TCP (9p://HOST… or tcp:HOST:PORT)")
     except ValueError as e:
         print(f"ninep mount: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ninep.fuse.operations import ALT_INODE_BASE, ROOT_INODE, InodeTable
+from ninep.fuse.inodes import ALT_INODE_BASE, ROOT_INODE, InodeTable
 from ninep.protocol import numbers as P
 from ninep.protocol.openflags import host_to_dotl
 from ninep.protocol.types import Qid

@@ -80,7 +80,7 @@ def test_listing_then_forget(mnt: Mount) -> None:
     """readdirplus hands the kernel a lookup for the first FULL_ENTRIES entries of a listing
     (the rest go without, so a huge directory does not fill the table); stat of every entry
     looks them all up; dropping caches gives them all back."""
-    from ninep.fuse.operations import FULL_ENTRIES, RESOLVE_CHUNK
+    from ninep.fuse.readdir import FULL_ENTRIES, RESOLVE_CHUNK
 
     d = mnt.path / "listed"
     d.mkdir()

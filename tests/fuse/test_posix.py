@@ -516,7 +516,7 @@ def test_listing_while_entries_change(work: Work) -> None:
 def test_big_directory_listing(mount: Mount, big_dir: str) -> None:
     """A directory with 100 000 entries lists completely and exactly once each, in bounded
     batches (the backend is asked for a few hundred at a time) and without a handle per entry."""
-    from ninep.fuse.operations import FULL_ENTRIES, RESOLVE_CHUNK
+    from ninep.fuse.readdir import FULL_ENTRIES, RESOLVE_CHUNK
 
     from .conftest import BIG_ENTRIES
 
