@@ -35,8 +35,8 @@ from ninep.server.exports import Export, ExportTable
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
 from transports.activation import listeners_from_sockets, take_inherited_sockets
-from transports.address import AddressError, ListenOptions, listener_from_address
-from transports.tls import ServerTLS
+from transports.address import listener_from_address
+from transports.options import AddressError, ListenOptions, ServerTLS
 
 log = logging.getLogger("ninep.config")
 

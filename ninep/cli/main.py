@@ -27,8 +27,9 @@ from ninep.server.identity import IdentityRule, parse_map
 from ninep.server.policy import add_policy_arguments, policy_from_args
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
-from transports.address import AddressError, ListenOptions, listener_from_address
+from transports.address import listener_from_address
 from transports.base import Listener
+from transports.options import AddressError, ListenOptions
 
 log = logging.getLogger("ninep")
 
@@ -192,7 +193,7 @@ def _listen_options(args: argparse.Namespace) -> ListenOptions:
     if args.tls_cert or args.tls_key or args.tls_client_ca:
         if not (args.tls_cert and args.tls_key):
             raise AddressError("TLS needs both --tls-cert and --tls-key")
-        from transports.tls import ServerTLS
+        from transports.options import ServerTLS
 
         tls = ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
     return ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure, tls=tls, poll_us=args.poll_us)

@@ -24,8 +24,9 @@ from ninep.client import Client
 from ninep.protocol.numbers import V9P2000_L
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
-from transports.address import ConnectOptions, ListenOptions, connect_address, listener_from_address
+from transports.address import connect_address, listener_from_address
 from transports.base import Channel
+from transports.options import ConnectOptions, ListenOptions
 from transports.stream import FdPairChannel
 
 Connector = Callable[[], Awaitable[Channel]]

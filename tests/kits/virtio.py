@@ -16,7 +16,7 @@ import trio
 from ninep.client import Client
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
-from transports.address import ConnectOptions
+from transports.options import ConnectOptions
 from transports.virtio import connect_address
 from transports.virtio import vhost_user as vu
 from transports.virtio.backend import VhostUserListener

@@ -11,8 +11,8 @@ This package must never touch guest memory outside `transports._ring` on the ser
 
 from __future__ import annotations
 
-from transports.address import AddressError, ConnectOptions, ListenOptions
 from transports.base import Channel, Listener
+from transports.options import AddressError, ConnectOptions, ListenOptions
 from transports.virtio.backend import VhostUserListener
 from transports.virtio.frontend import Frontend, FrontendChannel, FrontendError
 
