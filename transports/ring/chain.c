@@ -8,6 +8,7 @@
  * translated and bounds-checked then (queue.c). This file must never write a device-readable
  * buffer, nor anything outside the writable segments, nor use a chain after complete().
  */
+#include "ninep_wire.h"
 #include "virtq.h"
 
 #include <string.h>
@@ -56,10 +57,10 @@ PyObject *chain_new(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr)
     c->capacity = wr->total;
     c->readable = rd->total;
     /* ---- zero-copy writes: copy the header once, decide from the private copy ---- */
-    uint8_t first[7];
+    uint8_t first[NINEP_HEADER];
     uint64_t copy = rd->total;
-    if (q->split_type >= 0 && rd->total > q->split_min && rd->total >= 7) {
-        segs_copy(rd, 0, first, 7);
+    if (q->split_type >= 0 && rd->total > q->split_min && rd->total >= NINEP_HEADER) {
+        segs_copy(rd, 0, first, NINEP_HEADER);
         if (first[4] == (uint8_t)q->split_type)
             copy = q->split_head;
     }
@@ -67,9 +68,9 @@ PyObject *chain_new(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr)
     if (c->request == NULL)
         goto fail;
     if (copy < rd->total) {
-        /* Split: the first 7 bytes come from `first` (read once), the rest of the head after. */
-        memcpy(PyBytes_AS_STRING(c->request), first, 7);
-        segs_copy(rd, 7, (uint8_t *)PyBytes_AS_STRING(c->request) + 7, copy - 7);
+        /* Split: the 9P header comes from `first` (read once), the rest of the head after. */
+        memcpy(PyBytes_AS_STRING(c->request), first, NINEP_HEADER);
+        segs_copy(rd, NINEP_HEADER, (uint8_t *)PyBytes_AS_STRING(c->request) + NINEP_HEADER, copy - NINEP_HEADER);
         c->r = rd->v;
         c->nr = rd->n;
         rd->v = NULL;
@@ -169,7 +170,7 @@ static PyObject *chain_pread(ChainObject *c, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "offset", "count", "skip", "nowait", NULL};
     int fd, nowait = 0;
-    unsigned long long offset, count, skip = 11;
+    unsigned long long offset, count, skip = NINEP_IO_REPLY_HEADER;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKK|Kp", kwlist, &fd, &offset, &count, &skip, &nowait))
         return NULL;
     if (chain_check(c) < 0)

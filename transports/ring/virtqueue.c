@@ -8,6 +8,7 @@
  * memtable.c. None of those call back into this file. It must never read guest memory itself
  * other than through those primitives (every ring index read once, see ring.h).
  */
+#include "ninep_wire.h"
 #include "virtq.h"
 
 #include <endian.h>
@@ -229,7 +230,7 @@ static PyObject *vq_set_split(VirtQueueObject *q, PyObject *args)
     unsigned int head, minimum;
     if (!PyArg_ParseTuple(args, "iII", &type, &head, &minimum))
         return NULL;
-    if (type < -1 || type > 255 || (type >= 0 && (head < 7 || head > minimum))) {
+    if (type < -1 || type > 255 || (type >= 0 && (head < NINEP_HEADER || head > minimum))) {
         PyErr_SetString(PyExc_ValueError, "set_split needs -1 <= msgtype <= 255 and 7 <= head <= minimum");
         return NULL;
     }

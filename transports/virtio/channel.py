@@ -29,10 +29,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from errno import EINVAL, EMSGSIZE, EOPNOTSUPP
 from typing import Any, Protocol
 
 import trio
 
+from ninep.protocol.numbers import T
 from transports.base import Buffer, DirectTotals
 from transports.virtio._ext import Chain, VirtqError, drain_eventfd, signal_eventfd
 from transports.virtio.polling import AdaptivePoll, event_loop_fd
@@ -44,10 +46,10 @@ RREAD_HEADER = struct.Struct("<IBHI")
 RLERROR = struct.Struct("<IBHI")
 #: size[4] type[1] tag[2] fid[4] offset[8] count[4], the same in every dialect.
 TWRITE_HEADER = struct.Struct("<IBHIQI")
-TFLUSH, RFLUSH, TREAD, RREAD, TWRITE, RLERROR_TYPE = 108, 109, 116, 117, 118, 7
+TFLUSH, RFLUSH, RLERROR_TYPE = int(T.Tflush), int(T.Rflush), int(T.Rlerror)
+TREAD, RREAD, TWRITE = int(T.Tread), int(T.Rread), int(T.Twrite)
 #: Twrites with more data than this keep it in guest memory (Linux's own zero-copy threshold).
 ZERO_COPY_WRITE_MIN = 1024
-EINVAL, EMSGSIZE, EOPNOTSUPP = 22, 90, 95
 
 
 def _header_of(parts: Sequence[Buffer]) -> bytes:
