@@ -1,6 +1,6 @@
 """What a caller tells the transports: listen and connect options, TLS configuration, the
-address error, and the plain checks on a TCP address (parse it, is it loopback, may 9P be served
-on it with these options).
+direct-I/O policy, the address error, and the plain checks on a TCP address (parse it, is it
+loopback, may 9P be served on it with these options).
 
 A leaf: everything else in `transports` (and `ninep.metrics`, which listens on the same kind of
 addresses) imports it, so it must never import another transports module, open a socket, or
@@ -57,6 +57,20 @@ class ClientTLS:
         return ctx
 
 
+@dataclass(frozen=True, slots=True)
+class DirectIOPolicy:
+    """The numbers a device transport's direct I/O (transports/ring/direct.c) applies, owned by
+    others and passed in by the composition root: the transports hold no copy of them."""
+
+    #: Size of the latency histogram of requests served by direct I/O (the metrics' bucket count;
+    #: bucket i counts requests whose microseconds have bit length i, the last takes the rest).
+    latency_buckets: int
+    #: A direct write that slept and took longer than this (seconds) turns direct writes off for
+    #: `write_backoff` seconds (the local backend's inline-write policy).
+    write_slow: float
+    write_backoff: float
+
+
 @dataclass(slots=True)
 class ListenOptions:
     #: Largest msize the server will agree to (the transport may lower it further).
@@ -70,6 +84,8 @@ class ListenOptions:
     #: Longest spin (µs) of a vhost-user queue on its ring before sleeping until a kick
     #: (transports.virtio.polling); None: the default for this machine, 0: never spin.
     poll_us: int | None = None
+    #: Direct I/O on vhost-user queues under this policy; None: every request goes to the session.
+    direct_io: DirectIOPolicy | None = None
 
 
 @dataclass(slots=True)

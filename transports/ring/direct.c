@@ -21,7 +21,9 @@
  *
  * Writes run on the popping thread as the local backend's inline writes do: one that slept and
  * took longer than `write_slow_ns` (dirty throttling, reclaim) turns direct writes off for
- * `write_backoff_ns`, so a stall of the event loop does not repeat.
+ * `write_backoff_ns`, so a stall of the event loop does not repeat. Both numbers are the
+ * backend's policy, given by set_write_guard (transports.virtio passes them from
+ * transports.options.DirectIOPolicy); this file holds none of its own.
  *
  * This file must never parse more of a request than the fixed Tread/Twrite header, answer
  * anything but success, or touch a Python object outside the methods at the end (the serving
@@ -39,13 +41,15 @@
 
 enum { DIRECT_EMPTY, DIRECT_SERVED, DIRECT_OTHER };
 
-void vq_direct_init(VirtQueueObject *q)
+void vq_direct_init(VirtQueueObject *q, int nbuckets)
 {
     q->ndirect = 0;
     q->call_fd = -1;
     q->msize = q->max_request < UINT32_MAX ? (uint32_t)q->max_request : UINT32_MAX;
-    q->write_slow_ns = 2000000;
-    q->write_backoff_ns = 10000000000ull;
+    q->nbuckets = nbuckets;
+    /* The back-off policy is the backend's (set_write_guard); until it is given, none. */
+    q->write_slow_ns = UINT64_MAX;
+    q->write_backoff_ns = 0;
     q->writes_off_until = 0;
     q->declined = -1;
 }
@@ -141,14 +145,14 @@ static ssize_t direct_read(VirtQueueObject *q, int fd, uint64_t offset, uint32_t
     return r < 0 ? r : (ssize_t)got;
 }
 
-static void note(vq_direct_stats *st, uint64_t bytes, uint64_t ns)
+static void note(vq_direct_stats *st, int nbuckets, uint64_t bytes, uint64_t ns)
 {
     uint64_t us = ns / 1000;
     int bucket = us ? 64 - __builtin_clzll(us) : 0;
     st->count++;
     st->bytes += bytes;
     st->ns += ns;
-    st->buckets[bucket < VQ_DIRECT_BUCKETS ? bucket : VQ_DIRECT_BUCKETS - 1]++;
+    st->buckets[bucket < nbuckets ? bucket : nbuckets - 1]++;
 }
 
 static int direct_one(VirtQueueObject *q, int gil)
@@ -222,7 +226,7 @@ static int direct_one(VirtQueueObject *q, int gil)
     if (vq_push(q, head, used))
         direct_notify(q);
     uint64_t t1 = vq_now_ns();
-    note(&q->dstats[type == NINEP_TWRITE], (uint64_t)n, t1 - t0);
+    note(&q->dstats[type == NINEP_TWRITE], q->nbuckets, (uint64_t)n, t1 - t0);
     q->direct_served++;
     q->direct_last_ns = t1;
     return DIRECT_SERVED;
@@ -304,10 +308,10 @@ PyObject *vq_direct_stats_py(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
         vq_direct_stats *st = &q->dstats[k];
         if (st->count == 0)
             continue;
-        PyObject *buckets = PyList_New(VQ_DIRECT_BUCKETS);
+        PyObject *buckets = PyList_New(q->nbuckets);
         if (buckets == NULL)
             goto fail;
-        for (int i = 0; i < VQ_DIRECT_BUCKETS; i++)
+        for (int i = 0; i < q->nbuckets; i++)
             PyList_SET_ITEM(buckets, i, PyLong_FromUnsignedLongLong(st->buckets[i]));
         PyObject *item = Py_BuildValue("(KKKN)", st->count, st->bytes, st->ns, buckets);
         PyObject *key = PyLong_FromLong(k ? NINEP_TWRITE : NINEP_TREAD);

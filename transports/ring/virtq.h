@@ -67,9 +67,10 @@ typedef struct {
 #define VQ_DIRECT_BATCH 32
 /* The longest poll() when direct I/O keeps restarting its window (ns). */
 #define VQ_POLL_MAX_NS 1000000
-/* Latency histogram buckets: bucket i counts requests whose microseconds have bit length i (the
- * last bucket takes the rest), as ninep.metrics does. */
-#define VQ_DIRECT_BUCKETS 25
+/* Latency histogram: bucket i counts requests whose microseconds have bit length i, the last
+ * bucket taking the rest. How many buckets is the metrics' choice (VirtQueue(buckets=...), from
+ * ninep.metrics through the caller); this is only the most a 64-bit count can use. */
+#define VQ_DIRECT_BUCKETS_MAX 65
 #define VQ_DIRECT_READ 1
 #define VQ_DIRECT_WRITE 2
 
@@ -81,7 +82,7 @@ typedef struct {
 
 typedef struct {
     uint64_t count, bytes, ns;
-    uint64_t buckets[VQ_DIRECT_BUCKETS];
+    uint64_t buckets[VQ_DIRECT_BUCKETS_MAX];
 } vq_direct_stats;
 
 typedef struct {
@@ -107,6 +108,7 @@ typedef struct {
     uint32_t msize;                 /* negotiated 9P msize */
     uint64_t write_slow_ns, write_backoff_ns, writes_off_until;
     vq_direct_stats dstats[2];      /* [0] Tread, [1] Twrite; read by direct_stats() */
+    int nbuckets;                   /* used entries of each dstats[].buckets */
     uint64_t direct_served, direct_last_ns, direct_notified;
     int32_t declined;               /* avail index of a chain direct I/O gave up on; -1: none */
     vq_segs drd, dwr;               /* scratch segment lists, reused */
@@ -159,8 +161,9 @@ int vq_direct_serve(VirtQueueObject *q, int gil, unsigned max, int *more);
 void vq_direct_clear(VirtQueueObject *q);
 /* vq_direct_clear, and frees the scratch buffers (dealloc). */
 void vq_direct_free(VirtQueueObject *q);
-/* Sets the defaults of the direct-I/O fields (vq_init). */
-void vq_direct_init(VirtQueueObject *q);
+/* Sets the direct-I/O fields (vq_init): `nbuckets` latency buckets, no fid, no write guard until
+ * set_write_guard gives one. */
+void vq_direct_init(VirtQueueObject *q, int nbuckets);
 
 /* VirtQueue methods and attributes defined in direct.c (listed in virtqueue.c's tables). */
 PyObject *vq_direct_open(VirtQueueObject *q, PyObject *args);

@@ -27,15 +27,20 @@ static int vq_ready(VirtQueueObject *q)
 static int vq_init(VirtQueueObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"mem", "num", "desc", "avail", "used", "by_uva", "event_idx",
-                             "indirect", "last_avail", "max_request", NULL};
+                             "indirect", "last_avail", "max_request", "buckets", NULL};
     MemTableObject *mem;
     unsigned int num;
     unsigned long long desc, avail, used, max_request = 16u << 20;
-    int by_uva = 1, event_idx = 0, indirect = 0;
+    int by_uva = 1, event_idx = 0, indirect = 0, buckets = VQ_DIRECT_BUCKETS_MAX;
     unsigned int last_avail = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!IKKK|$pppIK", kwlist, &MemTableType, &mem, &num, &desc,
-                                     &avail, &used, &by_uva, &event_idx, &indirect, &last_avail, &max_request))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!IKKK|$pppIKi", kwlist, &MemTableType, &mem, &num, &desc,
+                                     &avail, &used, &by_uva, &event_idx, &indirect, &last_avail, &max_request,
+                                     &buckets))
         return -1;
+    if (buckets < 1 || buckets > VQ_DIRECT_BUCKETS_MAX) {
+        PyErr_Format(PyExc_ValueError, "buckets must be between 1 and %d", VQ_DIRECT_BUCKETS_MAX);
+        return -1;
+    }
     if (self->mem != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "VirtQueue already initialised");
         return -1;
@@ -54,7 +59,7 @@ static int vq_init(VirtQueueObject *self, PyObject *args, PyObject *kwds)
     self->last_avail = (uint16_t)last_avail;
     self->max_request = max_request;
     self->split_type = -1;
-    vq_direct_init(self);
+    vq_direct_init(self, buckets);
     if (vq_map(self, mem, desc, avail, used, by_uva) < 0)
         return -1;
     /* The used index continues from wherever the ring is (it survives a back-end restart). */
@@ -304,7 +309,8 @@ static PyTypeObject VirtQueueType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "transports._ring.VirtQueue",
     .tp_doc = "VirtQueue(mem, num, desc, avail, used, *, by_uva=True, event_idx=False, indirect=False, "
-              "last_avail=0, max_request=16MiB): device side of a split virtqueue.",
+              "last_avail=0, max_request=16MiB, buckets=65): device side of a split virtqueue; `buckets` is the "
+              "size of direct_stats()' latency histograms (the last bucket takes the rest).",
     .tp_basicsize = sizeof(VirtQueueObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,

@@ -29,7 +29,8 @@ def _path(address: str) -> str:
 
 def listener_from_address(address: str, options: ListenOptions) -> Listener:
     try:
-        return VhostUserListener(address, _path(address), options.tag, options.max_msize, options.poll_us)
+        return VhostUserListener(address, _path(address), options.tag, options.max_msize, options.poll_us,
+                                 options.direct_io)
     except ValueError as exc:
         raise AddressError(str(exc)) from None
 

@@ -116,12 +116,17 @@ class QueueChannel:
         ring: Ring,
         broken: Callable[[str], object],
         poll: AdaptivePoll | None = None,
+        *,
+        direct: bool = False,
     ) -> None:
         self.peer = peer
         self.max_message_size = max_message_size
         self._msize = max_message_size
         self._notify = notify
         self._queue = queue  # transports._ring.VirtQueue
+        #: Whether the queue may serve fids itself: only under a direct-I/O policy (its write guard
+        #: and histogram size set on the queue by the device that made it).
+        self._direct = direct
         self._ring = ring
         self._broken = broken  # stops the ring and tells the VMM (err eventfd)
         self._waiting_on: int | None = None  # the kick fd `receive` is parked on
@@ -370,7 +375,7 @@ class QueueChannel:
     # -- DirectIO -----------------------------------------------------------------------------
     def direct_open(self, fid: int, fd: int, readable: bool, writable: bool) -> bool:
         flags = (1 if readable else 0) | (2 if writable else 0)
-        taken = bool(flags) and not self._closed and bool(self._queue.direct_open(fid, fd, flags))
+        taken = bool(flags) and self._direct and not self._closed and bool(self._queue.direct_open(fid, fd, flags))
         if not taken:
             os.close(fd)  # the fd is ours either way
         return taken
