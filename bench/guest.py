@@ -84,7 +84,6 @@ def vhost_user_qemu(mode: str) -> list[str] | None:
         return None
     try:
         import transports.virtio  # noqa: F401  (needs the compiled extension; says how to build it)
-
         from tests.kits.sidqemu import ensure_sid_qemu, qemu_command
 
         return qemu_command(ensure_sid_qemu())
