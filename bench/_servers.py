@@ -218,8 +218,7 @@ class ServerPool:
         importlib.import_module("transports.xen")
         xs = str(self.tmp / "xenstore.sock")
         env = {**_env(), "NINEP_XENSTORE": xs}
-        emu = self._spawn([sys.executable, "-c", "import sys; from transports.xen.emu import main; sys.exit(main(sys.argv[1:]))",
-                           "--socket", xs], "xenstore-emu.log", env=env)
+        emu = self._spawn([sys.executable, "-m", "ninep", "xenstore-emu", "--socket", xs], "xenstore-emu.log", env=env)
         _wait_unix(xs, emu)
         address = f"xen:1/0,xenstore={xs}"
         p = self._spawn(self._ninep_cmd([address]), "ninep-xen.log", env=env)

@@ -164,7 +164,8 @@ async def populate_9p(target: Target, big_size: int, dir_entries: int) -> None:
 @contextlib.asynccontextmanager
 async def _connect(target: Target, msize: int) -> AsyncIterator[Any]:
     from ninep.client import Client
-    from transports.address import ConnectOptions, connect_address
+    from transports.address import connect_address
+    from transports.options import ConnectOptions
     from transports.stream import FdPairChannel
 
     if target.transport == "fd":

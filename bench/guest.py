@@ -83,8 +83,7 @@ def vhost_user_qemu(mode: str) -> list[str] | None:
     if mode == "no":
         return None
     try:
-        import transports._ring  # noqa: F401  (the vhost-user back-end needs the extension)
-
+        import transports.virtio  # noqa: F401  (needs the compiled extension; says how to build it)
         from tests.kits.sidqemu import ensure_sid_qemu, qemu_command
 
         return qemu_command(ensure_sid_qemu())

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from ninep.client import Client  # noqa: E402
 from ninep.protocol.numbers import L_O_RDONLY  # noqa: E402
-from transports.address import ConnectOptions  # noqa: E402
+from transports.options import ConnectOptions  # noqa: E402
 
 MiB = 1024 * 1024
 FILE_SIZE = 64 * MiB
@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     import trustme
 
-    from transports.tls import ClientTLS
+    from transports.options import ClientTLS
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

@@ -21,7 +21,7 @@ import time
 import trio
 
 from ninep.client import Client
-from transports.address import ConnectOptions
+from transports.options import ConnectOptions
 
 MSIZE = 512 * 1024
 FILE_SIZE = 64 << 20

@@ -32,7 +32,8 @@ from ninep.client import Client  # noqa: E402
 from ninep.protocol.numbers import L_O_CREAT, L_O_RDONLY, L_O_WRONLY  # noqa: E402
 from ninep.server.server import Server  # noqa: E402
 from ninep.server.session import SessionOptions  # noqa: E402
-from transports.address import ConnectOptions, ListenOptions, connect_address, listener_from_address  # noqa: E402
+from transports.address import connect_address, listener_from_address  # noqa: E402
+from transports.options import ConnectOptions, ListenOptions  # noqa: E402
 from transports.xen.emu import serve_xenstore  # noqa: E402
 
 MIB = 1 << 20

@@ -38,8 +38,7 @@ from ninep.client import Client, ClientError
 from ninep.protocol import messages as m
 from ninep.protocol import numbers as P
 from ninep.protocol.codec import unpack_dirents
-from transports.address import ConnectOptions
-from transports.tls import ClientTLS
+from transports.options import ClientTLS, ConnectOptions
 
 
 async def _gather(fns: Sequence[Callable[[], Awaitable[None]]]) -> None:

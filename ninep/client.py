@@ -40,8 +40,9 @@ from ninep.protocol.numbers import (
     VERSION_UNKNOWN,
 )
 from ninep.protocol.types import Qid
-from transports.address import ConnectOptions, connect_address
+from transports.address import connect_address
 from transports.base import Channel
+from transports.options import ConnectOptions
 
 R = TypeVar("R", bound=m.Message)
 

@@ -21,8 +21,9 @@ import os
 import socket
 from collections.abc import MutableMapping
 
-from transports.address import AddressError, ListenOptions
-from transports.stream import STREAM_MAX_MESSAGE, SocketListener, check_exposure, tcp_upgrade
+from transports.options import AddressError, ListenOptions, check_exposure
+from transports.stream import STREAM_MAX_MESSAGE, SocketListener
+from transports.tls import tcp_upgrade
 
 LISTEN_FDS_START = 3
 

@@ -1,6 +1,7 @@
 """Turns command-line addresses into Listeners (server side) and Channels (client side).
 
-`tcp:HOST:PORT`, `unix:PATH`, `fd:RFD,WFD` are served by `transports.stream`; `vhost-user:SOCK`
+`tcp:HOST:PORT`, `unix:PATH`, `fd:RFD,WFD` are served by `transports.sockets`
+(framing in `transports.stream`, TLS in `transports.tls`); `vhost-user:SOCK`
 by `transports.virtio`; `xen:DOMID/DEVID` by `transports.xen`. Each transport package exposes two
 functions, imported lazily so a missing optional part (the compiled ring extension) only fails
 when that transport is asked for:
@@ -8,7 +9,8 @@ when that transport is asked for:
     def listener_from_address(address: str, options: ListenOptions) -> Listener
     async def connect_address(address: str, options: ConnectOptions) -> Channel
 
-(`address` is the whole string, scheme included.)
+(`address` is the whole string, scheme included; the options and `AddressError` are
+`transports.options`'.)
 
 This module must never open sockets itself or know any transport's details.
 """
@@ -16,48 +18,17 @@ This module must never open sockets itself or know any transport's details.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from transports.base import Channel, Listener
-
-if TYPE_CHECKING:
-    from transports.tls import ClientTLS, ServerTLS
+from transports.options import AddressError, ConnectOptions, ListenOptions
 
 SCHEMES = {
-    "tcp": "transports.stream",
-    "unix": "transports.stream",
-    "fd": "transports.stream",
+    "tcp": "transports.sockets",
+    "unix": "transports.sockets",
+    "fd": "transports.sockets",
     "vhost-user": "transports.virtio",
     "xen": "transports.xen",
 }
-
-
-@dataclass(slots=True)
-class ListenOptions:
-    #: Largest msize the server will agree to (the transport may lower it further).
-    max_msize: int = 4 * 1024 * 1024
-    #: Mount tag presented by device transports (virtio config, Xen `tag` node).
-    tag: str = "ninep"
-    #: Allow non-loopback TCP binds without TLS client authentication.
-    insecure: bool = False
-    #: TLS on every TCP listener (transports.tls); None: plain TCP.
-    tls: ServerTLS | None = None
-    #: Longest spin (µs) of a vhost-user queue on its ring before sleeping until a kick
-    #: (transports.virtio.polling); None: the default for this machine, 0: never spin.
-    poll_us: int | None = None
-
-
-@dataclass(slots=True)
-class ConnectOptions:
-    max_msize: int = 4 * 1024 * 1024
-    tag: str = "ninep"
-    #: TLS for `tcp:` addresses (transports.tls); None: plain TCP.
-    tls: ClientTLS | None = None
-
-
-class AddressError(ValueError):
-    """An address that names no transport or is malformed."""
 
 
 def split(address: str) -> tuple[str, str, str]:

@@ -2,7 +2,8 @@
 
 `tcp:HOST:PORT` and `unix:PATH` listen (server) or connect (client); `fd:RFD,WFD` wraps one
 already-connected pair of fds (what QEMU chardevs and Linux `trans=fd` use; `fd:0,1` is
-stdin/stdout), served as a single connection.
+stdin/stdout), served as a single connection. The addresses are parsed, and TLS put on TCP, by
+`transports.sockets`: this module knows neither addresses nor TLS.
 
 Framing: every message starts with its little-endian u32 size, which counts itself. A size below 7
 or above the negotiated msize means the stream can no longer be trusted: `FramingError`, and the
@@ -12,7 +13,6 @@ server drops the connection. This module must never interpret anything past the 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -23,7 +23,6 @@ from typing import Any
 
 import trio
 
-from transports.address import AddressError, ConnectOptions, ListenOptions
 from transports.base import Buffer, Channel, ChannelHandler, FramingError
 
 log = logging.getLogger("ninep.transport")
@@ -93,7 +92,7 @@ class _Framer:
         return msg
 
 
-def _grow_send_buffer(sock: trio.socket.SocketType, size: int) -> None:
+def grow_send_buffer(sock: trio.socket.SocketType, size: int) -> None:
     """Lets a whole large reply fit in the socket buffer, so a 1 MiB Rread goes out in one
     sendmsg instead of a dozen waits (root may exceed wmem_max with SO_SNDBUFFORCE)."""
     for opt in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
@@ -110,7 +109,7 @@ class SocketChannel:
     """A Channel over a connected trio socket (TCP or unix), usable by server and client."""
 
     def __init__(self, sock: trio.socket.SocketType, peer: str, max_message_size: int = STREAM_MAX_MESSAGE) -> None:
-        _grow_send_buffer(sock, min(max_message_size, 2 * 1024 * 1024) + 64 * 1024)
+        grow_send_buffer(sock, min(max_message_size, 2 * 1024 * 1024) + 64 * 1024)
         self.sock = sock
         self.peer = peer
         self.max_message_size = max_message_size
@@ -373,96 +372,3 @@ class FdListener:
         channel = FdPairChannel(self.rfd, self.wfd, self.max_message_size)
         task_status.started()
         await _serve_channel(handler, channel)
-
-
-def _parse_tcp(rest: str) -> tuple[str, int]:
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit():
-        raise AddressError(f"tcp address must be tcp:HOST:PORT, not tcp:{rest}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_exposure(host: str, options: ListenOptions) -> None:
-    """Plain 9P carries no authentication: only loopback, unless TLS with client certificates
-    guards the port or the user said --insecure."""
-    authenticated = options.tls is not None and options.tls.client_ca is not None
-    if not _is_loopback(host) and not options.insecure and not authenticated:
-        raise AddressError(f"refusing to serve 9P without TLS client authentication on non-loopback {host}; "
-                           "give --tls-cert/--tls-key/--tls-client-ca, or pass --insecure to do it anyway")
-
-
-def tcp_upgrade(options: ListenOptions, max_message_size: int) -> Upgrade | None:
-    """The TLS handshake for TCP connections when TLS is configured (loads the certificates now,
-    so a bad file fails at start-up)."""
-    if options.tls is None:
-        return None
-    from transports.tls import server_upgrade
-
-    return server_upgrade(options.tls, max_message_size)
-
-
-def _parse_fds(rest: str) -> tuple[int, int]:
-    r, sep, w = rest.partition(",")
-    if not sep or not r.isdigit() or not w.isdigit():
-        raise AddressError(f"fd address must be fd:RFD,WFD, not fd:{rest}")
-    return int(r), int(w)
-
-
-def listener_from_address(address: str, options: ListenOptions) -> SocketListener | FdListener:
-    scheme, _, rest = address.partition(":")
-    limit = min(options.max_msize, STREAM_MAX_MESSAGE)
-    if scheme == "tcp":
-        host, port = _parse_tcp(rest)
-        check_exposure(host, options)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return SocketListener(address, family, (host, port), limit, upgrade=tcp_upgrade(options, limit))
-    if scheme == "unix":
-        if not rest:
-            raise AddressError("unix address must be unix:PATH")
-        return SocketListener(address, socket.AF_UNIX, rest, limit)
-    if scheme == "fd":
-        r, w = _parse_fds(rest)
-        return FdListener(address, r, w, limit)
-    raise AddressError(f"not a stream address: {address}")
-
-
-async def connect_address(address: str, options: ConnectOptions) -> Channel:
-    scheme, _, rest = address.partition(":")
-    limit = min(options.max_msize, STREAM_MAX_MESSAGE)
-    if scheme == "tcp":
-        host, port = _parse_tcp(rest)
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, _, _, _, sockaddr = infos[0]
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-        try:
-            await sock.connect(sockaddr)
-        except BaseException:
-            sock.close()
-            raise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if options.tls is not None:
-            from transports.tls import client_channel
-
-            return await client_channel(sock, host, address, options.tls, limit)
-        return SocketChannel(sock, address, limit)
-    if scheme == "unix":
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.connect(rest)
-        except BaseException:
-            sock.close()
-            raise
-        return SocketChannel(sock, address, limit)
-    if scheme == "fd":
-        r, w = _parse_fds(rest)
-        return FdPairChannel(r, w, limit)
-    raise AddressError(f"not a stream address: {address}")

@@ -1,6 +1,7 @@
 """TLS on TCP: 9P stream framing over trio's SSLStream, with mutual authentication.
 
-Server side: `ServerTLS` (certificate, key, and the CA that signs client certificates) becomes a
+Server side: `ServerTLS` (certificate, key, and the CA that signs client certificates; declared in
+`transports.options` with `ClientTLS`) becomes a
 handshake run on every accepted TCP connection, in that connection's own task and under a time
 limit. A failed handshake (no client certificate, a certificate from another CA, an expired one,
 plain 9P sent to the TLS port, a client that never speaks) is one log line with the peer and the
@@ -20,55 +21,14 @@ from __future__ import annotations
 
 import logging
 import re
-import ssl
-from dataclasses import dataclass
 
 import trio
 
 from transports.base import Channel
-from transports.stream import STREAM_MAX_MESSAGE, StreamChannel, Upgrade, _grow_send_buffer
+from transports.options import ClientTLS, ListenOptions, ServerTLS
+from transports.stream import STREAM_MAX_MESSAGE, StreamChannel, Upgrade, grow_send_buffer
 
 log = logging.getLogger("ninep.transport")
-
-#: A client has this long to finish its handshake (slow peers must not pin a task forever).
-HANDSHAKE_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class ServerTLS:
-    cert: str
-    key: str
-    #: CA file the client certificates must chain to; None: no client certificate asked for.
-    client_ca: str | None = None
-    handshake_timeout: float = HANDSHAKE_TIMEOUT
-
-    def context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.cert, self.key)
-        if self.client_ca is not None:
-            ctx.load_verify_locations(cafile=self.client_ca)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
-
-
-@dataclass(frozen=True, slots=True)
-class ClientTLS:
-    #: CA file the server certificate must chain to; None: the system's trusted CAs.
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    #: Name the server certificate must carry; None: the host of the address.
-    server_name: str | None = None
-    handshake_timeout: float = HANDSHAKE_TIMEOUT
-
-    def context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.cert is not None:
-            ctx.load_cert_chain(self.cert, self.key)
-        return ctx
-
 
 # --- identities ---------------------------------------------------------------------------------
 
@@ -148,7 +108,7 @@ def server_upgrade(cfg: ServerTLS, max_message_size: int) -> Upgrade:
     ctx = cfg.context()
 
     async def upgrade(conn: trio.socket.SocketType, peer: str) -> Channel | None:
-        _grow_send_buffer(conn, min(max_message_size, 2 * 1024 * 1024) + 64 * 1024)
+        grow_send_buffer(conn, min(max_message_size, 2 * 1024 * 1024) + 64 * 1024)
         stream = trio.SSLStream(trio.SocketStream(conn), ctx, server_side=True)
         try:
             with trio.fail_after(cfg.handshake_timeout):
@@ -167,11 +127,19 @@ def server_upgrade(cfg: ServerTLS, max_message_size: int) -> Upgrade:
     return upgrade
 
 
+def tcp_upgrade(options: ListenOptions, max_message_size: int) -> Upgrade | None:
+    """The TLS handshake for TCP connections when TLS is configured (loads the certificates now,
+    so a bad file fails at start-up)."""
+    if options.tls is None:
+        return None
+    return server_upgrade(options.tls, max_message_size)
+
+
 async def client_channel(sock: trio.socket.SocketType, host: str, address: str, cfg: ClientTLS,
                          max_message_size: int = STREAM_MAX_MESSAGE) -> TLSChannel:
     """Runs the client handshake on a connected TCP socket; raises the `ssl.SSLError` (an
     OSError) that says why a server was not trusted, `TimeoutError` if it never answered."""
-    _grow_send_buffer(sock, min(max_message_size, 2 * 1024 * 1024) + 64 * 1024)
+    grow_send_buffer(sock, min(max_message_size, 2 * 1024 * 1024) + 64 * 1024)
     stream = trio.SSLStream(trio.SocketStream(sock), cfg.context(), server_hostname=cfg.server_name or host)
     try:
         with trio.fail_after(cfg.handshake_timeout):

@@ -518,7 +518,8 @@ def parse(text: str, file: str = "<exports>") -> ServerConfig:
     listeners: dict[str, str] = {}
     lt = root.sub("listeners")
     if lt is not None:
-        from transports.address import AddressError, split
+        from transports.address import split
+        from transports.options import AddressError
 
         for name in lt.take_all():
             address = lt.data[name]

@@ -30,13 +30,13 @@ import trio
 
 from fs_backends.base import Backend
 from ninep.cli.config import ConfigError, ExportConfig, ServerConfig, load
-from ninep.cli.main import DEFAULT_MSIZE, MAX_MSIZE, _serve, _size, make_backend
+from ninep.cli.main import DEFAULT_MSIZE, MAX_MSIZE, _serve, _size, direct_io_policy, make_backend
 from ninep.server.exports import Export, ExportTable
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
 from transports.activation import listeners_from_sockets, take_inherited_sockets
-from transports.address import AddressError, ListenOptions, listener_from_address
-from transports.tls import ServerTLS
+from transports.address import listener_from_address
+from transports.options import AddressError, ListenOptions, ServerTLS
 
 log = logging.getLogger("ninep.config")
 
@@ -112,7 +112,7 @@ def listen_options(cfg: ServerConfig, msize: int, args: argparse.Namespace) -> L
             raise ConfigError("[tls] needs both cert and key", cfg.file)
         tls = ServerTLS(cert=cfg.tls.cert, key=cfg.tls.key, client_ca=cfg.tls.client_ca)
     return ListenOptions(max_msize=msize, tag=cfg.tag or args.tag, insecure=cfg.insecure or args.insecure, tls=tls,
-                         poll_us=args.poll_us)
+                         poll_us=args.poll_us, direct_io=direct_io_policy())
 
 
 class Reloader:

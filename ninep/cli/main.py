@@ -23,12 +23,14 @@ import trio
 
 from fs_backends.base import Backend
 from ninep.cli import stats as stats_cli
+from ninep.metrics.counters import NBUCKETS
 from ninep.server.identity import IdentityRule, parse_map
 from ninep.server.policy import add_policy_arguments, policy_from_args
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
-from transports.address import AddressError, ListenOptions, listener_from_address
+from transports.address import listener_from_address
 from transports.base import Listener
+from transports.options import AddressError, DirectIOPolicy, ListenOptions
 
 log = logging.getLogger("ninep")
 
@@ -185,6 +187,15 @@ def _poll_us(text: str) -> int:
     return value
 
 
+def direct_io_policy() -> DirectIOPolicy:
+    """Direct I/O on vhost-user queues by the numbers of their owners: the metrics' latency
+    histogram size and the local backend's inline-write back-off (its fds are the ones served)."""
+    from fs_backends.local import LocalBackend
+
+    return DirectIOPolicy(latency_buckets=NBUCKETS, write_slow=LocalBackend.INLINE_SLOW,
+                          write_backoff=LocalBackend.INLINE_BACKOFF)
+
+
 def _listen_options(args: argparse.Namespace) -> ListenOptions:
     if args.tls_map and not args.tls_client_ca:
         raise AddressError("--tls-map needs --tls-client-ca: identities come from client certificates")
@@ -192,10 +203,11 @@ def _listen_options(args: argparse.Namespace) -> ListenOptions:
     if args.tls_cert or args.tls_key or args.tls_client_ca:
         if not (args.tls_cert and args.tls_key):
             raise AddressError("TLS needs both --tls-cert and --tls-key")
-        from transports.tls import ServerTLS
+        from transports.options import ServerTLS
 
         tls = ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
-    return ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure, tls=tls, poll_us=args.poll_us)
+    return ListenOptions(max_msize=args.msize, tag=args.tag, insecure=args.insecure, tls=tls, poll_us=args.poll_us,
+                         direct_io=direct_io_policy())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import trio
 
 from fs_backends.base import Backend, Cred, Node
-from transports.tls import ClientTLS
+from transports.options import ClientTLS
 
 if TYPE_CHECKING:
     from fs_backends.remote import RemoteBackend

@@ -29,8 +29,7 @@ from typing import Any
 import trio
 
 from ninep.metrics.counters import Metrics, prometheus_text
-from transports.address import AddressError
-from transports.stream import _is_loopback, _parse_tcp
+from transports.options import AddressError, is_loopback, parse_tcp
 
 log = logging.getLogger("ninep.metrics")
 
@@ -49,8 +48,8 @@ def check_address(address: str, *, insecure: bool = False) -> None:
         if not rest:
             raise AddressError("unix address must be unix:PATH")
     elif scheme == "tcp":
-        host, _ = _parse_tcp(rest)
-        if not _is_loopback(host) and not insecure:
+        host, _ = parse_tcp(rest)
+        if not is_loopback(host) and not insecure:
             raise AddressError(f"refusing to serve metrics on non-loopback {host}; pass --insecure to do it anyway")
     else:
         raise AddressError(f"metrics address must be unix:PATH or tcp:HOST:PORT, not {address!r}")
@@ -62,7 +61,7 @@ async def _serve_stream(address: str, handler: StreamHandler, insecure: bool,
     check_address(address, insecure=insecure)
     scheme, _, rest = address.partition(":")
     if scheme == "tcp":
-        host, port = _parse_tcp(rest)
+        host, port = parse_tcp(rest)
         sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         await sock.bind((host, port))
@@ -152,7 +151,7 @@ async def fetch_snapshot(address: str) -> dict[str, Any]:
     """A snapshot from a control socket (`unix:PATH`, `tcp:HOST:PORT`, or a bare path)."""
     scheme, _, rest = address.partition(":")
     if scheme == "tcp":
-        host, port = _parse_tcp(rest)
+        host, port = parse_tcp(rest)
         stream: trio.SocketStream = await trio.open_tcp_stream(host, port)
     else:
         stream = await trio.open_unix_socket(rest if scheme == "unix" else address)

@@ -22,7 +22,7 @@ import trio
 from ninep.client import Client
 from tests.transports.tls.conftest import PKI, make_pki, subject_of
 from transports.activation import take_inherited_sockets
-from transports.address import ConnectOptions
+from transports.options import ConnectOptions
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,8 @@ from ninep.server.session import SessionOptions
 from tests.kits.e2e import fails, make_file
 from tests.kits.faults import REPO, version_error, wait_for_socket
 from tests.kits.harness import client_for, served
-from transports.address import ConnectOptions, connect_address
+from transports.address import connect_address
+from transports.options import ConnectOptions
 
 
 class GatedBackend(MemoryBackend):

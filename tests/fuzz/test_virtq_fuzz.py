@@ -1,4 +1,5 @@
-"""Fuzzing the compiled split-virtqueue device side (transports/ring/virtq.c) as a hostile driver.
+"""Fuzzing the compiled split-virtqueue device side (transports/ring/{memtable,queue,chain,virtqueue}.c)
+as a hostile driver.
 
 tests/transports/virtio/test_ring.py has the hand-written hostile cases and a small random driver (one
 region, eight direct descriptors). This goes further: queue sizes 1..256, guest memory split in

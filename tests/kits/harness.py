@@ -20,12 +20,14 @@ from typing import Any
 import trio
 
 from fs_backends.base import Backend
+from ninep.cli.main import direct_io_policy
 from ninep.client import Client
 from ninep.protocol.numbers import V9P2000_L
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
-from transports.address import ConnectOptions, ListenOptions, connect_address, listener_from_address
+from transports.address import connect_address, listener_from_address
 from transports.base import Channel
+from transports.options import ConnectOptions, ListenOptions
 from transports.stream import FdPairChannel
 
 Connector = Callable[[], Awaitable[Channel]]
@@ -33,7 +35,9 @@ TransportSetup = Callable[[trio.Nursery, Server, Path], Awaitable[Connector]]
 
 
 async def _address_transport(address: str, nursery: trio.Nursery, server: Server) -> Connector:
-    listener = listener_from_address(address, ListenOptions(max_msize=server.options.max_msize))
+    # Direct I/O as `ninep serve` sets it up (vhost-user only uses it).
+    options = ListenOptions(max_msize=server.options.max_msize, direct_io=direct_io_policy())
+    listener = listener_from_address(address, options)
     await nursery.start(server.serve, [listener])
     if address.startswith("tcp:"):
         host, port = listener.bound  # type: ignore[attr-defined]

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ninep.cli.main import direct_io_policy
 from ninep.client import Client
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
-from transports.address import ConnectOptions
+from transports.options import ConnectOptions
 from transports.virtio import connect_address
 from transports.virtio import vhost_user as vu
 from transports.virtio.backend import VhostUserListener
@@ -70,7 +71,7 @@ async def serving(
     runs on the same event loop, so a spin could never see a request, and kick counts stay exact."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "vhost.sock")
-        listener = VhostUserListener("vhost-user:" + path, path, tag, max_msize, poll_us)
+        listener = VhostUserListener("vhost-user:" + path, path, tag, max_msize, poll_us, direct_io_policy())
         async with trio.open_nursery() as nursery:
             await nursery.start(listener.serve, handler)
             yield path, listener

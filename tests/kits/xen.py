@@ -35,7 +35,7 @@ def _ensure_extension() -> None:
 
 _ensure_extension()
 
-from transports.address import ConnectOptions, ListenOptions  # noqa: E402
+from transports.options import ConnectOptions, ListenOptions  # noqa: E402
 from transports.xen import XenFrontend, XenListener, connect_address, listener_from_address  # noqa: E402
 from transports.xen.backend import XenbusState  # noqa: E402
 from transports.xen.emu import Daemon, serve_xenstore  # noqa: E402

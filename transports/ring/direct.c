@@ -21,12 +21,15 @@
  *
  * Writes run on the popping thread as the local backend's inline writes do: one that slept and
  * took longer than `write_slow_ns` (dirty throttling, reclaim) turns direct writes off for
- * `write_backoff_ns`, so a stall of the event loop does not repeat.
+ * `write_backoff_ns`, so a stall of the event loop does not repeat. Both numbers are the
+ * backend's policy, given by set_write_guard (transports.virtio passes them from
+ * transports.options.DirectIOPolicy); this file holds none of its own.
  *
  * This file must never parse more of a request than the fixed Tread/Twrite header, answer
  * anything but success, or touch a Python object outside the methods at the end (the serving
  * code runs with the GIL released).
  */
+#include "ninep_wire.h"
 #include "virtq.h"
 
 #include <endian.h>
@@ -36,24 +39,17 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-#define T_READ 116
-#define R_READ 117
-#define T_WRITE 118
-#define R_WRITE 119
-/* size[4] type[1] tag[2] fid[4] offset[8] count[4]: Tread and Twrite in every dialect. */
-#define IO_HEADER 23
-/* size[4] type[1] tag[2] count[4]: Rread (before its data) and Rwrite. */
-#define REPLY_HEADER 11
-
 enum { DIRECT_EMPTY, DIRECT_SERVED, DIRECT_OTHER };
 
-void vq_direct_init(VirtQueueObject *q)
+void vq_direct_init(VirtQueueObject *q, int nbuckets)
 {
     q->ndirect = 0;
     q->call_fd = -1;
     q->msize = q->max_request < UINT32_MAX ? (uint32_t)q->max_request : UINT32_MAX;
-    q->write_slow_ns = 2000000;
-    q->write_backoff_ns = 10000000000ull;
+    q->nbuckets = nbuckets;
+    /* The back-off policy is the backend's (set_write_guard); until it is given, none. */
+    q->write_slow_ns = UINT64_MAX;
+    q->write_backoff_ns = 0;
     q->writes_off_until = 0;
     q->declined = -1;
 }
@@ -104,13 +100,13 @@ static void direct_notify(VirtQueueObject *q)
     sched_yield();
 }
 
-/* Twrite: bytes [IO_HEADER, IO_HEADER+count) of the readable stream to the file at `offset`. */
+/* Twrite: bytes [NINEP_IO_HEADER, NINEP_IO_HEADER+count) of the readable stream to the file at `offset`. */
 static ssize_t direct_write(VirtQueueObject *q, int fd, uint64_t offset, uint32_t count, int gil)
 {
     vq_segs *rd = &q->drd;
     if (iov_room(q, rd->n) < 0)
         return -ENOMEM;
-    int cnt = segs_slice(rd->v, rd->n, IO_HEADER, count, q->diov);
+    int cnt = segs_slice(rd->v, rd->n, NINEP_IO_HEADER, count, q->diov);
     PyThreadState *ts = gil ? PyEval_SaveThread() : NULL;
     struct rusage before, after;
     getrusage(RUSAGE_THREAD, &before);
@@ -138,7 +134,7 @@ static ssize_t direct_read(VirtQueueObject *q, int fd, uint64_t offset, uint32_t
     uint64_t got = 0;
     ssize_t r = 0;
     while (got < count) {
-        int cnt = segs_slice(wr->v, wr->n, REPLY_HEADER + got, count - got, q->diov);
+        int cnt = segs_slice(wr->v, wr->n, NINEP_IO_REPLY_HEADER + got, count - got, q->diov);
         r = ring_preadv_nowait(fd, q->diov, cnt, offset + got);
         if (r <= 0)
             break; /* end of file, or not cached / an error: the session takes it */
@@ -149,14 +145,14 @@ static ssize_t direct_read(VirtQueueObject *q, int fd, uint64_t offset, uint32_t
     return r < 0 ? r : (ssize_t)got;
 }
 
-static void note(vq_direct_stats *st, uint64_t bytes, uint64_t ns)
+static void note(vq_direct_stats *st, int nbuckets, uint64_t bytes, uint64_t ns)
 {
     uint64_t us = ns / 1000;
     int bucket = us ? 64 - __builtin_clzll(us) : 0;
     st->count++;
     st->bytes += bytes;
     st->ns += ns;
-    st->buckets[bucket < VQ_DIRECT_BUCKETS ? bucket : VQ_DIRECT_BUCKETS - 1]++;
+    st->buckets[bucket < nbuckets ? bucket : nbuckets - 1]++;
 }
 
 static int direct_one(VirtQueueObject *q, int gil)
@@ -174,11 +170,11 @@ static int direct_one(VirtQueueObject *q, int gil)
     q->drd.total = q->dwr.total = 0;
     if (vq_walk(q, head, &q->drd, &q->dwr) < 0)
         return DIRECT_OTHER; /* pop() walks it again and reports why */
-    if (q->drd.total < IO_HEADER || q->dwr.total < REPLY_HEADER)
+    if (q->drd.total < NINEP_IO_HEADER || q->dwr.total < NINEP_IO_REPLY_HEADER)
         return DIRECT_OTHER;
     /* The header, read once from guest memory into a private copy. */
-    uint8_t h[IO_HEADER];
-    segs_copy(&q->drd, 0, h, IO_HEADER);
+    uint8_t h[NINEP_IO_HEADER];
+    segs_copy(&q->drd, 0, h, NINEP_IO_HEADER);
     uint32_t size, fid, count;
     uint16_t tag;
     uint64_t offset;
@@ -193,20 +189,20 @@ static int direct_one(VirtQueueObject *q, int gil)
     fid = le32toh(fid);
     offset = le64toh(offset);
     count = le32toh(count);
-    if (type != T_READ && type != T_WRITE)
+    if (type != NINEP_TREAD && type != NINEP_TWRITE)
         return DIRECT_OTHER;
     const vq_direct_fid *f = direct_find(q, fid);
-    if (f == NULL || size > q->msize || size > q->drd.total || q->msize <= REPLY_HEADER)
+    if (f == NULL || size > q->msize || size > q->drd.total || q->msize <= NINEP_IO_REPLY_HEADER)
         return DIRECT_OTHER;
     ssize_t n;
-    if (type == T_WRITE) {
-        if (!(f->flags & VQ_DIRECT_WRITE) || size != IO_HEADER + (uint64_t)count || t0 < q->writes_off_until)
+    if (type == NINEP_TWRITE) {
+        if (!(f->flags & VQ_DIRECT_WRITE) || size != NINEP_IO_HEADER + (uint64_t)count || t0 < q->writes_off_until)
             return DIRECT_OTHER;
         n = direct_write(q, f->fd, offset, count, gil);
     } else {
-        if (!(f->flags & VQ_DIRECT_READ) || size != IO_HEADER)
+        if (!(f->flags & VQ_DIRECT_READ) || size != NINEP_IO_HEADER)
             return DIRECT_OTHER;
-        uint64_t room = q->dwr.total - REPLY_HEADER, most = q->msize - REPLY_HEADER;
+        uint64_t room = q->dwr.total - NINEP_IO_REPLY_HEADER, most = q->msize - NINEP_IO_REPLY_HEADER;
         if (count > room)
             count = (uint32_t)room;
         if (count > most)
@@ -217,20 +213,20 @@ static int direct_one(VirtQueueObject *q, int gil)
         q->declined = q->last_avail; /* pop() hands it out without trying again */
         return DIRECT_OTHER;
     }
-    uint32_t used = REPLY_HEADER + (type == T_READ ? (uint32_t)n : 0);
-    uint8_t r[REPLY_HEADER];
+    uint32_t used = NINEP_IO_REPLY_HEADER + (type == NINEP_TREAD ? (uint32_t)n : 0);
+    uint8_t r[NINEP_IO_REPLY_HEADER];
     uint32_t le_size = htole32(used), le_count = htole32((uint32_t)n);
     uint16_t le_tag = htole16(tag);
     memcpy(r, &le_size, 4);
-    r[4] = type == T_READ ? R_READ : R_WRITE;
+    r[4] = type == NINEP_TREAD ? NINEP_RREAD : NINEP_RWRITE;
     memcpy(r + 5, &le_tag, 2);
     memcpy(r + 7, &le_count, 4);
-    segs_put(&q->dwr, 0, r, REPLY_HEADER);
+    segs_put(&q->dwr, 0, r, NINEP_IO_REPLY_HEADER);
     q->last_avail++;
     if (vq_push(q, head, used))
         direct_notify(q);
     uint64_t t1 = vq_now_ns();
-    note(&q->dstats[type == T_WRITE], (uint64_t)n, t1 - t0);
+    note(&q->dstats[type == NINEP_TWRITE], q->nbuckets, (uint64_t)n, t1 - t0);
     q->direct_served++;
     q->direct_last_ns = t1;
     return DIRECT_SERVED;
@@ -312,13 +308,13 @@ PyObject *vq_direct_stats_py(VirtQueueObject *q, PyObject *Py_UNUSED(ignored))
         vq_direct_stats *st = &q->dstats[k];
         if (st->count == 0)
             continue;
-        PyObject *buckets = PyList_New(VQ_DIRECT_BUCKETS);
+        PyObject *buckets = PyList_New(q->nbuckets);
         if (buckets == NULL)
             goto fail;
-        for (int i = 0; i < VQ_DIRECT_BUCKETS; i++)
+        for (int i = 0; i < q->nbuckets; i++)
             PyList_SET_ITEM(buckets, i, PyLong_FromUnsignedLongLong(st->buckets[i]));
         PyObject *item = Py_BuildValue("(KKKN)", st->count, st->bytes, st->ns, buckets);
-        PyObject *key = PyLong_FromLong(k ? T_WRITE : T_READ);
+        PyObject *key = PyLong_FromLong(k ? NINEP_TWRITE : NINEP_TREAD);
         int rc = item && key ? PyDict_SetItem(out, key, item) : -1;
         Py_XDECREF(item);
         Py_XDECREF(key);

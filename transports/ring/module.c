@@ -1,6 +1,6 @@
 /*
  * transports._ring: the module object. It owns no logic; it gathers the method tables and
- * initialisers of the parts (common.c, virtq.c, xen.c) that were compiled in.
+ * initialisers of the parts (common.c; the virtqueue files, whose init is in virtqueue.c; xen.c) that were compiled in.
  */
 #include "ring.h"
 

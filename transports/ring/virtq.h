@@ -1,6 +1,12 @@
 /*
- * Internals of the virtqueue part of the ring extension, shared by virtq.c (the queue, its
- * chains, the Python types) and direct.c (requests served in C without reaching Python).
+ * The ring API of the virtqueue part of the extension: what each of its files offers the others.
+ * Calls go one way, down this list, never back up:
+ *
+ *   virtqueue.c  the VirtQueue Python type (pop, poll, the direct_* methods' table) and module init
+ *   direct.c     Tread/Twrite on registered fids served in C, without reaching Python
+ *   chain.c      the Chain Python type: one popped chain
+ *   queue.c      the split ring itself: map, walk a chain, push a used element, kick suppression
+ *   memtable.c   the MemTable Python type: guest memory regions and address translation
  *
  * Everything declared here that takes a VirtQueueObject runs on the one thread that pops the
  * queue. Functions marked GIL-free neither need the GIL nor touch any Python object, so the spin
@@ -36,13 +42,23 @@ typedef struct {
     vq_region regions[VQ_MAX_REGIONS];
 } MemTableObject;
 
+/* ---- memtable.c ---- */
+
+extern PyTypeObject MemTableType;
+/* GIL-free. Host pointer of [addr, addr+len) when it lies inside one region (by gpa, or by VMM
+ * address); NULL otherwise. */
+uint8_t *mem_contig(const MemTableObject *m, uint64_t addr, uint64_t len, int by_uva);
+/* GIL-free. Region holding guest-physical `gpa` (at least one byte), and how many bytes remain in
+ * it; NULL when no region holds it. */
+uint8_t *mem_at(const MemTableObject *m, uint64_t gpa, uint64_t *avail);
+
 typedef struct {
     struct iovec *v;
     int n, cap;
     uint64_t total;
 } vq_segs;
 
-/* ---- direct I/O (direct.c) ---- */
+/* ---- direct I/O: the queue's own fields for it (served by direct.c) ---- */
 
 /* Open fids whose Tread/Twrite the queue serves itself, at most this many per queue (each holds
  * a dup of its file's fd). */
@@ -51,9 +67,10 @@ typedef struct {
 #define VQ_DIRECT_BATCH 32
 /* The longest poll() when direct I/O keeps restarting its window (ns). */
 #define VQ_POLL_MAX_NS 1000000
-/* Latency histogram buckets: bucket i counts requests whose microseconds have bit length i (the
- * last bucket takes the rest), as ninep.metrics does. */
-#define VQ_DIRECT_BUCKETS 25
+/* Latency histogram: bucket i counts requests whose microseconds have bit length i, the last
+ * bucket taking the rest. How many buckets is the metrics' choice (VirtQueue(buckets=...), from
+ * ninep.metrics through the caller); this is only the most a 64-bit count can use. */
+#define VQ_DIRECT_BUCKETS_MAX 65
 #define VQ_DIRECT_READ 1
 #define VQ_DIRECT_WRITE 2
 
@@ -65,7 +82,7 @@ typedef struct {
 
 typedef struct {
     uint64_t count, bytes, ns;
-    uint64_t buckets[VQ_DIRECT_BUCKETS];
+    uint64_t buckets[VQ_DIRECT_BUCKETS_MAX];
 } vq_direct_stats;
 
 typedef struct {
@@ -91,6 +108,7 @@ typedef struct {
     uint32_t msize;                 /* negotiated 9P msize */
     uint64_t write_slow_ns, write_backoff_ns, writes_off_until;
     vq_direct_stats dstats[2];      /* [0] Tread, [1] Twrite; read by direct_stats() */
+    int nbuckets;                   /* used entries of each dstats[].buckets */
     uint64_t direct_served, direct_last_ns, direct_notified;
     int32_t declined;               /* avail index of a chain direct I/O gave up on; -1: none */
     vq_segs drd, dwr;               /* scratch segment lists, reused */
@@ -98,6 +116,19 @@ typedef struct {
     int diov_cap;
 } VirtQueueObject;
 
+/* ---- queue.c ---- */
+
+/* VirtqError, created by the module init (virtqueue.c). */
+extern PyObject *VirtqError;
+/* Marks the queue broken and raises VirtqError(fmt, ...); returns NULL. */
+PyObject *vq_fail(VirtQueueObject *q, const char *fmt, ...);
+/* The exception for a failed vq_walk (rc -1: the ring is broken; -2: out of memory); NULL. */
+PyObject *vq_walk_failed(VirtQueueObject *q, int rc);
+/* Translates the three ring areas of `q` through `mem`; 0 on success, -1 with VirtqError. */
+int vq_map(VirtQueueObject *q, MemTableObject *mem, uint64_t desc, uint64_t avail, uint64_t used, int by_uva);
+/* GIL-free. Asks the driver (EVENT_IDX) to kick at its next buffer, then looks again so a buffer
+ * added meanwhile is not missed; returns avail.idx as read after that. */
+uint16_t vq_arm_kick(VirtQueueObject *q);
 /* GIL-free. Walks the chain at `head` into readable/writable host segments (appended to rd and
  * wr, allocated with PyMem_Raw*). 0 on success; -1 when the driver broke the ring rules (q->why
  * says how; the caller marks the queue broken); -2 when out of memory. */
@@ -106,6 +137,20 @@ int vq_walk(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr);
 int vq_push(VirtQueueObject *q, uint16_t head, uint32_t len);
 /* GIL-free. CLOCK_MONOTONIC in ns (the clock of Python's time.perf_counter_ns on Linux). */
 uint64_t vq_now_ns(void);
+
+static inline uint16_t *vq_avail_event(VirtQueueObject *q) { return (uint16_t *)(q->used + 4 + 8 * (size_t)q->num); }
+static inline uint16_t *vq_used_event(VirtQueueObject *q) { return (uint16_t *)(q->avail + 4 + 2 * (size_t)q->num); }
+
+/* ---- chain.c ---- */
+
+extern PyTypeObject ChainType;
+/* The Chain of the chain at `head` that vq_walk turned into `rd` and `wr`: takes both segment
+ * lists (sets their .v to NULL, frees them on failure); the request bytes (or, split, their head)
+ * are copied out of guest memory once, here. NULL with an exception. The caller advances the
+ * queue (last_avail, inflight). */
+PyObject *chain_new(VirtQueueObject *q, uint16_t head, vq_segs *rd, vq_segs *wr);
+
+/* ---- direct.c ---- */
 
 /* GIL-free (gil=0) or called with the GIL held (gil=1: released around file I/O). Serves the
  * available chains that are Tread/Twrite on direct fids, in ring order, at most `max`; stops at
@@ -116,10 +161,11 @@ int vq_direct_serve(VirtQueueObject *q, int gil, unsigned max, int *more);
 void vq_direct_clear(VirtQueueObject *q);
 /* vq_direct_clear, and frees the scratch buffers (dealloc). */
 void vq_direct_free(VirtQueueObject *q);
-/* Sets the defaults of the direct-I/O fields (vq_init). */
-void vq_direct_init(VirtQueueObject *q);
+/* Sets the direct-I/O fields (vq_init): `nbuckets` latency buckets, no fid, no write guard until
+ * set_write_guard gives one. */
+void vq_direct_init(VirtQueueObject *q, int nbuckets);
 
-/* VirtQueue methods and attributes defined in direct.c (listed in virtq.c's tables). */
+/* VirtQueue methods and attributes defined in direct.c (listed in virtqueue.c's tables). */
 PyObject *vq_direct_open(VirtQueueObject *q, PyObject *args);
 PyObject *vq_direct_close(VirtQueueObject *q, PyObject *arg);
 PyObject *vq_direct_clear_py(VirtQueueObject *q, PyObject *ignored);

@@ -21,6 +21,7 @@
  * message in place.
  */
 #define _GNU_SOURCE
+#include "ninep_wire.h"
 #include "ring.h"
 #include <errno.h>
 
@@ -35,9 +36,6 @@
 #define OFF_IN_PROD 4
 #define OFF_OUT_CONS 64
 #define OFF_OUT_PROD 68
-#define P9_HDR 7u
-#define P9_RREAD 117
-#define P9_RREAD_HDR 11u
 
 static PyObject *RingError;
 
@@ -394,13 +392,13 @@ static PyObject *xenring_take(XenRing *self, PyObject *arg)
                             (unsigned long)queued, (unsigned long)self->size);
     uint32_t mask = self->size - 1;
     if (self->pending == 0) {
-        if (queued < P9_HDR)
+        if (queued < NINEP_HEADER)
             Py_RETURN_NONE;
         unsigned char hdr[4];
         ring_copy_out(self, self->c_data, self->cons & mask, (char *)hdr, 4);
         uint32_t sz = (uint32_t)hdr[0] | ((uint32_t)hdr[1] << 8) | ((uint32_t)hdr[2] << 16) |
                       ((uint32_t)hdr[3] << 24);
-        if (sz < P9_HDR || sz > self->size || sz > limit)
+        if (sz < NINEP_HEADER || sz > self->size || sz > limit)
             return xenring_fail(self, "message size %lu out of range (limit %lu)",
                                 (unsigned long)sz,
                                 (unsigned long)(limit < self->size ? limit : self->size));
@@ -468,7 +466,7 @@ static PyObject *xenring_put(XenRing *self, PyObject *parts_obj)
             goto out;
         total += (uint64_t)bufs[got].len;
     }
-    if (total < P9_HDR || total > self->size) {
+    if (total < NINEP_HEADER || total > self->size) {
         PyErr_Format(PyExc_ValueError, "message of %llu bytes does not fit a ring of %lu",
                      (unsigned long long)total, (unsigned long)self->size);
         goto out;
@@ -525,7 +523,7 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad tag or offset");
         return NULL;
     }
-    uint64_t total = (uint64_t)P9_RREAD_HDR + count;
+    uint64_t total = (uint64_t)NINEP_IO_REPLY_HEADER + count;
     if (total > self->size) {
         PyErr_Format(PyExc_ValueError, "Rread of %llu bytes does not fit a ring of %lu",
                      (unsigned long long)total, (unsigned long)self->size);
@@ -538,7 +536,7 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
         Py_RETURN_NONE;
     uint32_t mask = self->size - 1;
     uint32_t start = self->prod & mask;
-    uint32_t dpos = (start + P9_RREAD_HDR) & mask;
+    uint32_t dpos = (start + NINEP_IO_REPLY_HEADER) & mask;
     char *half = (char *)self->data.buf + self->p_data;
     struct iovec iov[2];
     int iovcnt = 0;
@@ -580,15 +578,15 @@ static PyObject *xenring_put_pread(XenRing *self, PyObject *args)
         got = (Py_ssize_t)moved;
     }
     uint32_t n = (uint32_t)got;
-    uint32_t size = P9_RREAD_HDR + n;
-    unsigned char hdr[P9_RREAD_HDR] = {
+    uint32_t size = NINEP_IO_REPLY_HEADER + n;
+    unsigned char hdr[NINEP_IO_REPLY_HEADER] = {
         (unsigned char)(size & 0xff), (unsigned char)((size >> 8) & 0xff),
-        (unsigned char)((size >> 16) & 0xff), (unsigned char)(size >> 24), P9_RREAD,
+        (unsigned char)((size >> 16) & 0xff), (unsigned char)(size >> 24), NINEP_RREAD,
         (unsigned char)(tag & 0xff), (unsigned char)(tag >> 8),
         (unsigned char)(n & 0xff), (unsigned char)((n >> 8) & 0xff),
         (unsigned char)((n >> 16) & 0xff), (unsigned char)(n >> 24),
     };
-    ring_copy_in(self, self->p_data, start, (const char *)hdr, P9_RREAD_HDR);
+    ring_copy_in(self, self->p_data, start, (const char *)hdr, NINEP_IO_REPLY_HEADER);
     if (!publish) {
         self->staged = size;
         return PyLong_FromUnsignedLong(n);
@@ -635,7 +633,7 @@ static PyObject *xenring_has_input(XenRing *self, PyObject *Py_UNUSED(ignored))
     if (queued > self->size)
         return xenring_fail(self, "producer index moved by %lu bytes, more than the ring (%lu)",
                             (unsigned long)queued, (unsigned long)self->size);
-    uint32_t need = self->pending ? self->pending : P9_HDR;
+    uint32_t need = self->pending ? self->pending : NINEP_HEADER;
     return PyBool_FromLong(queued >= need);
 }
 

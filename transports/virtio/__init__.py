@@ -11,8 +11,8 @@ This package must never touch guest memory outside `transports._ring` on the ser
 
 from __future__ import annotations
 
-from transports.address import AddressError, ConnectOptions, ListenOptions
 from transports.base import Channel, Listener
+from transports.options import AddressError, ConnectOptions, ListenOptions
 from transports.virtio.backend import VhostUserListener
 from transports.virtio.frontend import Frontend, FrontendChannel, FrontendError
 
@@ -29,7 +29,8 @@ def _path(address: str) -> str:
 
 def listener_from_address(address: str, options: ListenOptions) -> Listener:
     try:
-        return VhostUserListener(address, _path(address), options.tag, options.max_msize, options.poll_us)
+        return VhostUserListener(address, _path(address), options.tag, options.max_msize, options.poll_us,
+                                 options.direct_io)
     except ValueError as exc:
         raise AddressError(str(exc)) from None
 

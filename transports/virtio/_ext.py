@@ -4,12 +4,9 @@ touched through the bounds-checked C code."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 try:
-    # Imported by name: the module exists only once built, and its API is untyped to mypy.
-    _ring: Any = importlib.import_module("transports._ring")
+    # Typed by transports/_ring.pyi; the module itself exists only once built.
+    from transports import _ring
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
         "the virtio transport needs the compiled extension transports._ring, which is not built: "

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import trio
 
 from transports.base import ChannelHandler
+from transports.options import DirectIOPolicy
 from transports.virtio import vhost_user as vu
 from transports.virtio._ext import MemTable, VirtqError, VirtQueue, signal_eventfd
 from transports.virtio.channel import QueueChannel, split_args
@@ -117,9 +118,11 @@ class Device:
         nursery: trio.Nursery,
         peer: str,
         poll_max_us: int = 0,
+        direct_io: DirectIOPolicy | None = None,
     ) -> None:
         self.config = config_space(tag)
         self.poll_max_ns = poll_max_us * 1000
+        self.direct_io = direct_io
         self.max_msize = max_msize
         self.handler = handler
         self.nursery = nursery
@@ -345,6 +348,9 @@ class Device:
             return
         if self.mem is None:
             return
+        # The latency histogram's size is the metrics' (through the policy); without direct I/O
+        # the queue never serves a request, so one bucket that stays empty will do.
+        buckets = 1 if self.direct_io is None else self.direct_io.latency_buckets
         try:
             queue = VirtQueue(
                 self.mem,
@@ -356,6 +362,7 @@ class Device:
                 indirect=bool(self.features & vu.VIRTIO_RING_F_INDIRECT_DESC),
                 last_avail=vr.base,
                 max_request=self.max_msize,
+                buckets=buckets,
             )
         except (VirtqError, ValueError) as exc:
             log.warning("vhost-user %s: queue %d cannot start: %s", self.peer, vr.index, exc)
@@ -363,11 +370,14 @@ class Device:
             return
         queue.set_split(*split_args())  # large Twrite data stays in guest memory (zero-copy)
         queue.set_call(-1 if vr.call is None else vr.call)
+        if self.direct_io is not None:
+            queue.set_write_guard(round(self.direct_io.write_slow * 1e9), round(self.direct_io.write_backoff * 1e9))
         self.starts += 1
         vr.queue = queue
         vr.channel = QueueChannel(
             f"vhost-user:{self.peer}#{self.starts}", self.max_msize, vr.notify, queue, vr,
             lambda reason: self._stop(vr, broken=True), AdaptivePoll(self.poll_max_ns),
+            direct=self.direct_io is not None,
         )
         log.info("vhost-user %s: queue %d started (size %d)", self.peer, vr.index, vr.num)
         self.nursery.start_soon(self._run_handler, vr.channel)
@@ -403,8 +413,10 @@ class Device:
 class VhostUserListener:
     """`vhost-user:SOCK`: listens on a unix socket; every VMM connection is one device."""
 
-    def __init__(self, address: str, path: str, tag: str, max_msize: int, poll_us: int | None = None) -> None:
+    def __init__(self, address: str, path: str, tag: str, max_msize: int, poll_us: int | None = None,
+                 direct_io: DirectIOPolicy | None = None) -> None:
         self.address = address
+        self.direct_io = direct_io
         self.path = path
         self.tag = check_tag(tag)
         self.max_msize = max_msize
@@ -443,7 +455,7 @@ class VhostUserListener:
         peer = f"{self.path}"
         with conn:
             async with trio.open_nursery() as nursery:
-                device = Device(self.tag, self.max_msize, handler, nursery, peer, self.poll_us)
+                device = Device(self.tag, self.max_msize, handler, nursery, peer, self.poll_us, self.direct_io)
                 self.devices.append(device)
                 log.info("vhost-user %s: VMM connected", peer)
                 try:

@@ -29,10 +29,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from errno import EINVAL, EMSGSIZE, EOPNOTSUPP
 from typing import Any, Protocol
 
 import trio
 
+from ninep.protocol.numbers import T
 from transports.base import Buffer, DirectTotals
 from transports.virtio._ext import Chain, VirtqError, drain_eventfd, signal_eventfd
 from transports.virtio.polling import AdaptivePoll, event_loop_fd
@@ -44,10 +46,10 @@ RREAD_HEADER = struct.Struct("<IBHI")
 RLERROR = struct.Struct("<IBHI")
 #: size[4] type[1] tag[2] fid[4] offset[8] count[4], the same in every dialect.
 TWRITE_HEADER = struct.Struct("<IBHIQI")
-TFLUSH, RFLUSH, TREAD, RREAD, TWRITE, RLERROR_TYPE = 108, 109, 116, 117, 118, 7
+TFLUSH, RFLUSH, RLERROR_TYPE = int(T.Tflush), int(T.Rflush), int(T.Rlerror)
+TREAD, RREAD, TWRITE = int(T.Tread), int(T.Rread), int(T.Twrite)
 #: Twrites with more data than this keep it in guest memory (Linux's own zero-copy threshold).
 ZERO_COPY_WRITE_MIN = 1024
-EINVAL, EMSGSIZE, EOPNOTSUPP = 22, 90, 95
 
 
 def _header_of(parts: Sequence[Buffer]) -> bytes:
@@ -114,12 +116,17 @@ class QueueChannel:
         ring: Ring,
         broken: Callable[[str], object],
         poll: AdaptivePoll | None = None,
+        *,
+        direct: bool = False,
     ) -> None:
         self.peer = peer
         self.max_message_size = max_message_size
         self._msize = max_message_size
         self._notify = notify
         self._queue = queue  # transports._ring.VirtQueue
+        #: Whether the queue may serve fids itself: only under a direct-I/O policy (its write guard
+        #: and histogram size set on the queue by the device that made it).
+        self._direct = direct
         self._ring = ring
         self._broken = broken  # stops the ring and tells the VMM (err eventfd)
         self._waiting_on: int | None = None  # the kick fd `receive` is parked on
@@ -368,7 +375,7 @@ class QueueChannel:
     # -- DirectIO -----------------------------------------------------------------------------
     def direct_open(self, fid: int, fd: int, readable: bool, writable: bool) -> bool:
         flags = (1 if readable else 0) | (2 if writable else 0)
-        taken = bool(flags) and not self._closed and bool(self._queue.direct_open(fid, fd, flags))
+        taken = bool(flags) and self._direct and not self._closed and bool(self._queue.direct_open(fid, fd, flags))
         if not taken:
             os.close(fd)  # the fd is ours either way
         return taken

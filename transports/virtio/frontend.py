@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ninep.protocol.numbers import READ_HEADER, T
 from transports.base import Buffer
 from transports.virtio import vhost_user as vu
 from transports.virtio._ext import drain_eventfd, signal_eventfd
@@ -38,8 +39,7 @@ PAGE = 4096
 DESC = struct.Struct("<QIHH")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 ZC_THRESHOLD = 1024  # Linux uses the zero-copy layout for I/O above this many bytes
-TREADDIR, TREAD, TWRITE = 40, 116, 118
-READ_HDR = 11
+TREADDIR, TREAD, TWRITE = int(T.Treaddir), int(T.Tread), int(T.Twrite)
 TWRITE_HDR = 23
 REGION1_GPA = 1 << 32
 UVA_BASE = (0x7F00_0000_0000, 0x7F80_0000_0000)
@@ -377,10 +377,10 @@ class Frontend:
         normal_reply = False
         if mtype in (TREAD, TREADDIR) and zc_count > ZC_THRESHOLD:
             self.write(slot.out, msg)
-            count = min(zc_count, capacity - READ_HDR)
+            count = min(zc_count, capacity - READ_HEADER)
             out = _pages(slot.out, size)
             payload = slot.inb + PAGE  # user pages, apart from the header area
-            inn = [(slot.inb, READ_HDR)] + _pages(payload, count)
+            inn = [(slot.inb, READ_HEADER)] + _pages(payload, count)
         elif mtype == TWRITE and zc_count > ZC_THRESHOLD and size > TWRITE_HDR:
             self.write(slot.out, msg[:TWRITE_HDR])
             data = slot.out + PAGE

@@ -7,8 +7,8 @@ default `$NINEP_XENSTORE` or /run/ninep/xenstore.sock, served by `ninep xenstore
   DOMID; one Channel per frontend connection, again and again as frontends reconnect.
 - `connect_address` → `XenFrontend`: plays guest domain DOMID and connects like Linux does.
 
-Parts: `platform` (XenPlatform interface + emulated client), `emu` (the daemon,
-`main(argv)` is `ninep xenstore-emu`), `backend`, `frontend`, `doorbell`, `wire`.
+Parts: `platform` (XenPlatform interface + emulated client), `emu` (the daemon
+`ninep xenstore-emu` serves), `backend`, `frontend`, `doorbell`, `wire`.
 This package must never touch ring memory outside `transports._ring`.
 """
 
@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import trio
 
-from transports.address import AddressError, ConnectOptions, ListenOptions
 from transports.base import ChannelHandler
+from transports.options import AddressError, ConnectOptions, ListenOptions
 from transports.xen.backend import BackendConfig, XenBackendChannel, XenBackendDevice, XenbusState
-from transports.xen.emu import main as xenstore_emu_main
 from transports.xen.frontend import NUM_RINGS, XenFrontend
 from transports.xen.platform import EmuPlatform, XenPlatform, default_socket
 
@@ -35,7 +34,6 @@ __all__ = [
     "connect_address",
     "listener_from_address",
     "parse_address",
-    "xenstore_emu_main",
 ]
 
 #: Pages of grantable memory a connecting frontend gets: 2 rings of order 9 plus slack.

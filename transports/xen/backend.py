@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from ninep.protocol.numbers import READ_HEADER
 from transports.base import Buffer, ChannelHandler, FramingError
 from transports.xen._ext import ring_ext
 from transports.xen.doorbell import Doorbell
@@ -49,7 +50,6 @@ log = logging.getLogger("ninep.xen")
 
 MAX_RINGS = 8
 MAX_RING_ORDER = 9
-RREAD_HEADER = 11
 #: Reads the page cache cannot serve without blocking run in a worker thread; on filesystems
 #: without RWF_NOWAIT, so do reads above this size.
 THREAD_READ_THRESHOLD = 64 * 1024
@@ -215,7 +215,7 @@ class XenBackendChannel:
         r = self._route(tag, pop=False)
         if r is None or r.dead:
             raise trio.ClosedResourceError("no ring for this reply")
-        count = max(0, min(count, self._limit - RREAD_HEADER))
+        count = max(0, min(count, self._limit - READ_HEADER))
         async with r.lock:
             while True:
                 try:

@@ -1,4 +1,5 @@
-"""`ninep xenstore-emu`: the emulated Xen platform daemon (xenstore + grant memory + event channels).
+"""The emulated Xen platform daemon (xenstore + grant memory + event channels): `serve_xenstore`,
+which `ninep xenstore-emu` (`ninep.cli.xen`) runs.
 
 One unix socket; each connection introduces itself as a domain. It keeps:
 - a xenstore tree (read/write/mkdir/rm/directory), watches (fire once when set, then on every
@@ -19,7 +20,6 @@ a 9pfs device in state Initialising.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -508,13 +508,3 @@ async def toolstack_create_device(
         await platform.write(f"{be}/state", str(STATE_INITIALISING), tx)
         if await platform.transaction_end(tx):
             return
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`ninep xenstore-emu [--socket PATH] [-v]`: run the emulated Xen platform daemon."""
-    from ninep.cli import xen as cli
-
-    ap = argparse.ArgumentParser(prog="ninep")
-    cli.add_parser(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(["xenstore-emu", *(argv or [])])
-    return int(args.func(args))

@@ -23,7 +23,8 @@ from ninep.server.exports import Export, ExportTable
 from ninep.server.policy import OperationPolicy
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
-from transports.address import ListenOptions, listener_from_address
+from transports.address import listener_from_address
+from transports.options import ListenOptions
 
 
 class Tracked(LocalBackend):

@@ -25,8 +25,8 @@ from fs_backends.memory import MemoryBackend
 from ninep.server.exports import ExportTable
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
-from transports.address import ListenOptions, listener_from_address
-from transports.tls import ClientTLS, ServerTLS
+from transports.address import listener_from_address
+from transports.options import ClientTLS, ListenOptions, ServerTLS
 
 
 @dataclass(frozen=True)

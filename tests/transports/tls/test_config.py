@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from ninep.client import Client, ClientError
-from transports.address import ConnectOptions
+from transports.options import ConnectOptions
 
 from .conftest import PKI, subject_of
 

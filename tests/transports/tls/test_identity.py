@@ -13,7 +13,7 @@ from ninep.client import Client, ClientError
 from ninep.server.exports import Export, ExportTable
 from ninep.server.identity import IdentityRule, parse_map
 from ninep.server.session import SessionOptions
-from transports.address import ConnectOptions
+from transports.options import ConnectOptions
 
 from .conftest import PKI, subject_of, tls_server
 

@@ -16,8 +16,8 @@ import pytest
 import trio
 
 from ninep.client import Client
-from transports.address import AddressError, ConnectOptions, ListenOptions, listener_from_address
-from transports.tls import ClientTLS, ServerTLS
+from transports.address import listener_from_address
+from transports.options import AddressError, ClientTLS, ConnectOptions, ListenOptions, ServerTLS
 
 from .conftest import PKI, subject_of, tls_server
 

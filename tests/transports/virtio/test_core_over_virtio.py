@@ -16,7 +16,7 @@ from ninep.client import Client
 from ninep.server.server import Server
 from tests.kits.processes import wait_for_socket
 from tests.kits.virtio import local_client, serving
-from transports.address import ConnectOptions
+from transports.options import ConnectOptions
 from transports.virtio import connect_address
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,7 +17,7 @@ from ninep.server.policy import OperationPolicy
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
 from tests.kits.virtio import local_client, serving
-from transports.address import ConnectOptions
+from transports.options import ConnectOptions
 from transports.virtio import connect_address
 
 pytestmark = pytest.mark.timeout(60)

@@ -52,7 +52,7 @@ def test_handshake_features_and_config() -> None:
 
 
 def test_bad_tag_refused() -> None:
-    from transports.address import AddressError, ListenOptions
+    from transports.options import AddressError, ListenOptions
     from transports.virtio import listener_from_address
 
     with pytest.raises(AddressError):

@@ -19,7 +19,7 @@ from tests.kits.xen import (
     run,
     wait_until,
 )
-from transports.address import ListenOptions
+from transports.options import ListenOptions
 from transports.xen import listener_from_address
 
 S = XenbusState
