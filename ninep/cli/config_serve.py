@@ -55,7 +55,7 @@ def make_exports(cfg: ServerConfig, previous: Iterable[Export] = ()) -> tuple[li
     every backend whose settings are. Returns them and the backends it opened (to close if the
     result is not used). Raises SystemExit with a message if a backend cannot be opened."""
     old = {e.name: e for e in previous}
-    backends = {e.config.backend_key(): e.backend for e in old.values() if e.config is not None}
+    backends = {e.config.backend_key(): e.backend for e in old.values() if isinstance(e.config, ExportConfig)}
     exports: list[Export] = []
     made: list[Backend] = []
     try:
@@ -185,7 +185,7 @@ def serve_config(args: argparse.Namespace) -> int:
     exports, _ = make_exports(cfg)
     server = Server(ExportTable(exports), options)
     for x in exports:
-        log.info("export %s: aname %r -> %s (%s)", x.name, x.aname, x.config.path if x.config else "?",
+        log.info("export %s: aname %r -> %s (%s)", x.name, x.aname, x.config.path if isinstance(x.config, ExportConfig) else "?",
                  x.backend.info.name)
     log.info("serving %d exports from %s on %s", len(exports), cfg.file,
              ", ".join([*(x.address for x in inherited), *addresses]))

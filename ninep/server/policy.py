@@ -21,8 +21,8 @@ at stake:
 
 A refusal is a `Refused` (an OSError carrying the errno); the frontend that caught it (the 9P
 session, the FUSE mount) answers the errno and logs it with `Refused.describe`, so every refusal
-gives exactly one log line in one format. `policy_of` is the single place a frontend asks for
-the policy that governs a fid.
+gives exactly one log line in one format. `ninep.server.fids.policy_of` is the single place the
+9P server asks for the policy that governs a fid.
 
 This module must never touch the host, a socket or a backend: it only decides.
 """
@@ -35,13 +35,8 @@ import logging
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fs_backends.base import BackendInfo, Cred
-
-if TYPE_CHECKING:
-    from ninep.server.fids import Fid
-    from ninep.server.session import Session
 
 log = logging.getLogger("ninep.policy")
 
@@ -156,15 +151,6 @@ class Gate:
         return [n for n in names if self._xattr_allowed(n)]
 
 
-def policy_of(session: Session, fid: Fid) -> OperationPolicy:
-    """The policy that governs requests on `fid`: its export's (an attach fixed the export)."""
-    return fid.export.policy
-
-
-def gate(session: Session, fid: Fid) -> Gate:
-    return Gate(policy_of(session, fid), fid.export.backend.info, fid.cred)
-
-
 def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     """The one-export flags (`ninep serve`, `ninep mount`); --readonly is added with the backend's."""
     p.add_argument("--allow-devices", action="store_true",
@@ -190,8 +176,6 @@ __all__ = [
     "OperationPolicy",
     "Refused",
     "add_policy_arguments",
-    "gate",
     "host_keeps_real_objects",
     "policy_from_args",
-    "policy_of",
 ]
