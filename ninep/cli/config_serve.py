@@ -29,8 +29,11 @@ from collections.abc import Iterable
 import trio
 
 from fs_backends.base import Backend
+from ninep.cli.backends import make_backend
 from ninep.cli.config import ConfigError, ExportConfig, ServerConfig, load
-from ninep.cli.main import DEFAULT_MSIZE, MAX_MSIZE, _serve, _size, make_backend
+from ninep.cli.parsing import DEFAULT_MSIZE, MAX_MSIZE, parse_size
+from ninep.cli.serving import run_server
+from ninep.cli.spec import spec_from_export
 from ninep.server.exports import Export, ExportTable
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
@@ -42,12 +45,6 @@ log = logging.getLogger("ninep.config")
 
 DEFAULT_LISTEN = "tcp:127.0.0.1:5640"
 
-
-
-def _backend_args(ec: ExportConfig) -> argparse.Namespace:
-    """What `ninep.cli.main.make_backend` reads from the command line, for one export."""
-    return argparse.Namespace(readonly=ec.readonly, security_model=ec.security_model, multidevs=ec.multidevs,
-                              fmode=ec.fmode, dmode=ec.dmode, proxy=False)
 
 
 def make_exports(cfg: ServerConfig, previous: Iterable[Export] = ()) -> tuple[list[Export], list[Backend]]:
@@ -67,7 +64,7 @@ def make_exports(cfg: ServerConfig, previous: Iterable[Export] = ()) -> tuple[li
             backend = backends.get(ec.backend_key())
             if backend is None:
                 try:
-                    backend = make_backend(ec.path, _backend_args(ec))
+                    backend = make_backend(spec_from_export(ec))
                 except SystemExit as e:
                     raise SystemExit(f"{e} (export {ec.name}, {cfg.file}:{ec.line})") from None
                 made.append(backend)
@@ -164,7 +161,7 @@ def serve_config(args: argparse.Namespace) -> int:
         return 2
     try:
         cfg = load(args.config)
-        msize = min(_size(str(args.msize or cfg.msize or DEFAULT_MSIZE)), MAX_MSIZE)
+        msize = min(parse_size(str(args.msize or cfg.msize or DEFAULT_MSIZE)), MAX_MSIZE)
         options = session_options(cfg, msize, bool(args.trace or cfg.trace))
         options.direct_io = getattr(args, "direct_io", True)
         lopts = listen_options(cfg, msize, args)
@@ -189,7 +186,7 @@ def serve_config(args: argparse.Namespace) -> int:
                  x.backend.info.name)
     log.info("serving %d exports from %s on %s", len(exports), cfg.file,
              ", ".join([*(x.address for x in inherited), *addresses]))
-    trio.run(lambda: _serve(server, addresses, args, names=names, lopts=lopts, reload=Reloader(server, cfg),
+    trio.run(lambda: run_server(server, addresses, args, names=names, lopts=lopts, reload=Reloader(server, cfg),
                             inherited=inherited))
     return 0
 

@@ -57,7 +57,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "source", help="host directory, 9p://HOST:PORT/ANAME, unix:PATH, tcp:H:P, memory:"
     )
     p.add_argument("mountpoint", help="an existing directory to mount on")
-    from ninep.cli.main import add_backend_arguments
+    from ninep.cli.spec import add_backend_arguments
 
     add_backend_arguments(p)  # --readonly, --security-model, --multidevs (host directories)
     p.add_argument(
@@ -158,9 +158,10 @@ def make_local_backend(args: argparse.Namespace) -> Backend | None:
     src = parse_source(args.source, args.aname)
     if src.kind not in ("local", "memory"):
         return None
-    from ninep.cli.main import make_backend
+    from ninep.cli.backends import make_backend
+    from ninep.cli.spec import spec_from_args
 
-    return make_backend(src.path if src.kind == "local" else "memory:", args)
+    return make_backend(spec_from_args(src.path if src.kind == "local" else "memory:", args))
 
 
 async def open_backend(
@@ -232,8 +233,8 @@ async def _mount(
 ) -> int:
     import pyfuse3
 
+    from ninep.cli.spec import policy_from_args
     from ninep.fuse.operations import FuseOperations, mount_options
-    from ninep.server.policy import policy_from_args
 
     backend, root = await open_backend(args, stack, local)
     ops = FuseOperations(

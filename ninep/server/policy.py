@@ -29,7 +29,6 @@ This module must never touch the host, a socket or a backend: it only decides.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import stat
@@ -151,31 +150,10 @@ class Gate:
         return [n for n in names if self._xattr_allowed(n)]
 
 
-def add_policy_arguments(p: argparse.ArgumentParser) -> None:
-    """The one-export flags (`ninep serve`, `ninep mount`); --readonly is added with the backend's."""
-    p.add_argument("--allow-devices", action="store_true",
-                   help="let clients create block/char device nodes (passthrough/none; the mapped models always may)")
-    p.add_argument("--allow-setid", action="store_true",
-                   help="let clients set setuid/setgid bits on files (passthrough/none; the mapped models always may)")
-    p.add_argument("--allow-privileged-xattrs", action="store_true",
-                   help="let clients use trusted.*/security.* xattrs (passthrough only)")
-
-
-def policy_from_args(args: argparse.Namespace) -> OperationPolicy:
-    return OperationPolicy(
-        readonly=bool(getattr(args, "readonly", False)),
-        allow_devices=bool(getattr(args, "allow_devices", False)),
-        allow_setid=bool(getattr(args, "allow_setid", False)),
-        allow_privileged_xattrs=bool(getattr(args, "allow_privileged_xattrs", False)),
-    )
-
-
 __all__ = [
     "DEFAULT_POLICY",
     "Gate",
     "OperationPolicy",
     "Refused",
-    "add_policy_arguments",
     "host_keeps_real_objects",
-    "policy_from_args",
 ]
