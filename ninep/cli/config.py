@@ -53,13 +53,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ninep.cli.main import MAX_MSIZE, SECURITY_MODELS, _octal, _size
+from ninep.cli.parsing import MAX_MSIZE, MULTIDEVS, SECURITY_MODELS, parse_octal, parse_size
 from ninep.server.exports import normalize_aname
 from ninep.server.identity import IdentityRule
 from ninep.server.policy import OperationPolicy
 from ninep.server.session import SessionOptions
-
-MULTIDEVS = ("remap", "forbid", "warn")
 
 Path = tuple[str | int, ...]
 
@@ -387,7 +385,7 @@ def _mode(t: Table, key: str) -> int | None:
             raise t.error(key, f"mode out of range: {v:o} (octal)")
         return v
     try:
-        return _octal(v)
+        return parse_octal(v)
     except Exception as e:  # argparse.ArgumentTypeError
         raise t.error(key, str(e)) from None
 
@@ -503,7 +501,7 @@ def parse(text: str, file: str = "<exports>") -> ServerConfig:
         ms = server.get_str_or_int("msize")
         if ms is not None:
             try:
-                cfg.msize = _size(str(ms))
+                cfg.msize = parse_size(str(ms))
             except (ValueError, IndexError):
                 raise server.error("msize", f"not a size: {ms!r} (e.g. 524288, \"512K\", \"1M\")") from None
             if not 4096 <= cfg.msize <= MAX_MSIZE:

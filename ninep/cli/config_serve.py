@@ -29,8 +29,11 @@ from collections.abc import Iterable
 import trio
 
 from fs_backends.base import Backend
+from ninep.cli.backends import make_backend
 from ninep.cli.config import ConfigError, ExportConfig, ServerConfig, load
-from ninep.cli.main import DEFAULT_MSIZE, MAX_MSIZE, _serve, _size, direct_io_policy, make_backend
+from ninep.cli.parsing import DEFAULT_MSIZE, MAX_MSIZE, parse_size
+from ninep.cli.serving import direct_io_policy, run_server
+from ninep.cli.spec import spec_from_export
 from ninep.server.exports import Export, ExportTable
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
@@ -44,18 +47,12 @@ DEFAULT_LISTEN = "tcp:127.0.0.1:5640"
 
 
 
-def _backend_args(ec: ExportConfig) -> argparse.Namespace:
-    """What `ninep.cli.main.make_backend` reads from the command line, for one export."""
-    return argparse.Namespace(readonly=ec.readonly, security_model=ec.security_model, multidevs=ec.multidevs,
-                              fmode=ec.fmode, dmode=ec.dmode, proxy=False)
-
-
 def make_exports(cfg: ServerConfig, previous: Iterable[Export] = ()) -> tuple[list[Export], list[Backend]]:
     """The Exports of `cfg`, reusing from `previous` every Export whose config is unchanged and
     every backend whose settings are. Returns them and the backends it opened (to close if the
     result is not used). Raises SystemExit with a message if a backend cannot be opened."""
     old = {e.name: e for e in previous}
-    backends = {e.config.backend_key(): e.backend for e in old.values() if e.config is not None}
+    backends = {e.config.backend_key(): e.backend for e in old.values() if isinstance(e.config, ExportConfig)}
     exports: list[Export] = []
     made: list[Backend] = []
     try:
@@ -67,7 +64,7 @@ def make_exports(cfg: ServerConfig, previous: Iterable[Export] = ()) -> tuple[li
             backend = backends.get(ec.backend_key())
             if backend is None:
                 try:
-                    backend = make_backend(ec.path, _backend_args(ec))
+                    backend = make_backend(spec_from_export(ec))
                 except SystemExit as e:
                     raise SystemExit(f"{e} (export {ec.name}, {cfg.file}:{ec.line})") from None
                 made.append(backend)
@@ -164,7 +161,7 @@ def serve_config(args: argparse.Namespace) -> int:
         return 2
     try:
         cfg = load(args.config)
-        msize = min(_size(str(args.msize or cfg.msize or DEFAULT_MSIZE)), MAX_MSIZE)
+        msize = min(parse_size(str(args.msize or cfg.msize or DEFAULT_MSIZE)), MAX_MSIZE)
         options = session_options(cfg, msize, bool(args.trace or cfg.trace))
         options.direct_io = getattr(args, "direct_io", True)
         lopts = listen_options(cfg, msize, args)
@@ -185,11 +182,11 @@ def serve_config(args: argparse.Namespace) -> int:
     exports, _ = make_exports(cfg)
     server = Server(ExportTable(exports), options)
     for x in exports:
-        log.info("export %s: aname %r -> %s (%s)", x.name, x.aname, x.config.path if x.config else "?",
+        log.info("export %s: aname %r -> %s (%s)", x.name, x.aname, x.config.path if isinstance(x.config, ExportConfig) else "?",
                  x.backend.info.name)
     log.info("serving %d exports from %s on %s", len(exports), cfg.file,
              ", ".join([*(x.address for x in inherited), *addresses]))
-    trio.run(lambda: _serve(server, addresses, args, names=names, lopts=lopts, reload=Reloader(server, cfg),
+    trio.run(lambda: run_server(server, addresses, args, names=names, lopts=lopts, reload=Reloader(server, cfg),
                             inherited=inherited))
     return 0
 

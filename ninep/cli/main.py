@@ -14,54 +14,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import trio
 
-from fs_backends.base import Backend
 from ninep.cli import stats as stats_cli
-from ninep.metrics.counters import NBUCKETS
+from ninep.cli.backends import make_backend
+from ninep.cli.parsing import DEFAULT_MSIZE, MAX_MSIZE, parse_size
+from ninep.cli.serving import direct_io_policy, run_server
+from ninep.cli.spec import add_backend_arguments, spec_from_args
 from ninep.server.identity import IdentityRule, parse_map
-from ninep.server.policy import add_policy_arguments, policy_from_args
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions
 from transports.address import listener_from_address
-from transports.base import Listener
-from transports.options import AddressError, DirectIOPolicy, ListenOptions
+from transports.options import AddressError, ListenOptions
 
 log = logging.getLogger("ninep")
-
-DEFAULT_MSIZE = 512 * 1024
-MAX_MSIZE = 4 * 1024 * 1024
-SECURITY_MODELS = ("passthrough", "none", "mapped-xattr", "mapped-file", "proxy")
-
-
-def _size(text: str) -> int:
-    units = {"k": 1024, "m": 1024 * 1024}
-    t = text.strip().lower().rstrip("ib")
-    mult = units.get(t[-1:], 1)
-    return int(t[:-1] if t[-1:] in units else t) * mult
-
-
-def add_backend_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--readonly", action="store_true", help="refuse every change to the export")
-    p.add_argument("--security-model", choices=SECURITY_MODELS, default=None,
-                   help="how client credentials meet the host (default: passthrough as root, none otherwise)")
-    p.add_argument("--multidevs", choices=("remap", "forbid", "warn"), default="remap",
-                   help="what to do when the export spans several host filesystems")
-    p.add_argument("--inline-metadata", action=argparse.BooleanOptionalAction, default=None,
-                   help="run metadata syscalls and writes on the event loop while they do not block (saves "
-                        "a thread handoff per request); default: on for exports on local filesystems (ext4, xfs, "
-                        "btrfs, tmpfs...), off for network and FUSE ones")
-    p.add_argument("--fmode", type=_octal, default=None,
-                   help="host mode of new files in the mapped models (octal, default 0600)")
-    p.add_argument("--dmode", type=_octal, default=None,
-                   help="host mode of new directories in the mapped models (octal, default 0700)")
-    add_policy_arguments(p)
-
 
 #: SessionOptions fields set by `--max-…` options, with their help text.
 LIMITS = {
@@ -75,7 +44,7 @@ LIMITS = {
 
 def _positive_size(text: str) -> int:
     try:
-        value = _size(text)
+        value = parse_size(text)
     except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
     if value < 1:
@@ -91,45 +60,6 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"{text} (default {default})")
 
 
-def _octal(text: str) -> int:
-    try:
-        value = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
-    if not 0 <= value <= 0o7777:
-        raise argparse.ArgumentTypeError(f"mode out of range: {text!r}")
-    return value
-
-
-def make_backend(export: str, args: argparse.Namespace) -> Backend:
-    """A Backend for a host directory (or `memory:` for an in-memory tree)."""
-    if export == "memory:":
-        from fs_backends.memory import MemoryBackend
-
-        return MemoryBackend(readonly=args.readonly)
-    if args.security_model == "proxy" or getattr(args, "proxy", False):
-        from ninep.cli.proxy_serve import make_proxy_backend
-
-        return make_proxy_backend(export, args)
-    local = importlib.import_module("fs_backends.local")
-    if not os.path.isdir(export):
-        raise SystemExit(f"ninep: export {export!r} is not a directory")
-    model = args.security_model
-    factory = getattr(local, "backend_for_model", None)
-    if factory is not None:
-        try:
-            backend: Backend = factory(export, model=model, readonly=args.readonly, multidevs=args.multidevs, options=args)
-        except (ValueError, PermissionError) as e:
-            raise SystemExit(f"ninep: {e}") from None
-        return backend
-    if model not in (None, "none", "passthrough"):
-        raise SystemExit(f"ninep: security model {model!r} is not available in this build")
-    if model == "passthrough" and os.geteuid() != 0:
-        raise SystemExit("ninep: --security-model passthrough needs root (use 'none' or a mapped model)")
-    local_backend: Backend = local.LocalBackend(export, readonly=args.readonly, multidevs=args.multidevs)
-    return local_backend
-
-
 def _setup_logging(verbose: int, trace: bool) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose or trace else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -137,63 +67,11 @@ def _setup_logging(verbose: int, trace: bool) -> None:
         logging.getLogger("ninep.trace").setLevel(logging.INFO)
 
 
-async def _serve(server: Server, addresses: Sequence[str], args: argparse.Namespace, *,
-                 lopts: ListenOptions, names: Sequence[str] | None = None,
-                 reload: Callable[[], Awaitable[None]] | None = None, inherited: Sequence[Listener] = ()) -> None:
-    """`inherited`: listeners on sockets from systemd (transports.activation), served first and
-    named by their address (systemd:NAME) for the exports' listener rules."""
-    listeners = [*inherited, *(listener_from_address(a, lopts) for a in addresses)]
-    if names is not None:
-        names = [*(x.address for x in inherited), *names]
-    only_fd = not inherited and all(a.startswith("fd:") for a in addresses)
-    sigs = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if reload is not None else ()))
-    with trio.open_signal_receiver(*sigs) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def on_signal() -> None:
-                async for sig in signals:
-                    log.info("received %s", signal.Signals(sig).name)
-                    if sig == signal.SIGHUP and reload is not None:
-                        await reload()
-                        continue
-                    server.shutdown()
-                    return
-
-            nursery.start_soon(on_signal)
-
-            async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-                await server.serve(listeners, names=names, task_status=task_status)
-                nursery.cancel_scope.cancel()
-
-            await nursery.start(run)
-            await stats_cli.start_endpoints(nursery, server.metrics, args)
-            for export in server.exports:
-                listening = getattr(export.backend, "listening", None)
-                if listening is not None:
-                    # Listeners are bound: a backend may now shed privileges (the proxy does).
-                    listening()
-            if only_fd:
-                # An fd pair is a single connection: when it ends, the server is done.
-                await trio.sleep(0.05)
-                while server.sessions:
-                    await trio.sleep(0.05)
-                server.shutdown()
-
-
 def _poll_us(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 100_000:
         raise argparse.ArgumentTypeError("--poll-us must be 0..100000")
     return value
-
-
-def direct_io_policy() -> DirectIOPolicy:
-    """Direct I/O on vhost-user queues by the numbers of their owners: the metrics' latency
-    histogram size and the local backend's inline-write back-off (its fds are the ones served)."""
-    from fs_backends.local import LocalBackend
-
-    return DirectIOPolicy(latency_buckets=NBUCKETS, write_slow=LocalBackend.INLINE_SLOW,
-                          write_backoff=LocalBackend.INLINE_BACKOFF)
 
 
 def _listen_options(args: argparse.Namespace) -> ListenOptions:
@@ -219,14 +97,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.export is None:
         print("ninep serve: give an EXPORT directory or --config FILE", file=sys.stderr)
         return 2
-    args.msize = min(_size(str(args.msize or DEFAULT_MSIZE)), MAX_MSIZE)
+    args.msize = min(parse_size(str(args.msize or DEFAULT_MSIZE)), MAX_MSIZE)
     try:
         # Before the backend: a proxy helper forked by make_backend must not inherit the sockets.
         from transports.activation import listeners_from_sockets, take_inherited_sockets
 
         lopts = _listen_options(args)
         inherited = listeners_from_sockets(take_inherited_sockets(), lopts)
-        backend = make_backend(args.export, args)
+        spec = spec_from_args(args.export, args)
+        backend = make_backend(spec)
         addresses = args.listen or ([] if inherited else ["tcp:127.0.0.1:5640"])
         for a in addresses:
             listener_from_address(a, lopts)  # validate early (and load certificates)
@@ -239,10 +118,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     log.info("serving %s (%s) on %s", args.export, backend.info.name,
              ", ".join([*(x.address for x in inherited), *addresses]))
-    options = SessionOptions(policy=policy_from_args(args), max_msize=args.msize, trace=args.trace,
+    options = SessionOptions(policy=spec.policy, max_msize=args.msize, trace=args.trace,
                              direct_io=args.direct_io, tls_identities=dict(args.tls_map),
                              **{name: getattr(args, name) for name in LIMITS})
-    trio.run(lambda: _serve(Server(backend, options), addresses, args, lopts=lopts,
+    trio.run(lambda: run_server(Server(backend, options), addresses, args, lopts=lopts,
                             inherited=inherited))
     return 0
 

@@ -61,7 +61,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "source", help="host directory, 9p://HOST:PORT/ANAME, unix:PATH, tcp:H:P, memory:"
     )
     p.add_argument("mountpoint", help="an existing directory to mount on")
-    from ninep.cli.main import add_backend_arguments
+    from ninep.cli.spec import add_backend_arguments
 
     add_backend_arguments(p)  # --readonly, --security-model, --multidevs (host directories)
     p.add_argument(
@@ -175,9 +175,10 @@ def make_local_backend(args: argparse.Namespace) -> Backend | None:
     src = parse_source(args.source, args.aname)
     if src.kind not in ("local", "memory"):
         return None
-    from ninep.cli.main import make_backend
+    from ninep.cli.backends import make_backend
+    from ninep.cli.spec import spec_from_args
 
-    return make_backend(src.path if src.kind == "local" else "memory:", args)
+    return make_backend(spec_from_args(src.path if src.kind == "local" else "memory:", args))
 
 
 @dataclass(slots=True)
@@ -261,9 +262,9 @@ async def _mount(
 ) -> int:
     import pyfuse3
 
+    from ninep.cli.spec import policy_from_args
     from ninep.fuse.operations import FuseOperations
     from ninep.fuse.options import mount_options
-    from ninep.server.policy import policy_from_args
 
     opened = await open_backend(args, stack, local)
     backend, root = opened.backend, opened.root

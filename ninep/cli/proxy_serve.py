@@ -27,19 +27,18 @@ from fs_backends.proxy import confine as C
 from fs_backends.proxy.backend import ProxyBackend
 from fs_backends.proxy.models import model_available
 from fs_backends.proxy.spawn import DirectSpawner, HelperSpec, LauncherSpawner, Spawner
+from ninep.cli.spec import BackendSpec, ProxyOptions
 
 log = logging.getLogger("ninep.proxy")
 
 DEFAULT_USER = "nobody"
 
 
-def choose_model(args: argparse.Namespace) -> str:
-    m = getattr(args, "proxy_model", None)
-    if m:
-        return str(m)
-    sm = getattr(args, "security_model", None)
-    if sm not in (None, "proxy"):
-        return str(sm)
+def choose_model(spec: BackendSpec, proxy: ProxyOptions) -> str:
+    if proxy.model:
+        return proxy.model
+    if spec.security_model not in (None, "proxy"):
+        return str(spec.security_model)
     return "mapped-xattr" if model_available("mapped-xattr") else "none"
 
 
@@ -58,10 +57,8 @@ def confine_server(uid: int, gid: int) -> None:
 
     chroot and the id changes apply to every thread (threads share the fs_struct; glibc
     broadcasts setuid/setgid to all threads)."""
-    # Everything the server may import later must be imported now: sys.path is gone after this.
-    import ninep.server.handlers.dotl  # noqa: F401
-    import ninep.server.handlers.legacy  # noqa: F401
-
+    # Everything the server may import later must be imported by now: sys.path is gone after
+    # this. The handler tables are (the Server built them before its listeners were bound).
     d = tempfile.mkdtemp(prefix="ninep-empty-")
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -79,23 +76,20 @@ def confine_server(uid: int, gid: int) -> None:
     log.info("server confined: empty root, uid %d gid %d, no capabilities", uid, gid)
 
 
-def make_proxy_backend(export: str, args: argparse.Namespace) -> ProxyBackend:
+def make_proxy_backend(backend: BackendSpec, proxy: ProxyOptions) -> ProxyBackend:
+    export = backend.path
     if not os.path.isdir(export):
         raise SystemExit(f"ninep: export {export!r} is not a directory")
-    model = choose_model(args)
+    model = choose_model(backend, proxy)
     if not model_available(model):
         raise SystemExit(f"ninep: security model {model!r} is not available in this build")
     extra: list[str] = []
-    for opt in ("fmode", "dmode"):
-        v = getattr(args, opt, None)
+    for opt, v in (("fmode", backend.fmode), ("dmode", backend.dmode)):
         if v is not None:
-            extra += [f"--{opt}", f"{v:o}" if isinstance(v, int) else str(v)]
-    spec = HelperSpec(
-        os.path.realpath(export), model, bool(args.readonly), getattr(args, "multidevs", "remap"),
-        extra,
-    )
+            extra += [f"--{opt}", f"{v:o}"]
+    spec = HelperSpec(os.path.realpath(export), model, backend.readonly, backend.multidevs, extra)
     root = os.geteuid() == 0
-    user = getattr(args, "user", None)
+    user = proxy.user
     if model == "passthrough" and not root:
         raise SystemExit("ninep: the proxy's passthrough model needs root to start its helper")
     spawner: Spawner
@@ -109,12 +103,12 @@ def make_proxy_backend(export: str, args: argparse.Namespace) -> ProxyBackend:
         if user:
             raise SystemExit("ninep: --user needs the server to start as root")
         spawner = DirectSpawner(spec)
-    backend = ProxyBackend(spawner)
+    made = ProxyBackend(spawner)
     if root:
         uid, gid = _user(user or DEFAULT_USER)
-        backend.listening = lambda: confine_server(uid, gid)  # type: ignore[method-assign]
-    log.info("proxy helper: %s", backend.info.extra)
-    return backend
+        made.listening = lambda: confine_server(uid, gid)  # type: ignore[method-assign]
+    log.info("proxy helper: %s", made.info.extra)
+    return made
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

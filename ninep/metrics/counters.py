@@ -8,7 +8,9 @@ is aggregated per request either: an export's numbers are the sum of its live co
 what its closed connections left behind (`Metrics.disconnect` folds them in), and the server's
 are the sum of its exports, all computed only when someone asks (`Metrics.snapshot`). Gauges
 (connections, fids, opened fids, requests in flight, process fds) are read off the live
-sessions at snapshot time, so they need no hooks at all.
+sessions at snapshot time (`Connection.load`), so they need no hooks at all. The server feeds
+this module; it knows a connection only as the `Connection` Protocol and imports nothing of the
+server.
 
 `snapshot()` is a plain JSON-able dict, the one format everything else reads: the control
 socket (`ninep stats`, `ninep top`) and the Prometheus text exposition (`prometheus_text`).
@@ -24,13 +26,10 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ninep.protocol.messages import Message
 from ninep.protocol.numbers import T
-
-if TYPE_CHECKING:
-    from ninep.server.session import Session
 
 #: Latency histogram: bucket i < 24 counts requests that took less than 2**i µs (and at least
 #: 2**(i-1)); the last bucket, 24, everything from 2**23 µs ≈ 8.4 s up. `BUCKET_BOUNDS` are the
@@ -194,13 +193,35 @@ def _totals(table: dict[int, OpStats]) -> dict[str, int]:
             "errors": sum(sum(op.errors.values()) for op in table.values())}
 
 
-def _gauges(sessions: Iterable[Session]) -> dict[str, int]:
+class Connection(Protocol):
+    """What the metrics read off a live connection (the server's Session is one)."""
+
+    @property
+    def conn_id(self) -> int: ...
+    @property
+    def stats(self) -> ConnStats: ...
+    @property
+    def dialect(self) -> str | None: ...
+    @property
+    def msize(self) -> int: ...
+
+    def sync_stats(self) -> ConnStats:
+        """`stats`, with what the connection's channel answered by itself counted in."""
+        ...
+
+    def load(self) -> tuple[int, int, int]:
+        """Fids held, how many of them are open, requests in flight."""
+        ...
+
+
+def _gauges(sessions: Iterable[Connection]) -> dict[str, int]:
     g = {"connections": 0, "fids": 0, "open_files": 0, "inflight": 0}
     for s in sessions:
+        fids, opened, inflight = s.load()
         g["connections"] += 1
-        g["fids"] += len(s.fids)
-        g["open_files"] += sum(1 for f in list(s.fids.values()) if f.open is not None)
-        g["inflight"] += len(s.inflight)
+        g["fids"] += fids
+        g["open_files"] += opened
+        g["inflight"] += inflight
     return g
 
 
@@ -219,17 +240,17 @@ class Metrics:
         #: The export name of a connection that has not attached, or attached with aname ''.
         self.default_export = default_export
         self.started = time.time()
-        self._live: dict[int, Session] = {}
+        self._live: dict[int, Connection] = {}
         #: What closed connections left behind, per export.
         self._retired: dict[str, dict[int, OpStats]] = {}
         self._retired_conns: dict[str, int] = {}
 
-    def connect(self, session: Session) -> None:
+    def connect(self, session: Connection) -> None:
         if not session.stats.export:
             session.stats.export = self.default_export
         self._live[session.conn_id] = session
 
-    def disconnect(self, session: Session) -> None:
+    def disconnect(self, session: Connection) -> None:
         if self._live.pop(session.conn_id, None) is None:
             return
         st = session.sync_stats()

@@ -19,13 +19,9 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from fs_backends.base import Backend
 from ninep.server.policy import OperationPolicy
-
-if TYPE_CHECKING:
-    from ninep.cli.config import ExportConfig
 
 
 def normalize_aname(aname: str) -> str:
@@ -42,8 +38,9 @@ class Export:
     policy: OperationPolicy = field(default_factory=OperationPolicy)
     #: Names of the listeners that may reach it; None: every listener.
     listeners: frozenset[str] | None = None
-    #: What it was built from (exports file); a reload keeps an Export whose config is equal.
-    config: ExportConfig | None = None
+    #: What it was built from (the CLI's exports-file entry, opaque here); a reload keeps an
+    #: Export whose config is equal.
+    config: object = None
 
     def allows(self, listener: str) -> bool:
         return self.listeners is None or listener in self.listeners

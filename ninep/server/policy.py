@@ -21,27 +21,21 @@ at stake:
 
 A refusal is a `Refused` (an OSError carrying the errno); the frontend that caught it (the 9P
 session, the FUSE mount) answers the errno and logs it with `Refused.describe`, so every refusal
-gives exactly one log line in one format. `policy_of` is the single place a frontend asks for
-the policy that governs a fid.
+gives exactly one log line in one format. `ninep.server.fids.policy_of` is the single place the
+9P server asks for the policy that governs a fid.
 
 This module must never touch the host, a socket or a backend: it only decides.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fs_backends.base import BackendInfo, Cred
-
-if TYPE_CHECKING:
-    from ninep.server.fids import Fid
-    from ninep.server.session import Session
 
 log = logging.getLogger("ninep.policy")
 
@@ -156,42 +150,10 @@ class Gate:
         return [n for n in names if self._xattr_allowed(n)]
 
 
-def policy_of(session: Session, fid: Fid) -> OperationPolicy:
-    """The policy that governs requests on `fid`: its export's (an attach fixed the export)."""
-    return fid.export.policy
-
-
-def gate(session: Session, fid: Fid) -> Gate:
-    return Gate(policy_of(session, fid), fid.export.backend.info, fid.cred)
-
-
-def add_policy_arguments(p: argparse.ArgumentParser) -> None:
-    """The one-export flags (`ninep serve`, `ninep mount`); --readonly is added with the backend's."""
-    p.add_argument("--allow-devices", action="store_true",
-                   help="let clients create block/char device nodes (passthrough/none; the mapped models always may)")
-    p.add_argument("--allow-setid", action="store_true",
-                   help="let clients set setuid/setgid bits on files (passthrough/none; the mapped models always may)")
-    p.add_argument("--allow-privileged-xattrs", action="store_true",
-                   help="let clients use trusted.*/security.* xattrs (passthrough only)")
-
-
-def policy_from_args(args: argparse.Namespace) -> OperationPolicy:
-    return OperationPolicy(
-        readonly=bool(getattr(args, "readonly", False)),
-        allow_devices=bool(getattr(args, "allow_devices", False)),
-        allow_setid=bool(getattr(args, "allow_setid", False)),
-        allow_privileged_xattrs=bool(getattr(args, "allow_privileged_xattrs", False)),
-    )
-
-
 __all__ = [
     "DEFAULT_POLICY",
     "Gate",
     "OperationPolicy",
     "Refused",
-    "add_policy_arguments",
-    "gate",
     "host_keeps_real_objects",
-    "policy_from_args",
-    "policy_of",
 ]

@@ -24,6 +24,7 @@ import trio
 from fs_backends.base import Backend
 from ninep.metrics.counters import Metrics
 from ninep.server.exports import Export, ExportTable
+from ninep.server.handlers.tables import dialect_tables
 from ninep.server.limits import refuse
 from ninep.server.session import Session, SessionOptions, encode_error
 from transports.base import Channel, Listener
@@ -56,6 +57,9 @@ class Server:
             exports = ExportTable.single(exports, self.options.policy, name=name)
         self.exports = exports
         self.sessions: set[Session] = set()
+        #: Built once, before any connection (and before a confined server chroots): every
+        #: session gets the same tables.
+        self.handlers = dialect_tables()
         #: Connections refused because max_connections were being served.
         self.refused = 0
         #: Exports replaced or removed by a reload whose backend may still be in use.
@@ -81,7 +85,7 @@ class Server:
                         channel.peer, self.options.max_connections)
             await refuse(channel, "max-connections", encode_error)
             return
-        session = Session(self.exports, channel, self.options, listener)
+        session = Session(self.exports, channel, self.handlers, self.options, listener)
         self.sessions.add(session)
         self.metrics.connect(session)
         try:
@@ -120,7 +124,7 @@ class Server:
 
     async def _close_unused(self) -> None:
         """Closes the backends of retired exports that no fid and no live export uses."""
-        in_use = {id(f.export) for s in self.sessions for f in s.fids.values()}
+        in_use = {id(f.export) for s in self.sessions for f in s.fids}
         keep = [e for e in self._retired if id(e) in in_use]
         drop = [e for e in self._retired if id(e) not in in_use]
         self._retired = keep

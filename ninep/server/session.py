@@ -1,7 +1,8 @@
 """One 9P connection: dialect and msize negotiation, the fid table, requests in flight, flush.
 
-The session reads whole messages from a Channel and hands decoded T-messages to the handlers in
-`ninep.server.handlers.dotl`. The task reading a connection runs each request itself, so a request that completes
+The session reads whole messages from a Channel and hands decoded T-messages to the handler table
+of the negotiated dialect, which the server gives it (`ninep.server.handlers.tables`; this module
+never imports a handler). The task reading a connection runs each request itself, so a request that completes
 without waiting (most do) costs no task switch; when one has to wait (a worker thread, a lock, a
 full socket) another task of the connection takes over reading at that moment
 (`ninep.server.suspension`) and this one finishes the request, then parks until it is needed to read
@@ -27,8 +28,9 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import outcome
@@ -53,10 +55,12 @@ from ninep.protocol.numbers import (
     T,
 )
 from ninep.server.exports import ExportTable
-from ninep.server.fids import Fid
+from ninep.server.fids import Fid, FidTable, policy_of
 from ninep.server.identity import IdentityRule
 from ninep.server.limits import MemoryBudget, request_cost
-from ninep.server.policy import DEFAULT_POLICY, OperationPolicy, Refused, policy_of
+from ninep.server.policy import DEFAULT_POLICY, OperationPolicy, Refused
+from ninep.server.release import release_fid
+from ninep.server.request import Flushed, Request, Sent
 from ninep.server.suspension import await_noting_suspension
 from transports.base import Buffer, Channel, DirectIO, FramingError, Payload
 
@@ -66,19 +70,9 @@ trace_log = logging.getLogger("ninep.trace")
 _connection_ids = itertools.count(1)
 
 
-class Sent:
-    """Returned by a handler that already sent its reply itself (zero-copy reads), with the
-    payload bytes it sent (for the metrics)."""
-
-    __slots__ = ("nbytes",)
-
-    def __init__(self, nbytes: int = 0) -> None:
-        self.nbytes = nbytes
-
-
-SENT = Sent()
-
 Handler = Callable[["Session", Any], Awaitable[m.Message | Sent]]
+#: A handler table per dialect (V9P2000, V9P2000_U, V9P2000_L): built once by the server.
+HandlerTables = Mapping[str, Mapping[int, Handler]]
 
 
 @dataclass(slots=True)
@@ -108,48 +102,9 @@ class SessionOptions:
     tls_identities: dict[str, IdentityRule] = field(default_factory=dict)
 
 
-class Flushed(Exception):
-    """Raised inside a request interrupted by Tflush or by the connection ending: no reply."""
-
-
-@dataclass(slots=True)
-class Request:
-    tag: int
-    msgtype: int
-    #: Set by Tflush (or teardown); `wait_scope` is the interruptible wait in progress, if any.
-    flushed: bool = False
-    wait_scope: trio.CancelScope | None = None
-    #: The shielded scope the request runs in (see `_lead`); unshielded and cancelled only as a
-    #: last resort.
-    scope: trio.CancelScope | None = None
-    started: float = 0.0
-    #: Bytes charged to the connection's memory budget (ninep.server.limits.request_cost).
-    cost: int = 0
-    #: Set just before the reply goes out: from then on the client may legitimately reuse the tag
-    #: (it can see the reply before this task has removed the request from `inflight`).
-    answered: bool = False
-    finished: bool = False
-    #: Made only when someone waits for the request (flush, drain, a reused tag): most never do.
-    _done: trio.Event | None = None
-
-    @property
-    def done(self) -> trio.Event:
-        """Set once the request has finished (replied, or ended with no reply)."""
-        if self._done is None:
-            self._done = trio.Event()
-            if self.finished:
-                self._done.set()
-        return self._done
-
-    def finish(self) -> None:
-        self.finished = True
-        if self._done is not None:
-            self._done.set()
-
-
 class Session:
-    def __init__(self, exports: ExportTable | Backend, channel: Channel, options: SessionOptions | None = None,
-                 listener: str = "") -> None:
+    def __init__(self, exports: ExportTable | Backend, channel: Channel, handlers: HandlerTables,
+                 options: SessionOptions | None = None, listener: str = "") -> None:
         #: Shared with the server (and replaced in place on reload); a bare Backend is one export.
         self.exports = exports if isinstance(exports, ExportTable) else ExportTable.single(exports)
         #: The name of the listener this connection came in on (export access rules use it).
@@ -160,7 +115,7 @@ class Session:
         self.dialect: str | None = None
         self.codec: Codec = codec_for(V9P2000_L)
         self.msize = 0
-        self.fids: dict[int, Fid] = {}
+        self.fids = FidTable()
         self.inflight: dict[int, Request] = {}
         #: Tasks parked until a request makes them the reader (`_hand_over`); the connection's
         #: nursery (set by `run`) starts more when none is parked; `_ended` is set when it ends.
@@ -172,7 +127,8 @@ class Session:
         self._parking = True  # False once the connection ends: tasks exit after their request
         self._memory = MemoryBudget(self.options.max_conn_memory, f"connection {self.conn_id}")
         self._slots_warned = False
-        self._handlers: dict[int, Handler] = {}
+        self._tables = handlers
+        self._handlers: Mapping[int, Handler] = {}
         self._closing = False
         #: `ZeroCopyWrites` channels: large Twrite data stays in the peer's memory.
         self._take_payload: Callable[[int], Payload | None] | None = getattr(channel, "take_payload", None)
@@ -213,8 +169,7 @@ class Session:
         """Graceful shutdown: stop taking requests, let in-flight ones finish for a while, then
         cancel them."""
         self._closing = True
-        for fid in self.fids.values():  # the channel must not go on serving reads and writes
-            self.withdraw_direct(fid)
+        self.fids.withdraw_direct()  # the channel must not go on serving reads and writes
         with trio.move_on_after(self.options.drain_seconds):
             for req in list(self.inflight.values()):
                 await req.done.wait()
@@ -257,11 +212,8 @@ class Session:
             raise Flushed
 
     async def clunk_all(self) -> None:
-        from ninep.server.handlers.dotl import release_fid
-
-        fids, self.fids = self.fids, {}
-        for fid in fids.values():
-            await release_fid(self, fid)
+        for fid in self.fids.clear():
+            await release_fid(fid, self.conn_id)
 
     # --- fids ---------------------------------------------------------------------------------
 
@@ -277,7 +229,13 @@ class Session:
         if len(self.fids) >= self.options.max_fids:
             log.warning("connection %d: fid limit %d reached", self.conn_id, self.options.max_fids)
             raise OSError(errno.EMFILE, "too many fids on this connection")
-        self.fids[number] = fid
+        self.fids.add(number, fid)
+
+    def take_fid(self, number: int) -> Fid:
+        """Takes fid `number` out of the table (EBADF if unknown), its direct I/O withdrawn; the
+        caller ends it on the backend (`ninep.server.release.release_fid`)."""
+        self.fid(number)
+        return self.fids.remove(number)
 
     def cred_for(self, fid: Fid, gid: int | None = None) -> Cred:
         return fid.cred if gid is None else Cred(fid.cred.uid, gid, fid.cred.uname)
@@ -307,16 +265,14 @@ class Session:
         readable = access in (L_O_RDONLY, L_O_RDWR)
         # Direct writes run on the event loop's thread: only where the backend runs its own there.
         writable = (access in (L_O_WRONLY, L_O_RDWR) and inline_writes
-                    and not (policy_of(self, fid).readonly or backend.info.readonly))
+                    and not (policy_of(fid).readonly or backend.info.readonly))
         if channel.direct_open(number, fd, readable, writable):
-            fid.direct = number
+            # The fid table runs it when the fid leaves (ninep.server.fids.FidTable).
+            fid.direct = partial(channel.direct_close, number)
 
-    def withdraw_direct(self, fid: Fid) -> None:
-        """The channel stops answering requests on `fid` itself: call it before anything that
-        ends the fid, with no checkpoint in between."""
-        if fid.direct is not None and self._direct_io is not None:
-            self._direct_io.direct_close(fid.direct)
-        fid.direct = None
+    def load(self) -> tuple[int, int, int]:
+        """Fids held, how many of them are open, requests in flight (the metrics' gauges)."""
+        return len(self.fids), sum(1 for f in self.fids if f.open is not None), len(self.inflight)
 
     def sync_stats(self) -> ConnStats:
         """`stats` with the requests a DirectIO channel answered itself counted in."""
@@ -554,13 +510,11 @@ class Session:
         if version == VERSION_UNKNOWN:
             self.dialect = None
             return
-        from ninep.server.handlers.dotl import handlers_for
-
         self.dialect = version
         self.codec = codec_for(version)
         self.msize = msize
         self.channel.set_msize(msize)
-        self._handlers = handlers_for(version)
+        self._handlers = self._tables[version]
         log.info("connection %d: %s, msize %d", self.conn_id, version, msize)
 
 

@@ -39,7 +39,7 @@ with atheris.instrument_imports(include=["ninep", "fs_backends", "transports", "
     import fs_backends.local  # noqa: F401
     import fs_backends.memory  # noqa: F401
     import ninep.protocol.codec
-    import ninep.server.handlers.dotl  # noqa: F401
+    import ninep.server.handlers.tables  # noqa: F401  (every dialect's handlers)
     import ninep.server.session  # noqa: F401
     import tests.fuzz.test_codec_fuzz  # noqa: F401
     import tests.fuzz.test_virtq_fuzz  # noqa: F401

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from fs_backends.base import Backend
-from ninep.cli.main import direct_io_policy
+from ninep.cli.serving import direct_io_policy
 from ninep.client import Client
 from ninep.protocol.numbers import V9P2000_L
 from ninep.server.server import Server

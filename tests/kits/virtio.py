@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ninep.cli.main import direct_io_policy
+from ninep.cli.serving import direct_io_policy
 from ninep.client import Client
 from ninep.server.server import Server
 from ninep.server.session import SessionOptions

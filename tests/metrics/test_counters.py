@@ -159,8 +159,8 @@ def test_export_names_from_clients_are_bounded() -> None:
         st = ConnStats(i + 1)
         st.attached(f"dir{i}")
         st.done(T.Tattach, 0, object(), 0.0)
-        session: Any = SimpleNamespace(conn_id=i + 1, stats=st, sync_stats=lambda st=st: st, fids={}, inflight={},
-                                       dialect=None, msize=0)
+        session: Any = SimpleNamespace(conn_id=i + 1, stats=st, sync_stats=lambda st=st: st,
+                                       load=lambda: (0, 0, 0), dialect=None, msize=0)
         reg.connect(session)
         reg.disconnect(session)
     snap = reg.snapshot()

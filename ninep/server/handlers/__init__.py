@@ -1,4 +1,4 @@
-"""The request handlers: one module per dialect (9P2000.L in `dotl`, 9P2000/9P2000.u in `legacy`)
-plus the helpers they share. The server hands the table to each session; nothing here reaches back
-into the session module at import time.
+"""The request handlers: those every dialect shares (`common`), 9P2000.L's (`dotl`), 9P2000 and
+9P2000.u's (`legacy`), the checks they share (`shared`), and the table per dialect (`tables`) the
+server hands to each session; the session module never imports any of them.
 """

@@ -15,7 +15,6 @@ import stat as st
 from fs_backends.base import Attr, SetAttr
 from ninep.protocol import messages as m
 from ninep.protocol.numbers import (
-    DMAPPEND,
     DMDEVICE,
     DMDIR,
     DMLINK,
@@ -51,9 +50,10 @@ from ninep.protocol.numbers import (
     V9P2000_U,
     T,
 )
-from ninep.server.fids import Fid, FidKind
-from ninep.server.handlers.dotl import _file_fid, check_name, same_export
-from ninep.server.policy import gate
+from ninep.server.fids import Fid, FidKind, gate
+from ninep.server.handlers import common
+from ninep.server.handlers.shared import check_name, file_fid, read_count, same_export
+from ninep.server.request import Sent
 from ninep.server.session import Handler, Session
 
 _U32 = 0xFFFFFFFF
@@ -109,12 +109,12 @@ async def _dir_of(s: Session, fid: Fid, fid_node: object, name: str, attr: Attr)
 
 
 async def open_(s: Session, msg: m.Topen) -> m.Message:
-    fid = _file_fid(s, msg.fid)
+    fid = file_fid(s, msg.fid)
     if fid.open is not None:
         raise OSError(errno.EBUSY, "fid already open")
     flags = open_flags(msg.mode)
     if flags & (L_O_WRONLY | L_O_RDWR | L_O_TRUNC) or msg.mode & ORCLOSE:
-        gate(s, fid).writable(fid.name)
+        gate(fid).writable(fid.name)
     if fid.node.qid.type & QTDIR:
         flags = L_O_RDONLY | L_O_DIRECTORY
     fid.open = await fid.export.backend.open(fid.node, flags, fid.cred)
@@ -125,11 +125,11 @@ async def open_(s: Session, msg: m.Topen) -> m.Message:
 
 
 async def create(s: Session, msg: m.Tcreate) -> m.Message:
-    fid = _file_fid(s, msg.fid)
+    fid = file_fid(s, msg.fid)
     check_name(msg.name)
     if fid.open is not None:
         raise OSError(errno.EBUSY, "fid already open")
-    g = gate(s, fid)
+    g = gate(fid)
     g.writable(msg.name)
     backend = fid.export.backend
     cred = fid.cred
@@ -177,15 +177,15 @@ async def create(s: Session, msg: m.Tcreate) -> m.Message:
 
 
 async def stat_(s: Session, msg: m.Tstat) -> m.Message:
-    fid = _file_fid(s, msg.fid)
+    fid = file_fid(s, msg.fid)
     attr = await fid.export.backend.getattr(fid.node, GETATTR_ALL)
     return m.Rstat(await _dir_of(s, fid, fid.node, fid.name, attr))
 
 
 async def wstat(s: Session, msg: m.Twstat) -> m.Message:
-    fid = _file_fid(s, msg.fid)
+    fid = file_fid(s, msg.fid)
     d = msg.stat
-    g = gate(s, fid)
+    g = gate(fid)
     g.writable(fid.name)
     backend = fid.export.backend
     valid = 0
@@ -265,11 +265,20 @@ async def read_dir(s: Session, fid: Fid, offset: int, count: int) -> bytes:
     return bytes(out)
 
 
+async def read(s: Session, msg: m.Tread) -> m.Message | Sent:
+    """Tread, where a directory reads as a sequence of Dir entries (`read_dir`)."""
+    fid = s.fid(msg.fid)
+    if fid.kind is not FidKind.XATTR_READ and fid.open is not None and fid.node.qid.type & QTDIR:
+        return m.Rread(await read_dir(s, fid, msg.offset, read_count(s, msg.count)))
+    return await common.read(s, msg)
+
+
 LEGACY: dict[int, Handler] = {
+    T.Tread: read,
     T.Topen: open_,
     T.Tcreate: create,
     T.Tstat: stat_,
     T.Twstat: wstat,
 }
 
-__all__ = ["LEGACY", "read_dir", "open_flags", "FidKind", "DMAPPEND"]
+__all__ = ["LEGACY", "open_flags", "read_dir"]
