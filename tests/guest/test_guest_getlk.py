@@ -65,14 +65,14 @@ def check(run: guestvm.GuestRun, steps: list[str], log: Path | None = None) -> N
     print(f"{run.setup}: {len(steps)} steps ok, boot {run.boot_seconds:.1f} s, job {run.job_seconds:.1f} s; {info}")
 
 
-def test_qemu_control(guest_image: guestvm.GuestImage, accel: guestvm.Accel, tmp_path: Path) -> None:
+def test_qemu_control(kernel_image: guestvm.GuestImage, accel: guestvm.Accel, tmp_path: Path) -> None:
     """QEMU's server: F_GETLK works and answers F_UNLCK everywhere (no lock table, no other
     connection to lock through), which getlk.sh expects with QEMU=1."""
     export = tmp_path / "export"
     export.mkdir()
     seed(export)
     with host_locks(export) as pid:
-        run = guestvm.run_job(guest_image, guestvm.qemu_local(export, "mapped-xattr", MSIZE), JOB.read_text(),
+        run = guestvm.run_job(kernel_image, guestvm.qemu_local(export, "mapped-xattr", MSIZE), JOB.read_text(),
                               {"QEMU": "1", "CONN": "0", "HOSTPID": str(pid)}, timeout=RUN_TIMEOUT,
                               accel=accel, log=tmp_path / "console.log")
     check(run, [s for s in STEPS_ALL if s != "getlk-conn"])
@@ -83,7 +83,7 @@ SERVERS = [("dir", m) for m in ("passthrough", "none", "mapped-xattr", "mapped-f
 
 
 @pytest.mark.parametrize(("kind", "model"), SERVERS, ids=[m or k for k, m in SERVERS])
-def test_ninep_trans_fd(guest_image: guestvm.GuestImage, accel: guestvm.Accel, tmp_path: Path,
+def test_ninep_trans_fd(kernel_image: guestvm.GuestImage, accel: guestvm.Accel, tmp_path: Path,
                         kind: str, model: str | None) -> None:
     sock = tmp_path / "ninep.sock"
     log = tmp_path / "server.log"
@@ -101,7 +101,7 @@ def test_ninep_trans_fd(guest_image: guestvm.GuestImage, accel: guestvm.Accel, t
         stack.enter_context(guestvm.ninep_server(ROOT, "memory:" if kind == "memory" else export, sock, model,
                                                  MSIZE, log=log, python=sys.executable))
         stack.enter_context(conn_lock(sock))
-        run = guestvm.run_job(guest_image, guestvm.virtio_serial_fd(f"ninep-{model or kind}", [sock, sock], MSIZE),
+        run = guestvm.run_job(kernel_image, guestvm.virtio_serial_fd(f"ninep-{model or kind}", [sock, sock], MSIZE),
                               JOB.read_text(), env, timeout=RUN_TIMEOUT, accel=accel,
                               log=tmp_path / "console.log")
     check(run, steps, log)
