@@ -52,7 +52,7 @@ def conn_lock(sock: Path) -> contextlib.AbstractContextManager[int]:
     return holding("9p", f"unix:{sock}", "lkconn", "w", 5, 10, CONN_PROC_ID, "host-conn")
 
 
-def check(run: guestvm.GuestRun, steps: list[str], log: Path | None = None) -> None:
+def check(run: guestvm.GuestRun, steps: list[str], log: Path | None = None, kernel: str = "") -> None:
     missing = [s for s in ["mount /mnt", "mount /mnt2", *steps] if s not in run.oks]
     if run.fails or missing or run.rc != 0:
         lines = [f"{run.setup}: {len(run.fails)} FAIL, missing {missing}, rc {run.rc}"]
@@ -62,7 +62,7 @@ def check(run: guestvm.GuestRun, steps: list[str], log: Path | None = None) -> N
         lines.append("console tail:\n" + run.console_tail(40))
         pytest.fail("\n".join(lines), pytrace=False)
     info = [ln for ln in run.lines if ln.startswith("info ")]
-    print(f"{run.setup}: {len(steps)} steps ok, boot {run.boot_seconds:.1f} s, job {run.job_seconds:.1f} s; {info}")
+    print(f"{run.setup} (Linux {kernel}): {len(steps)} steps ok, boot {run.boot_seconds:.1f} s, job {run.job_seconds:.1f} s; {info}")
 
 
 def test_qemu_control(kernel_image: guestvm.GuestImage, accel: guestvm.Accel, tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_qemu_control(kernel_image: guestvm.GuestImage, accel: guestvm.Accel, tm
         run = guestvm.run_job(kernel_image, guestvm.qemu_local(export, "mapped-xattr", MSIZE), JOB.read_text(),
                               {"QEMU": "1", "CONN": "0", "HOSTPID": str(pid)}, timeout=RUN_TIMEOUT,
                               accel=accel, log=tmp_path / "console.log")
-    check(run, [s for s in STEPS_ALL if s != "getlk-conn"])
+    check(run, [s for s in STEPS_ALL if s != "getlk-conn"], kernel=kernel_image.kernel_version)
 
 
 # (export kind, security model): a host directory under each model, the proxy helper, memory:.
@@ -104,4 +104,4 @@ def test_ninep_trans_fd(kernel_image: guestvm.GuestImage, accel: guestvm.Accel, 
         run = guestvm.run_job(kernel_image, guestvm.virtio_serial_fd(f"ninep-{model or kind}", [sock, sock], MSIZE),
                               JOB.read_text(), env, timeout=RUN_TIMEOUT, accel=accel,
                               log=tmp_path / "console.log")
-    check(run, steps, log)
+    check(run, steps, log, kernel_image.kernel_version)

@@ -154,7 +154,13 @@ def test_guest_reboot_resets_the_device_on_the_same_connection(image, served, tm
     assert log.count("queue 0 started") == 2, context
 
 
-def test_guest_getlk_over_trans_virtio(image, qemu, served, tmp_path: Path) -> None:  # noqa: ANN001
+@pytest.fixture(scope="module", params=["bookworm", "sid"])
+def kernel_image(request: pytest.FixtureRequest):  # noqa: ANN201
+    """The guest image for each kernel (bookworm 6.1, sid 7.x)."""
+    return guestvm.build_image(kernel=str(request.param))
+
+
+def test_guest_getlk_over_trans_virtio(kernel_image, qemu, served, tmp_path: Path) -> None:  # noqa: ANN001
     """fcntl(F_GETLK) in the guest over trans=virtio (tests/guest/getlk.sh): unlocked, host
     process read / write locks, a lock through another 9P connection (the back-end's unix
     socket), another guest process through the second mount, the process's own lock. Each
@@ -167,6 +173,6 @@ def test_guest_getlk_over_trans_virtio(image, qemu, served, tmp_path: Path) -> N
     g.seed(export)
     with g.host_locks(export) as pid, g.conn_lock(_unix(socks[0])):
         setup = guestvm.vhost_user_9p("ninep-vhost-user", socks, list(TAGS), qemu)
-        run = guestvm.run_job(image, setup, g.JOB.read_text(), {"HOSTPID": str(pid), "OTHER_SERVER": "1"},
+        run = guestvm.run_job(kernel_image, setup, g.JOB.read_text(), {"HOSTPID": str(pid), "OTHER_SERVER": "1"},
                               timeout=600, log=tmp_path / "console.log")
-    g.check(run, g.STEPS_ALL, logs[0])
+    g.check(run, g.STEPS_ALL, logs[0], kernel_image.kernel_version)
