@@ -77,6 +77,7 @@ t_mount() {
 	eq "$(echo "$out" | tail -n 1)" "$(known "wrlck 20 10 $pid")" "lock of a guest process through the other mount"
 }
 
+grep " $M 9p " /proc/mounts | sed 's/^/info mount /'
 rm -rf "$W"
 mkdir -p "$W"
 for s in free self mount; do step $s; done

@@ -105,3 +105,24 @@ def test_ninep_trans_fd(kernel_image: guestvm.GuestImage, accel: guestvm.Accel, 
                               JOB.read_text(), env, timeout=RUN_TIMEOUT, accel=accel,
                               log=tmp_path / "console.log")
     check(run, steps, log, kernel_image.kernel_version)
+
+
+def test_ninep_trans_fd_cache_loose(kernel_image: guestvm.GuestImage, accel: guestvm.Accel,
+                                    tmp_path: Path) -> None:
+    """The same with the main mount cache=loose (the guest caches pages and attributes; locks
+    still go to the server): passthrough only, the lock path does not depend on the model."""
+    sock = tmp_path / "ninep.sock"
+    log = tmp_path / "server.log"
+    export = tmp_path / "export"
+    export.mkdir()
+    seed(export)
+    with host_locks(export) as pid, guestvm.ninep_server(ROOT, export, sock, "passthrough", MSIZE, log=log,
+                                                         python=sys.executable), conn_lock(sock):
+        setup = guestvm.virtio_serial_fd("ninep-passthrough-loose", [sock, sock], MSIZE)
+        setup.mounts[0].options = setup.mounts[0].options.replace("cache=none", "cache=loose")
+        run = guestvm.run_job(kernel_image, setup, JOB.read_text(), {"HOSTPID": str(pid)},
+                              timeout=RUN_TIMEOUT, accel=accel, log=tmp_path / "console.log")
+    check(run, STEPS_ALL, log, kernel_image.kernel_version)
+    # 6.1 shows the mode as "loose", 7.x as the cache flags (CACHE_LOOSE = 0xf)
+    mnt = [ln for ln in run.lines if ln.startswith("info mount ") and " /mnt 9p " in ln]
+    assert mnt and any(w in mnt[0] for w in (",loose,", "cache=0xf")), mnt
