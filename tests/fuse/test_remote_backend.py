@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,38 @@ def test_xattrs_and_locks(tmp_path: Path) -> None:
         await b.release(node)
 
     run(tmp_path, scenario)
+
+
+def test_tgetlock_unlck_served_through_a_remote_backend(tmp_path: Path) -> None:
+    """A ninep server whose backend is RemoteBackend (front) over another ninep server (back):
+    Linux's Tgetlock of type UNLCK reaches the back as a write test, and the front answers the
+    back's conflicting lock with its owner, or UNLCK with the asked range."""
+    (tmp_path / "back").mkdir()
+    (tmp_path / "front").mkdir()
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with AsyncExitStack() as stack:
+                _, back = await stack.enter_async_context(served(MemoryBackend(), "unix", tmp_path / "back"))
+                direct = await stack.enter_async_context(Client.connect(await back(), msize=8192))
+                relay = await stack.enter_async_context(Client.connect(await back(), msize=8192))
+                remote = RemoteBackend(relay, uname="root", n_uname=0)
+                _, front = await stack.enter_async_context(served(remote, "unix", tmp_path / "front"))
+                c = await stack.enter_async_context(Client.connect(await front(), msize=8192))
+                root = await direct.attach()
+                f, _ = await direct.walk(root, [])
+                await direct.lcreate(f, "x", P.L_O_RDWR | P.L_O_CREAT, 0o644)
+                g, _ = await c.walk(await c.attach(), ["x"])
+                await c.lopen(g, P.L_O_RDONLY)
+                r = await c.getlock(g, P.LOCK_TYPE_UNLCK, 3, 4, proc_id=7, client_id="guest")
+                assert (r.type, r.start, r.length, r.proc_id, r.client_id) == (P.LOCK_TYPE_UNLCK, 3, 4, 7, "guest")
+                assert await direct.lock(f, P.LOCK_TYPE_RDLCK, 10, 20, proc_id=11, client_id="other") == P.LOCK_SUCCESS
+                r = await c.getlock(g, P.LOCK_TYPE_UNLCK, 0, 0, proc_id=7, client_id="guest")
+                assert (r.type, r.start, r.length, r.proc_id, r.client_id) == (P.LOCK_TYPE_RDLCK, 10, 20, 11, "other")
+                r = await c.getlock(g, P.LOCK_TYPE_UNLCK, 0, 10, proc_id=7, client_id="guest")
+                assert r.type == P.LOCK_TYPE_UNLCK
+
+    trio.run(main)
 
 
 def test_append_writes_land_in_order(tmp_path: Path) -> None:

@@ -16,3 +16,9 @@ def guest_image() -> guestvm.GuestImage:
 @pytest.fixture(scope="session")
 def accel() -> guestvm.Accel:
     return guestvm.detect_accel()
+
+
+@pytest.fixture(scope="session", params=guestvm.KERNELS)
+def kernel_image(request: pytest.FixtureRequest) -> guestvm.GuestImage:
+    """The guest image for each kernel in guestvm.KERNELS (bookworm 6.1, sid 7.x)."""
+    return guestvm.build_image(kernel=str(request.param))

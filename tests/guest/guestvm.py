@@ -13,6 +13,11 @@ console tail).
 
 The cache root is $NINEP_CACHE (default ~/.cache/ninep); guest files live in its `guest/`
 subdirectory, keyed by the kernel and busybox package versions and a hash of the sources here.
+
+Two kernels (`KERNELS`): "bookworm" (the host's apt, Linux 6.1) and "sid" (Debian sid's
+`linux-image-amd64`, Linux 7.x, fetched through a private apt configuration under
+`guest/sid-apt` like tests/kits/sidqemu.py does for QEMU; its image is split into
+`linux-binary-*` and `linux-modules-*`, its vmlinuz payload is zstd, its modules .ko.xz).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 import threading
@@ -39,6 +45,8 @@ END_RE = re.compile(r"=== NINEP-JOB END rc=(\d+) ===")
 # Bump when the image layout changes in a way the source hashes below do not capture.
 LAYOUT_VERSION = "2"
 KERNEL_META = "linux-image-amd64"
+#: Guest kernels build_image knows: "bookworm" (host apt, 6.1) and "sid" (private sid apt, 7.x).
+KERNELS = ("bookworm", "sid")
 MODULES = ("virtio_pci", "virtio_console", "9p", "9pnet_virtio", "9pnet_fd")
 HOST_PACKAGES = {
     # command or file that must exist -> Debian package that provides it
@@ -50,6 +58,7 @@ HOST_PACKAGES = {
     "modprobe": "kmod",
     "dpkg-deb": "dpkg",
     "apt-get": "apt",
+    "zstd": "zstd",  # sid's vmlinuz payload
 }
 
 
@@ -198,26 +207,63 @@ class GuestImage:
     key: str
 
 
-def _apt_show(pkg: str, field_name: str) -> str:
-    out = _run(["apt-cache", "show", "--no-all-versions", pkg])
+def _sid_apt(gdir: Path) -> list[str]:
+    """apt options of a private sid configuration under gdir/sid-apt (lists fetched once)."""
+    from tests.kits.sidqemu import KEYRING, MIRROR, _apt_options
+
+    base = gdir / "sid-apt"
+    for sub in ("lists/partial", "cache/archives/partial"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    (base / "sources.list").write_text(f"deb [signed-by={KEYRING}] {MIRROR} sid main\n")
+    if not (base / "status").exists():
+        (base / "status").write_text("")
+    opts = _apt_options(base)
+    if not any((base / "lists").glob("*_Packages*")):
+        _run(["apt-get", *opts, "update"])
+    return opts
+
+
+def _apt_show(pkg: str, field_name: str, opts: Sequence[str] = ()) -> str:
+    out = _run(["apt-cache", *opts, "show", "--no-all-versions", pkg])
     m = re.search(rf"^{field_name}: (.*)$", out, re.M)
     if not m:
         raise GuestError(f"apt-cache show {pkg}: no {field_name}")
     return m.group(1).strip()
 
 
-def _kernel_package() -> tuple[str, str]:
+def _kernel_package(opts: Sequence[str] = ()) -> tuple[str, str]:
     """(package, version) of the kernel image linux-image-amd64 depends on, e.g. linux-image-6.1.0-56-amd64."""
     try:
-        depends = _apt_show(KERNEL_META, "Depends")
+        depends = _apt_show(KERNEL_META, "Depends", opts)
     except GuestError:
+        if opts:
+            raise
         _run(["apt-get", "update"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
         depends = _apt_show(KERNEL_META, "Depends")
     m = re.search(r"(linux-image-[0-9][^\s,(]*)", depends)
     if not m:
         raise GuestError(f"{KERNEL_META} depends on no linux-image-*: {depends}")
     pkg = m.group(1)
-    return pkg, _apt_show(pkg, "Version")
+    return pkg, _apt_show(pkg, "Version", opts)
+
+
+def _kernel_debs(debs: Path, kpkg: str, version: str, opts: Sequence[str]) -> list[Path]:
+    """The .deb files holding the kernel and its modules (downloaded into `debs` once): the
+    image package itself, or (sid) the linux-base-*/linux-binary-*/linux-modules-* packages it depends on."""
+    pkgs = [kpkg]
+    if opts:
+        depends = _apt_show(kpkg, "Depends", opts)
+        pkgs = re.findall(r"(linux-(?:base|binary|modules)-[0-9][^\s,(]*)", depends) or pkgs
+    out = []
+    for pkg in pkgs:
+        deb = next(debs.glob(f"{pkg}_{version.replace(':', '%3a')}_*.deb"), None)
+        if deb is None:
+            _run(["apt-get", *opts, "download", f"{pkg}={version}"], cwd=debs)
+            deb = next(debs.glob(f"{pkg}_*.deb"), None)
+            if deb is None:
+                raise GuestError(f"apt-get download {pkg} left no .deb in {debs}")
+        out.append(deb)
+    return out
 
 
 def _sources_hash() -> str:
@@ -228,12 +274,20 @@ def _sources_hash() -> str:
 
 
 def extract_vmlinux(vmlinuz: bytes) -> bytes:
-    """The ELF kernel inside a bzImage whose payload is xz-compressed (Debian's choice)."""
-    start = vmlinuz.find(b"\xfd7zXZ\x00")
-    if start < 0:
-        raise GuestError("vmlinuz has no xz stream")
-    dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-    elf = dec.decompress(vmlinuz[start:])
+    """The ELF kernel inside a bzImage whose payload is xz (bookworm) or zstd (sid) compressed."""
+    # The setup header names the payload (offset from the protected-mode code, which follows
+    # setup_sects + 1 sectors); its last 4 bytes are the uncompressed size, not compressed data.
+    setup_sects = vmlinuz[0x1F1] or 4
+    off, length = struct.unpack_from("<II", vmlinuz, 0x248)
+    start = (setup_sects + 1) * 512 + off
+    payload = vmlinuz[start : start + length - 4]
+    if payload.startswith(b"\x28\xb5\x2f\xfd"):
+        elf = subprocess.run(["zstd", "-dc"], input=payload, capture_output=True, check=True).stdout
+    else:
+        start = vmlinuz.find(b"\xfd7zXZ\x00")
+        if start < 0:
+            raise GuestError("vmlinuz has no xz or zstd payload")
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(vmlinuz[start:])
     if not elf.startswith(b"\x7fELF"):
         raise GuestError("xz payload of vmlinuz is not an ELF file")
     return elf
@@ -243,12 +297,16 @@ def _compile_static(src: Path, out: Path) -> None:
     _run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(src)])
 
 
-def build_image(cache: Path | None = None) -> GuestImage:
-    """Build the guest once per cache directory and key; later calls return the cached files."""
+def build_image(cache: Path | None = None, kernel: str = "bookworm") -> GuestImage:
+    """Build the guest once per cache directory, kernel (see KERNELS) and key; later calls
+    return the cached files."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
     ensure_host_tools()
     gdir = (cache or cache_root()) / "guest"
     gdir.mkdir(parents=True, exist_ok=True)
-    kpkg, kver_pkg = _kernel_package()
+    opts = _sid_apt(gdir) if kernel == "sid" else []
+    kpkg, kver_pkg = _kernel_package(opts)
     bb_version = _run(["dpkg-query", "-W", "-f", "${Version}", "busybox-static"]).strip()
     key = hashlib.sha256(f"{kpkg} {kver_pkg} {bb_version} {_sources_hash()}".encode()).hexdigest()[:16]
     idir = gdir / f"image-{key}"
@@ -259,20 +317,20 @@ def build_image(cache: Path | None = None) -> GuestImage:
 
     debs = gdir / "debs"
     debs.mkdir(exist_ok=True)
-    deb = next(debs.glob(f"{kpkg}_{kver_pkg.replace(':', '%3a')}_*.deb"), None)
-    if deb is None:
-        _run(["apt-get", "download", f"{kpkg}={kver_pkg}"], cwd=debs)
-        deb = next(debs.glob(f"{kpkg}_*.deb"), None)
-        if deb is None:
-            raise GuestError(f"apt-get download {kpkg} left no .deb in {debs}")
+    kdebs = _kernel_debs(debs, kpkg, kver_pkg, opts)
 
     with tempfile.TemporaryDirectory(dir=gdir) as tmp_s:
         tmp = Path(tmp_s)
         root = tmp / "root"
-        _run(["dpkg-deb", "-x", str(deb), str(root)])
+        for deb in kdebs:
+            _run(["dpkg-deb", "-x", str(deb), str(root)])
+        if not (root / "lib/modules").is_dir() and (root / "usr/lib/modules").is_dir():
+            # sid installs to /usr/lib/modules; the host's depmod/modprobe -d look in lib/modules
+            (root / "lib").mkdir(exist_ok=True)
+            (root / "usr/lib/modules").rename(root / "lib/modules")
         kvers = [p.name for p in (root / "lib/modules").iterdir()]
         if len(kvers) != 1:
-            raise GuestError(f"expected one kernel in {deb}, found {kvers}")
+            raise GuestError(f"expected one kernel in {kdebs}, found {kvers}")
         kver = kvers[0]
         _run(["depmod", "-b", str(root), kver])
         order: list[Path] = []
@@ -306,6 +364,8 @@ def build_image(cache: Path | None = None) -> GuestImage:
         cpio.file("init", (HERE / "init.sh").read_bytes(), 0o755)
 
         vmlinuz = root / "boot" / f"vmlinuz-{kver}"
+        if not vmlinuz.exists():  # sid: next to the modules
+            vmlinuz = root / "lib/modules" / kver / "vmlinuz"
         stage = tmp / "image"
         stage.mkdir()
         (stage / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
@@ -324,9 +384,9 @@ def build_image(cache: Path | None = None) -> GuestImage:
                 raise
     # Each image is ~70 MB (the uncompressed kernel): keep only the few newest.
     images = sorted(gdir.glob("image-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in images[3:]:
+    for old in images[6:]:  # (several worktrees and both KERNELS share the cache)
         shutil.rmtree(old, ignore_errors=True)
-    return build_image(cache)
+    return build_image(cache, kernel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@
  *   setx F NAME VALUE | getx F NAME | listx F | rmx F NAME    user.* xattrs
  *   flocktest F        flock() conflicts between two processes
  *   fcntltest F        fcntl() record locks between two processes (SETLK, GETLK, SETLKW)
+ *   getlk F r|w START LEN [self|child HOLDF r|w HSTART HLEN]
+ *                      F_GETLK on F; prints "TYPE START LEN PID" (TYPE unlck|rdlck|wrlck, the
+ *                      answer's l_start/l_len/l_pid; for unlck just "unlck"). With "self" this
+ *                      process first locks HOLDF itself, with "child" a forked child holds that
+ *                      lock during the query and a first line "holder PID" names it.
  *   mmapw F SIZE       writable MAP_SHARED mapping, msync, then read() back
  *   pattern F SIZE     check F holds the mmapw pattern using read()
  *   unlinkopen F       unlink while open, then write/read/fstat/ftruncate through the fd
@@ -176,6 +181,65 @@ static int cmd_fcntltest(const char *f)
 	int r = wait_child(pid);
 	if (r != 0)
 		FAILF("child step %d failed", r);
+	return 0;
+}
+
+static short lock_type(const char *s)
+{
+	if (!strcmp(s, "r"))
+		return F_RDLCK;
+	if (!strcmp(s, "w"))
+		return F_WRLCK;
+	FAILF("lock type must be r or w, not '%s'", s);
+}
+
+static int cmd_getlk(int argc, char **argv)
+{
+	/* argv: F TYPE START LEN [self|child HOLDF HTYPE HSTART HLEN] */
+	pid_t holder = -1;
+	int c2p[2] = { -1, -1 }, p2c[2] = { -1, -1 };
+	if (argc == 9) {
+		short ht = lock_type(argv[6]);
+		int hfd = xopen(argv[5], ht == F_WRLCK ? O_RDWR : O_RDONLY);
+		if (!strcmp(argv[4], "self")) {
+			CHECK(setlk(hfd, F_SETLK, ht, atoll(argv[7]), atoll(argv[8])) == 0, "own F_SETLK");
+		} else if (!strcmp(argv[4], "child")) {
+			CHECK(pipe(c2p) == 0 && pipe(p2c) == 0, "pipe");
+			holder = fork();
+			CHECK(holder >= 0, "fork");
+			if (holder == 0) {
+				if (setlk(hfd, F_SETLK, ht, atoll(argv[7]), atoll(argv[8])) != 0)
+					_exit(1);
+				sync_write(c2p[1]);
+				sync_read(p2c[0]); /* hold the lock until the parent has asked */
+				_exit(0);
+			}
+			sync_read(c2p[0]);
+			printf("holder %d\n", (int)holder);
+		} else {
+			FAILF("holder must be self or child, not '%s'", argv[4]);
+		}
+	} else if (argc != 4) {
+		FAILF("usage: getlk F r|w START LEN [self|child HOLDF r|w HSTART HLEN]");
+	}
+	int fd = xopen(argv[0], O_RDONLY);
+	struct flock q = { .l_type = lock_type(argv[1]), .l_whence = SEEK_SET,
+			   .l_start = atoll(argv[2]), .l_len = atoll(argv[3]) };
+	int rc = fcntl(fd, F_GETLK, &q);
+	int err = errno;
+	if (holder > 0) {
+		sync_write(p2c[1]);
+		int r = wait_child(holder);
+		if (r != 0)
+			FAILF("lock holder failed (%d)", r);
+	}
+	errno = err;
+	CHECK(rc == 0, "F_GETLK");
+	if (q.l_type == F_UNLCK)
+		printf("unlck\n");
+	else
+		printf("%s %lld %lld %d\n", q.l_type == F_RDLCK ? "rdlck" : q.l_type == F_WRLCK ? "wrlck" : "?",
+		       (long long)q.l_start, (long long)q.l_len, (int)q.l_pid);
 	return 0;
 }
 
@@ -361,6 +425,9 @@ int main(int argc, char **argv)
 	} else if (!strcmp(c, "fcntltest")) {
 		NEED(1);
 		return cmd_fcntltest(argv[2]);
+	} else if (!strcmp(c, "getlk")) {
+		NEED(4);
+		return cmd_getlk(argc - 2, argv + 2);
 	} else if (!strcmp(c, "mmapw")) {
 		NEED(2);
 		return cmd_mmapw(argv[2], (size_t)atol(argv[3]));

@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Sequence
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -151,6 +154,94 @@ def test_locks_conflict_between_connections_and_vanish_on_clunk_and_disconnect(s
         async with client_for(connect) as e:
             f = await open_rw(e, await e.attach(), ["f"])
             assert await e.lock(f, LOCK_TYPE_WRLCK, proc_id=55, client_id="hostE") == LOCK_SUCCESS
+
+    serve(scenario)
+
+
+_HOST_LOCKER = """
+import fcntl, os, struct, sys
+# argv: PATH TYPE START LEN ...: one classic POSIX lock each (the way a host program locks)
+fds = []
+args = sys.argv[1:]
+for i in range(0, len(args), 4):
+    path, kind, start, length = args[i], args[i + 1], int(args[i + 2]), int(args[i + 3])
+    fd = os.open(path, os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_SH if kind == "r" else fcntl.LOCK_EX, length, start)
+    fds.append(fd)
+print("locked", flush=True)
+sys.stdin.read()  # hold the locks until the test closes our stdin
+"""
+
+
+@contextlib.contextmanager
+def host_locks(*specs: tuple[Path, str, int, int]) -> Iterator[int]:
+    """A host process (not the server) holding fcntl locks (path, "r"|"w", start, length) until
+    the block ends; yields its pid."""
+    args = [str(a) for spec in specs for a in spec]
+    proc = subprocess.Popen([sys.executable, "-c", _HOST_LOCKER, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield proc.pid
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
+
+
+def test_getlock_unlck_asks_for_any_conflicting_lock(serve) -> None:  # type: ignore[no-untyped-def]
+    """A Tgetlock of type UNLCK is what Linux's client sends for every F_GETLK (fs/9p/vfs_file.c
+    v9fs_file_getlock): "is there a conflicting lock on this range", i.e. a write-lock test.
+    It reports read and write locks of other owners (other connections, host processes) with
+    their range and owner, never the asker's own, and UNLCK with the asked range when free."""
+    host = serve.kind != "memory"  # the memory backend has no host file to lock
+    if host:
+        for name in ("rd", "wr"):
+            (serve.export / name).write_bytes(b"x" * 200)
+
+    def me(c: Client, f: int, start: int = 0, length: int = 0) -> Any:
+        return c.getlock(f, LOCK_TYPE_UNLCK, start, length, proc_id=7, client_id="guest")
+
+    async def scenario(server: Any, connect: Any) -> None:
+        async with client_for(connect) as a, client_for(connect) as b:
+            ra, rb = await a.attach(), await b.attach()
+            await make_file(a, ra, "f", b"x" * 100)
+            fa = await open_rw(a, ra, ["f"])
+            fb = await open_rw(b, rb, ["f"], L_O_RDONLY)
+            # No lock at all: UNLCK, echoing the request.
+            g = await me(b, fb, 5, 10)
+            assert (g.type, g.start, g.length, g.proc_id, g.client_id) == (LOCK_TYPE_UNLCK, 5, 10, 7, "guest")
+            # A read lock of another connection conflicts with the write test: reported with its owner.
+            assert await a.lock(fa, LOCK_TYPE_RDLCK, 10, 20, proc_id=11, client_id="hostA") == LOCK_SUCCESS
+            g = await me(b, fb)
+            assert (g.type, g.start, g.length, g.proc_id, g.client_id) == (LOCK_TYPE_RDLCK, 10, 20, 11, "hostA")
+            assert (await me(b, fb, 30, 5)).type == LOCK_TYPE_UNLCK  # outside its range
+            # ...a write lock too (to end of file: length 0).
+            assert await a.lock(fa, LOCK_TYPE_WRLCK, 50, 0, proc_id=11, client_id="hostA") == LOCK_SUCCESS
+            g = await me(b, fb, 60, 1)
+            assert (g.type, g.start, g.length, g.proc_id, g.client_id) == (LOCK_TYPE_WRLCK, 50, 0, 11, "hostA")
+            # The owner's own locks are not reported to it (same connection, proc_id, client_id)...
+            g = await a.getlock(fa, LOCK_TYPE_UNLCK, 0, 0, proc_id=11, client_id="hostA")
+            assert (g.type, g.start, g.length) == (LOCK_TYPE_UNLCK, 0, 0)
+            # ...but another process on that connection sees them.
+            g = await a.getlock(fa, LOCK_TYPE_UNLCK, 0, 0, proc_id=12, client_id="hostA")
+            assert (g.type, g.proc_id) == (LOCK_TYPE_RDLCK, 11)
+            # Truly invalid types and ranges are still refused.
+            await fails(errno.EINVAL, b.getlock(fb, 3, 0, 0))
+            await fails(errno.EINVAL, b.getlock(fb, LOCK_TYPE_UNLCK, 2**63, 1))
+            if not host:
+                return
+            # Host processes' fcntl locks: type, range and pid; no client_id.
+            with host_locks((serve.export / "rd", "r", 10, 20), (serve.export / "wr", "w", 100, 0)) as pid:
+                frd = await open_rw(b, rb, ["rd"], L_O_RDONLY)
+                fwr = await open_rw(b, rb, ["wr"], L_O_RDONLY)
+                g = await me(b, frd)
+                assert (g.type, g.start, g.length, g.proc_id, g.client_id) == (LOCK_TYPE_RDLCK, 10, 20, pid, "")
+                assert (await me(b, frd, 0, 10)).type == LOCK_TYPE_UNLCK
+                g = await me(b, fwr, 150, 1)
+                assert (g.type, g.start, g.length, g.proc_id, g.client_id) == (LOCK_TYPE_WRLCK, 100, 0, pid, "")
+                # A read-lock test still passes a host read lock by (the type asked is honoured).
+                assert (await b.getlock(frd, LOCK_TYPE_RDLCK, 0, 0)).type == LOCK_TYPE_UNLCK
 
     serve(scenario)
 

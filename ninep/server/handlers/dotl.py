@@ -29,6 +29,7 @@ from ninep.protocol.numbers import (
     LOCK_BLOCKED,
     LOCK_FLAGS_BLOCK,
     LOCK_TYPE_UNLCK,
+    LOCK_TYPE_WRLCK,
     QTDIR,
     SETATTR_MODE,
     XATTR_CREATE,
@@ -289,7 +290,14 @@ async def getlock(s: Session, msg: m.Tgetlock) -> m.Message:
     if fid.open is None:
         raise OSError(errno.EBADF, "fid not open")
     owner = _owner(s, msg.client_id, msg.proc_id)
-    got = await fid.export.backend.getlock(fid.open, Lock(msg.type, msg.start, msg.length, msg.proc_id, msg.client_id), owner)
+    # Linux's client (fs/9p/vfs_file.c v9fs_file_getlock) always sends type UNLCK, meaning "is
+    # there any conflicting lock on this range": that is a write-lock test (it reports read and
+    # write locks of other owners), whatever type the guest's F_GETLK asked about. Other types
+    # reach the backend as sent, so it still refuses the invalid ones.
+    type_ = LOCK_TYPE_WRLCK if msg.type == LOCK_TYPE_UNLCK else msg.type
+    got = await fid.export.backend.getlock(fid.open, Lock(type_, msg.start, msg.length, msg.proc_id, msg.client_id), owner)
+    if got.type == LOCK_TYPE_UNLCK:
+        return m.Rgetlock(LOCK_TYPE_UNLCK, msg.start, msg.length, msg.proc_id, msg.client_id)
     return m.Rgetlock(got.type, got.start, got.length, got.proc_id, got.client_id)
 
 

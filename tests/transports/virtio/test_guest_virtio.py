@@ -54,7 +54,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, lis
     env = dict(os.environ, PYTHONPATH=str(REPO))
     try:
         for sock, tag, log in zip(socks, TAGS, logs, strict=True):
+            # Also on a unix socket: the F_GETLK test locks a file through another 9P connection.
             cmd = [sys.executable, "-m", "ninep", "serve", str(export), "--listen", f"vhost-user:{sock}",
+                   "--listen", f"unix:{_unix(sock)}",
                    # The job's POSIX checks include a setuid chmod (QEMU allows it; ninep's policy
                    # refuses it under passthrough unless asked).
                    "--tag", tag, "--security-model", "passthrough", "--allow-setid", "-v"]
@@ -74,6 +76,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, lis
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _unix(vhost_sock: Path) -> Path:
+    """The unix socket the back-end of `vhost_sock` also listens on."""
+    return vhost_sock.with_suffix(".unix")
 
 
 def _boot(image, qemu: list[str], socks: list[Path], script: str, logdir: Path):  # noqa: ANN001, ANN202
@@ -145,3 +152,27 @@ def test_guest_reboot_resets_the_device_on_the_same_connection(image, served, tm
     # One VMM connection; the reboot stopped the queue and started it again with a new session.
     assert log.count("VMM connected") == 1, context
     assert log.count("queue 0 started") == 2, context
+
+
+@pytest.fixture(scope="module", params=["bookworm", "sid"])
+def kernel_image(request: pytest.FixtureRequest):  # noqa: ANN201
+    """The guest image for each kernel (bookworm 6.1, sid 7.x)."""
+    return guestvm.build_image(kernel=str(request.param))
+
+
+def test_guest_getlk_over_trans_virtio(kernel_image, qemu, served, tmp_path: Path) -> None:  # noqa: ANN001
+    """fcntl(F_GETLK) in the guest over trans=virtio (tests/guest/getlk.sh): unlocked, host
+    process read / write locks, a lock through another 9P connection (the back-end's unix
+    socket), another guest process through the second mount, the process's own lock. Each
+    mount has its own back-end process here, so the second mount's lock reaches the first
+    back-end as another host process's OFD lock: right type and range, pid 0 (OFD locks have
+    no owning process)."""
+    from tests.guest import test_guest_getlk as g
+
+    export, socks, logs = served
+    g.seed(export)
+    with g.host_locks(export) as pid, g.conn_lock(_unix(socks[0])):
+        setup = guestvm.vhost_user_9p("ninep-vhost-user", socks, list(TAGS), qemu)
+        run = guestvm.run_job(kernel_image, setup, g.JOB.read_text(), {"HOSTPID": str(pid), "OTHER_SERVER": "1"},
+                              timeout=600, log=tmp_path / "console.log")
+    g.check(run, g.STEPS_ALL, logs[0], kernel_image.kernel_version)
