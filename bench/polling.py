@@ -22,16 +22,11 @@ from pathlib import Path
 
 import trio
 
+from bench._servers import cpu_seconds
 from ninep.client import Client
 from transports.virtio import Frontend
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(sock: str, op: str, requests: int, pid: int) -> tuple[int, float]:

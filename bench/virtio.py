@@ -20,6 +20,7 @@ import time
 
 import trio
 
+from bench._servers import cpu_seconds
 from ninep.client import Client
 from transports.options import ConnectOptions
 
@@ -33,13 +34,6 @@ async def wait_for_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
             if proc.poll() is not None:
                 raise SystemExit(f"server exited with {proc.returncode}")
             await trio.sleep(0.05)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 SERVER_PID = 0

@@ -37,16 +37,20 @@ ACCESS: tuple[tuple[int, int], ...] = (
 #: Creation is its own request (Tlcreate), so opening an existing file never takes these.
 CREATE_FLAGS = P.L_O_CREAT | P.L_O_EXCL
 
+# Lookups for the open path (every Tlopen and FUSE open goes through one of the functions below).
+_ACCESS_TO_HOST = dict(ACCESS)
+_ACCESS_TO_DOTL = {host: dotl for dotl, host in ACCESS}
+_OPEN_ONLY = tuple((dotl, host) for dotl, host in OPEN_FLAGS if not dotl & CREATE_FLAGS)
+
 
 def dotl_to_host(flags: int) -> int:
     """Host open(2) flags for a Tlopen's; O_CREAT/O_EXCL are dropped. EINVAL for an access mode
     that is none of read, write, read-write."""
-    acc = flags & P.L_O_ACCMODE
-    out = next((host for dotl, host in ACCESS if dotl == acc), None)
+    out = _ACCESS_TO_HOST.get(flags & P.L_O_ACCMODE)
     if out is None:
         raise OSError(errno.EINVAL, "bad access mode")
-    for dotl, host in OPEN_FLAGS:
-        if flags & dotl and not dotl & CREATE_FLAGS:
+    for dotl, host in _OPEN_ONLY:
+        if flags & dotl:
             out |= host
     return out
 
@@ -54,11 +58,8 @@ def dotl_to_host(flags: int) -> int:
 def host_to_dotl(flags: int, *, create: bool = False) -> int:
     """The 9P2000.L flags for a host open(2)'s; O_CREAT/O_EXCL only when `create`. An unknown
     access mode (O_ACCMODE) reads as read-write."""
-    acc = flags & os.O_ACCMODE
-    out = next((dotl for dotl, host in ACCESS if host == acc), P.L_O_RDWR)
-    for dotl, host in OPEN_FLAGS:
+    out = _ACCESS_TO_DOTL.get(flags & os.O_ACCMODE, P.L_O_RDWR)
+    for dotl, host in OPEN_FLAGS if create else _OPEN_ONLY:
         if host and flags & host == host:
-            if not create and dotl & CREATE_FLAGS:
-                continue
             out |= dotl
     return out
